@@ -1,0 +1,107 @@
+"""`MEAConfig`: a Llama-style decoder config with Hugging Face field names plus the MEA knobs (`mea_*`)."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+
+from ..layers.attention import HLC_INITS
+from ..ops.rope import SUPPORTED_ROPE_TYPES
+
+
+class MEAConfig(PreTrainedConfig):
+    model_type = "mea"
+    keys_to_ignore_at_inference = ["cache"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 9
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 8192
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-5
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    tie_word_embeddings: bool = False
+    rope_parameters: dict | None = None
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2; Llama's attention_bias also sets o)
+    attention_out_bias: bool = False  # bias on o_proj
+    mlp_bias: bool = False
+    use_qk_norm: bool = False  # per-head RMSNorm of queries and keys (Qwen3), on composite key heads
+    qk_norm_eps: float | None = None  # defaults to rms_norm_eps, as in Qwen3
+    # --- MEA ---
+    mea_hlc: bool = True  # Head-level Linear Composition of key and value heads
+    mea_head_norm: bool = True  # the paper's GroupNorm: RMSNorm of each attention head's output
+    mea_head_norm_eps: float = 1e-5  # as the Differential Transformer's subln
+    mea_num_component_heads: int | list | None = None  # h' (per layer if a list); None: h' = h
+    mea_hlc_init: str | None = None  # "identity" (default when h' = h) or "shared" (default when h' < h)
+
+    def __post_init__(self, **kwargs):
+        unknown = sorted(k for k in kwargs if k.startswith("mea_"))
+        if unknown:
+            raise ValueError(f"unknown MEA option(s) {unknown}; known: {sorted(_mea_fields())}")
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.qk_norm_eps is None:
+            self.qk_norm_eps = self.rms_norm_eps
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        n, h = self.num_attention_heads, self.num_key_value_heads
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if n % h:
+            raise ValueError(f"num_attention_heads ({n}) must be a multiple of num_key_value_heads ({h})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
+        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+        if self.mea_hlc_init is not None and self.mea_hlc_init not in HLC_INITS:
+            raise ValueError(f"mea_hlc_init must be one of {HLC_INITS}, got {self.mea_hlc_init!r}")
+        components = self.component_heads()
+        for layer, m in enumerate(components):
+            if not 1 <= m <= h:
+                raise ValueError(f"layer {layer}: mea_num_component_heads must be in [1, {h}] (h' <= h), got {m}")
+            if m != h and not self.mea_hlc:
+                raise ValueError(f"layer {layer}: h'={m} < h={h} needs mea_hlc=True (HLC rebuilds the h heads)")
+            if self.mea_hlc_init == "identity" and m != h:
+                raise ValueError(f"layer {layer}: mea_hlc_init='identity' needs h' = h; use 'shared' or leave it unset")
+
+    def component_heads(self) -> list[int]:
+        """h' of every layer."""
+        m = self.mea_num_component_heads
+        if m is None:
+            return [self.num_key_value_heads] * self.num_hidden_layers
+        if isinstance(m, int):
+            return [m] * self.num_hidden_layers
+        if len(m) != self.num_hidden_layers:
+            raise ValueError(
+                f"mea_num_component_heads has {len(m)} entries but the model has {self.num_hidden_layers} layers; "
+                "give one h' per layer or a single int")
+        if not all(isinstance(x, int) for x in m):
+            raise ValueError(f"mea_num_component_heads entries must be ints, got {m}")
+        return list(m)
+
+    def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
+        """Bytes the compressed cache holds per token, all layers: 2 h' D per layer (+ h k-scales in float32
+        per layer with QK-norm and HLC)."""
+        per_layer = [2 * m * self.head_dim * bytes_per_element for m in self.component_heads()]
+        if self.use_qk_norm and self.mea_hlc:
+            per_layer = [p + 4 * self.num_key_value_heads for p in per_layer]
+        return sum(per_layer)
+
+
+def _mea_fields() -> list[str]:
+    return [name for name in MEAConfig.__dataclass_fields__ if name.startswith("mea_")]

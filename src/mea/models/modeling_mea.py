@@ -1,0 +1,182 @@
+"""`MEAForCausalLM`: a Llama-style decoder whose attention is `MEAAttention`, Hugging Face native.
+
+Reads top to bottom: embeddings -> (RoPE tables, mask) -> decoder layers -> final norm -> lm_head.
+The KV cache is an `MEACache` holding only the h' component heads of each layer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from ..cache import MEACache
+from ..layers import MEAAttention, MEADecoderLayer, RMSNorm, init_hlc
+from ..ops import rope_cos_sin, rope_inv_freq
+from .configuration_mea import MEAConfig
+
+
+def build_attention_mask(attention_mask: torch.Tensor | None, past: int, q_len: int) -> torch.Tensor | None:
+    """2D padding mask (B, past+T) -> bool (B, 1, T, past+T), or None when plain causal attention is exact
+    (no padding, and either no past or a single query). Padded query rows may see their own slot, so
+    that no row is fully masked (their outputs are never used)."""
+    no_padding = attention_mask is None or bool(attention_mask.all())
+    if no_padding and (past == 0 or q_len == 1):
+        return None
+    total = past + q_len
+    device = attention_mask.device if attention_mask is not None else None
+    key_pos = torch.arange(total, device=device)
+    query_pos = torch.arange(past, total, device=device)[:, None]
+    allowed = (key_pos <= query_pos)[None, None]  # (1, 1, T, S)
+    if not no_padding:
+        allowed = allowed & attention_mask[:, None, None, -total:].bool()
+        allowed = allowed | (key_pos == query_pos)[None, None]
+    return allowed
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor | None, past: int, q_len: int, device) -> torch.Tensor:
+    """Positions count real tokens only, so left-padded rows start at 0 like unpadded ones."""
+    if attention_mask is None:
+        return torch.arange(past, past + q_len, device=device)[None]
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)[:, -q_len:]
+
+
+class MEAPreTrainedModel(PreTrainedModel):
+    config_class = MEAConfig
+    config: MEAConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["MEADecoderLayer"]
+    _supports_sdpa = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model brings its own cache (MEACache)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+        elif isinstance(module, MEAAttention) and module.hlc:
+            # HLC starts from its configured init (identity when h' = h), not from noise
+            how = self.config.mea_hlc_init or ("identity" if module.num_component_heads == module.num_kv_heads else "shared")
+            w = init_hlc(module.num_component_heads, module.num_kv_heads, how)
+            module.hlc_k.copy_(w)
+            module.hlc_v.copy_(w)
+
+
+class MEAModel(MEAPreTrainedModel):
+    def __init__(self, config: MEAConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(
+            MEADecoderLayer(
+                attention=MEAAttention(
+                    hidden_size=config.hidden_size,
+                    num_heads=config.num_attention_heads,
+                    num_kv_heads=config.num_key_value_heads,
+                    head_dim=config.head_dim,
+                    num_component_heads=m,
+                    hlc=config.mea_hlc,
+                    head_norm=config.mea_head_norm,
+                    head_norm_eps=config.mea_head_norm_eps,
+                    hlc_init=config.mea_hlc_init,
+                    qk_norm=config.use_qk_norm,
+                    qk_norm_eps=config.qk_norm_eps,
+                    qkv_bias=config.attention_bias,
+                    out_bias=config.attention_out_bias,
+                    layer_idx=i,
+                ),
+                hidden_size=config.hidden_size,
+                intermediate_size=config.intermediate_size,
+                rms_norm_eps=config.rms_norm_eps,
+                mlp_bias=config.mlp_bias,
+            )
+            for i, m in enumerate(config.component_heads())
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        inv_freq, self.rope_scaling = rope_inv_freq(config.rope_parameters or {}, config.head_dim,
+                                                    config.max_position_embeddings)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: MEACache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if cache is not None and not isinstance(cache, MEACache):
+            raise ValueError(f"MEA models cache component heads in an MEACache, got {type(cache).__name__}; "
+                             "pass cache=None and let the model create it")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = MEACache(self.config.num_hidden_layers)
+        past = cache.get_seq_length() if cache is not None else 0
+        q_len = x.shape[1]
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask, past, q_len, x.device)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids.to(x.device), self.rope_scaling, x.dtype)
+        mask = build_attention_mask(attention_mask, past, q_len)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask=mask, cache=cache)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), cache=cache if use_cache else None)
+
+
+class MEAForCausalLM(MEAPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MEAConfig):
+        super().__init__(config)
+        self.model = MEAModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length):
+        """`generate` knows the final length: preallocate the component-head cache to exactly that."""
+        if model_kwargs.get("cache") is not None or generation_config.use_cache is False:
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode,
+                                                         batch_size, max_cache_length)
+        model_kwargs["cache"] = MEACache(self.config.num_hidden_layers, capacity=max_cache_length)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: MEACache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache)
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        elif not isinstance(logits_to_keep, int):
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)

@@ -1,0 +1,125 @@
+"""Attention kernels. Every path goes through `scaled_dot_product_attention` (fused kernels where the
+hardware has them) except the QK-norm decode path, whose per-token logit scale SDPA cannot take.
+
+Shapes: B batch, T query length, S key length, N query heads (n_q), H composite KV heads (h),
+M component heads (h'), D head size. Query head i reads composite head G(i) = i // (N / H).
+
+* `expanded_attention`: training and prefill; keys/values already mixed to H heads.
+* `grouped_attention`: decoding from an H-head cache without HLC (plain GQA), each KV head read once.
+* `absorbed_attention`: decoding from the compressed cache of M component heads. The score of query
+  head i is  q_i . sum_m W^K[m, G(i)] k_m(t)  =  (q_i scaled block-wise by W^K[:, G(i)]) . concat_m k_m(t),
+  i.e. one multi-query attention over the (M*D)-wide concatenated cache; values likewise, followed
+  by a per-head recombination with W^V. The cache is read once; no H-head tensor over S is built.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .hlc import mix_heads
+
+
+def expanded_attention(
+    q_BTND: torch.Tensor,
+    k_BSHD: torch.Tensor,
+    v_BSHD: torch.Tensor,
+    *,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Causal GQA over keys of the same sequence. mask: bool (B, 1, T, S) or None (plain causal)."""
+    num_heads, num_kv = q_BTND.shape[2], k_BSHD.shape[2]
+    q, k, v = q_BTND.transpose(1, 2), k_BSHD.transpose(1, 2), v_BSHD.transpose(1, 2)  # (B, heads, len, D)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1, scale=scale,
+        enable_gqa=num_heads != num_kv,
+    )
+    return out.transpose(1, 2)  # (B, T, N, D)
+
+
+def _rows_mask(mask: torch.Tensor | None, rows_per_query: int) -> torch.Tensor | None:
+    """(B, 1, T, S) -> (B, 1, T * rows_per_query, S), rows ordered (t, head)."""
+    if mask is None:
+        return None
+    b, _, t, s = mask.shape
+    return mask[:, :, :, None, :].expand(b, 1, t, rows_per_query, s).reshape(b, 1, t * rows_per_query, s)
+
+
+def grouped_attention(
+    q_BTND: torch.Tensor,
+    k_BSHD: torch.Tensor,
+    v_BSHD: torch.Tensor,
+    *,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """GQA decode: the queries of each KV group become rows of one attention over that head."""
+    b, t, n, d = q_BTND.shape
+    h = k_BSHD.shape[2]
+    g = n // h
+    q = q_BTND.view(b, t, h, g, d).permute(0, 2, 1, 3, 4).reshape(b, h, t * g, d)  # (B, H, T*g, D)
+    out = F.scaled_dot_product_attention(
+        q, k_BSHD.transpose(1, 2), v_BSHD.transpose(1, 2), attn_mask=_rows_mask(mask, g), scale=scale
+    )
+    return out.view(b, h, t, g, d).permute(0, 2, 1, 3, 4).reshape(b, t, n, d)
+
+
+def absorbed_attention(
+    q_BTND: torch.Tensor,
+    k_BSMD: torch.Tensor,
+    v_BSMD: torch.Tensor,
+    w_k_MH: torch.Tensor,
+    w_v_MH: torch.Tensor,
+    *,
+    mask: torch.Tensor | None,
+    scale: float,
+    k_scale_BSH: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention from the compressed cache. k/v: (B, S, M, D) component heads (after RoPE);
+    w_k, w_v: (M, H) HLC matrices; k_scale (B, S, H): optional per-token factor on composite keys
+    (QK-norm after mixing). Returns (B, T, N, D)."""
+    b, t, n, d = q_BTND.shape
+    s, m = k_BSMD.shape[1], k_BSMD.shape[2]
+    h = w_k_MH.shape[1]
+    group = torch.arange(n, device=q_BTND.device) // (n // h)  # G(i)
+    wq_NM = w_k_MH[:, group].T.to(q_BTND.dtype)  # (N, M): W^K[m, G(i)]
+    q = (q_BTND[:, :, :, None, :] * wq_NM[:, :, None]).reshape(b, 1, t * n, m * d)  # rows (t, i)
+    k = k_BSMD.reshape(b, 1, s, m * d)  # concatenated component heads, a view of the cache
+    v = v_BSMD.reshape(b, 1, s, m * d)
+    rows_mask = _rows_mask(mask, n)
+    if k_scale_BSH is None:
+        u = F.scaled_dot_product_attention(q, k, v, attn_mask=rows_mask, scale=scale)
+    else:
+        factor = k_scale_BSH[:, :, group].transpose(1, 2).to(q.dtype)  # (B, N, S)
+        scores = (q @ k.transpose(-1, -2)).view(b, t, n, s) * (factor[:, None] * scale)
+        scores = scores.reshape(b, 1, t * n, s)
+        if rows_mask is not None:
+            scores = scores.masked_fill(~rows_mask, float("-inf"))
+        u = torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
+    wv_NM = w_v_MH[:, group].T.to(u.dtype)  # (N, M): W^V[m, G(i)]
+    u = u.view(b, t, n, m, d)
+    return (u * wv_NM[:, :, None]).sum(dim=3)  # (B, T, N, D)
+
+
+def attention_reference(q_BTND, k_BSHD, v_BSHD, *, mask, scale, causal_offset: int = 0):
+    """Naive softmax attention with the KV heads repeated per group, in float64.
+    mask: bool (B, 1, T, S) or None; None means causal with query t at absolute position offset + t."""
+    b, t, n, _ = q_BTND.shape
+    s, h = k_BSHD.shape[1], k_BSHD.shape[2]
+    k = k_BSHD.double().repeat_interleave(n // h, dim=2)
+    v = v_BSHD.double().repeat_interleave(n // h, dim=2)
+    scores = torch.einsum("btnd,bsnd->bnts", q_BTND.double(), k) * scale
+    if mask is None:
+        mask = (torch.arange(s)[None, :] <= torch.arange(t)[:, None] + causal_offset)[None, None]
+    scores = scores.masked_fill(~mask.to(scores.device), float("-inf"))
+    return torch.einsum("bnts,bsnd->btnd", torch.softmax(scores, dim=-1), v).to(q_BTND.dtype)
+
+
+def absorbed_attention_reference(q_BTND, k_BSMD, v_BSMD, w_k_MH, w_v_MH, *, mask, scale, k_scale_BSH=None):
+    """Reference for `absorbed_attention`: materialise the H composite heads, then plain attention."""
+    k = mix_heads(k_BSMD, w_k_MH)
+    if k_scale_BSH is not None:
+        k = k * k_scale_BSH[..., None].to(k.dtype)
+    return attention_reference(q_BTND, k, mix_heads(v_BSMD, w_v_MH), mask=mask, scale=scale,
+                               causal_offset=k_BSMD.shape[1] - q_BTND.shape[1])

@@ -52,8 +52,10 @@ class MEAConfig(PreTrainedConfig):
         if self.qk_norm_eps is None:
             self.qk_norm_eps = self.rms_norm_eps
         super().__post_init__(**kwargs)
+        self.check()
 
-    def validate_architecture(self):
+    def check(self) -> None:
+        """Raise ValueError, naming the field and the fix, for settings no model can have."""
         n, h = self.num_attention_heads, self.num_key_value_heads
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "head_dim"):

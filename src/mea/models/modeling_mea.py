@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ..cache import MEACache
@@ -57,21 +58,17 @@ class MEAPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            module.weight.normal_(0.0, std)
-            if module.bias is not None:
-                module.bias.zero_()
-        elif isinstance(module, nn.Embedding):
-            module.weight.normal_(0.0, std)
-        elif isinstance(module, RMSNorm):
-            module.weight.fill_(1.0)
-        elif isinstance(module, MEAAttention) and module.hlc:
+        super()._init_weights(module)  # Linear / Embedding: normal(0, initializer_range); RMSNorm: ones
+        if isinstance(module, MEAAttention) and module.hlc:
             # HLC starts from its configured init (identity when h' = h), not from noise
             how = self.config.mea_hlc_init or ("identity" if module.num_component_heads == module.num_kv_heads else "shared")
             w = init_hlc(module.num_component_heads, module.num_kv_heads, how)
-            module.hlc_k.copy_(w)
-            module.hlc_v.copy_(w)
+            init.copy_(module.hlc_k, w)
+            init.copy_(module.hlc_v, w)
+        elif isinstance(module, MEAModel):  # non-persistent buffer: recomputed, never loaded
+            inv_freq, _ = rope_inv_freq(self.config.rope_parameters or {}, self.config.head_dim,
+                                        self.config.max_position_embeddings)
+            init.copy_(module.inv_freq, inv_freq)
 
 
 class MEAModel(MEAPreTrainedModel):

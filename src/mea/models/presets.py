@@ -6,7 +6,7 @@ from .configuration_mea import MEAConfig
 
 PRESETS: dict[str, dict] = {
     # a few-second CPU model for tests and demos
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+    "tiny": dict(vocab_size=512, hidden_size=96, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=6, num_key_value_heads=3, head_dim=16, max_position_embeddings=2048,
                  rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}),
     # laptop-scale pretraining (about 10M parameters with an 8k vocabulary)

@@ -1,0 +1,73 @@
+"""Fold HLC into k_proj / v_proj when h' = h, and export a plain Hugging Face model.
+
+With h' = h, composite head j is  K_j = sum_m W^K[m, j] (W_k,m x + b_m), a linear map of x; so the
+folded projection is  W'_k,j = sum_m W^K[m, j] W_k,m  (same for biases and for V). QK-norm acts on
+composite heads in MEA, so it stays where it is. The result has zero HLC overhead at inference.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen3Config, Qwen3ForCausalLM
+
+from ..models import MEAConfig, MEAForCausalLM
+
+
+def _fold_projection(proj: torch.nn.Linear, w_MH: torch.Tensor, head_dim: int) -> None:
+    m, h = w_MH.shape
+    weight = proj.weight.view(m, head_dim, -1)  # (h', D, C)
+    proj.weight = torch.nn.Parameter(torch.einsum("mdc,mj->jdc", weight, w_MH.to(weight.dtype)).reshape(h * head_dim, -1))
+    if proj.bias is not None:
+        bias = proj.bias.view(m, head_dim)
+        proj.bias = torch.nn.Parameter(torch.einsum("md,mj->jd", bias, w_MH.to(bias.dtype)).reshape(-1))
+
+
+@torch.no_grad()
+def fold_hlc(model: MEAForCausalLM) -> MEAForCausalLM:
+    """A copy of `model` with HLC folded into the projections (mea_hlc=False); needs h' = h everywhere."""
+    cfg = model.config
+    if not cfg.mea_hlc:
+        raise ValueError("this model has no HLC to fold (mea_hlc is False)")
+    if any(m != cfg.num_key_value_heads for m in cfg.component_heads()):
+        raise ValueError("fold needs h' = h in every layer; a compressed model (h' < h) cannot be folded "
+                         "without losing its cache saving")
+    folded_cfg = MEAConfig(**{**cfg.to_dict(), "mea_hlc": False, "mea_num_component_heads": None, "mea_hlc_init": None})
+    folded = MEAForCausalLM(folded_cfg).to(model.dtype)
+    state = {k: v for k, v in model.state_dict().items() if ".hlc_" not in k}
+    folded.load_state_dict(state, strict=True, assign=False)
+    for src, dst in zip(model.model.layers, folded.model.layers):
+        _fold_projection(dst.self_attn.k_proj, src.self_attn.hlc_k, cfg.head_dim)
+        _fold_projection(dst.self_attn.v_proj, src.self_attn.hlc_v, cfg.head_dim)
+    return folded.eval()
+
+
+@torch.no_grad()
+def export_plain(model: MEAForCausalLM) -> PreTrainedModel:
+    """Fold HLC, then: without GroupNorm -> LlamaForCausalLM (Qwen3ForCausalLM with QK-norm);
+    with GroupNorm -> the folded MEA model (GroupNorm has no plain Hugging Face equivalent)."""
+    folded = fold_hlc(model) if model.config.mea_hlc else model
+    cfg = folded.config
+    if cfg.mea_head_norm:
+        return folded
+    fields = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters=dict(cfg.rope_parameters), tie_word_embeddings=cfg.tie_word_embeddings,
+        attention_bias=cfg.attention_bias or cfg.attention_out_bias, bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+    )
+    if cfg.use_qk_norm:
+        if cfg.qk_norm_eps != cfg.rms_norm_eps or cfg.mlp_bias:
+            raise ValueError("a Qwen3 export needs qk_norm_eps == rms_norm_eps and no MLP bias")
+        plain = Qwen3ForCausalLM(Qwen3Config(**fields))
+    else:
+        plain = LlamaForCausalLM(LlamaConfig(**fields, mlp_bias=cfg.mlp_bias))
+    state = folded.state_dict()
+    if fields["attention_bias"]:  # Llama/Qwen3 put the bias flag on q, k, v and o together: fill the absent ones with 0
+        for name, p in plain.state_dict().items():
+            if name.endswith(".bias") and name not in state:
+                state[name] = torch.zeros_like(p)
+    plain.load_state_dict(state, strict=True)
+    return plain.to(model.dtype).eval()

@@ -1,0 +1,32 @@
+"""Shared test helpers: tiny configs and padded batches."""
+
+import torch
+
+import mea
+
+
+def tiny_config(**overrides) -> mea.MEAConfig:
+    return mea.make_config("tiny", **{"vocab_size": 97, **overrides})
+
+
+def randomize_mea(model: mea.MEAForCausalLM, *, scale: float = 0.3) -> mea.MEAForCausalLM:
+    """Move norms and HLC away from their identity inits so tests cannot pass by accident."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(scale * torch.randn_like(p))
+            elif ".hlc_" in name:
+                p.add_(scale * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+def left_padded_batch(vocab: int, lengths=(7, 4, 2), total: int | None = None):
+    total = total or max(lengths)
+    ids = torch.randint(1, vocab, (len(lengths), total))
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, total - n :] = 1
+        ids[row, : total - n] = 0
+    return ids, mask

@@ -1,0 +1,124 @@
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from mea.ops import (
+    absorbed_attention,
+    absorbed_attention_reference,
+    apply_rope,
+    apply_rope_reference,
+    attention_reference,
+    expanded_attention,
+    grouped_attention,
+    mix_heads,
+    mix_heads_reference,
+    rms_norm,
+    rms_norm_reference,
+    rope_cos_sin,
+    rope_inv_freq,
+)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
+
+
+def test_mix_heads_matches_reference_forward_and_grad():
+    x = torch.randn(2, 5, 2, 8, requires_grad=True)
+    w = torch.randn(2, 3, requires_grad=True)
+    out, ref = mix_heads(x, w), mix_heads_reference(x, w)
+    assert out.shape == (2, 5, 3, 8)
+    assert rel_err(out, ref) < 1e-6
+    g = torch.randn_like(out)
+    gx, gw = torch.autograd.grad(out, (x, w), g)
+    rx, rw = torch.autograd.grad(ref, (x, w), g)
+    assert rel_err(gx, rx) < 1e-6 and rel_err(gw, rw) < 1e-6
+
+
+def test_rms_norm_matches_reference():
+    x, w = torch.randn(3, 4, 16), torch.randn(16)
+    assert rel_err(rms_norm(x, w, 1e-5), rms_norm_reference(x, w, 1e-5)) < 1e-6
+    xb = x.bfloat16()
+    assert rms_norm(xb, w.bfloat16(), 1e-5).dtype == torch.bfloat16
+
+
+ROPE_CASES = [
+    {"rope_type": "default", "rope_theta": 10_000.0},
+    {"rope_type": "linear", "rope_theta": 10_000.0, "factor": 4.0},
+    {"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 32.0, "low_freq_factor": 1.0,
+     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    {"rope_type": "yarn", "rope_theta": 1_000_000.0, "factor": 4.0, "original_max_position_embeddings": 32768},
+]
+
+
+@pytest.mark.parametrize("params", ROPE_CASES, ids=lambda p: p["rope_type"])
+def test_rope_frequencies_match_transformers(params):
+    cfg = LlamaConfig(hidden_size=128, num_attention_heads=2, head_dim=64, max_position_embeddings=131072,
+                      rope_parameters=dict(params))
+    fn = ROPE_INIT_FUNCTIONS.get(params["rope_type"])
+    if params["rope_type"] == "default":
+        ref, ref_scale = 1.0 / (params["rope_theta"] ** (torch.arange(0, 64, 2).float() / 64)), 1.0
+    else:
+        ref, ref_scale = fn(cfg, "cpu")
+    ours, scale = rope_inv_freq(dict(cfg.rope_parameters), 64, 131072)
+    assert rel_err(ours, ref) < 1e-6
+    assert scale == pytest.approx(ref_scale)
+
+
+def test_rope_matches_complex_reference_and_commutes_with_mixing():
+    inv_freq, scale = rope_inv_freq({"rope_type": "default", "rope_theta": 10_000.0}, 16, 2048)
+    pos = torch.tensor([[0, 1, 2, 7, 100]])
+    x = torch.randn(1, 5, 2, 16)
+    cos, sin = rope_cos_sin(inv_freq, pos, scale, x.dtype)
+    assert rel_err(apply_rope(x, cos, sin), apply_rope_reference(x, pos, inv_freq, scale)) < 1e-6
+    # mixing before vs after RoPE: the same function
+    w = torch.randn(2, 3)
+    before = apply_rope(mix_heads(x, w), cos, sin)
+    after = mix_heads(apply_rope(x, cos, sin), w)
+    assert rel_err(before, after) < 1e-6
+
+
+def _padding_mask(b, t, s, lengths):
+    """bool (B, 1, T, S): causal with the last T queries of S keys, left padding of `lengths` real tokens."""
+    past = s - t
+    key = torch.arange(s)
+    causal = key[None, :] <= torch.arange(past, s)[:, None]
+    valid = torch.stack([key >= s - n for n in lengths])  # (B, S)
+    m = causal[None] & valid[:, None]
+    return (m | (key[None, :] == torch.arange(past, s)[:, None])[None])[:, None]
+
+
+@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("with_scale", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_absorbed_attention_equals_expanded_forward_and_grad(t, with_scale, masked):
+    b, s, n, h, m, d = 2, 9, 6, 3, 2, 8
+    q = torch.randn(b, t, n, d, requires_grad=True)
+    k = torch.randn(b, s, m, d, requires_grad=True)
+    v = torch.randn(b, s, m, d, requires_grad=True)
+    wk = torch.randn(m, h, requires_grad=True)
+    wv = torch.randn(m, h, requires_grad=True)
+    ks = (torch.rand(b, s, h) + 0.5).requires_grad_() if with_scale else None
+    mask = _padding_mask(b, t, s, [s, 5]) if masked else None
+    if mask is None and t > 1:
+        mask = _padding_mask(b, t, s, [s, s])
+    out = absorbed_attention(q, k, v, wk, wv, mask=mask, scale=d**-0.5, k_scale_BSH=ks)
+    ref = absorbed_attention_reference(q, k, v, wk, wv, mask=mask, scale=d**-0.5, k_scale_BSH=ks)
+    assert rel_err(out, ref) < 1e-5
+    inputs = [x for x in (q, k, v, wk, wv, ks) if x is not None]
+    g = torch.randn_like(out)
+    for a, r in zip(torch.autograd.grad(out, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        assert rel_err(a, r) < 1e-5
+
+
+def test_grouped_and_expanded_attention_match_reference():
+    b, s, n, h, d = 2, 7, 6, 3, 8
+    q, k, v = torch.randn(b, s, n, d), torch.randn(b, s, h, d), torch.randn(b, s, h, d)
+    mask = _padding_mask(b, s, s, [7, 3])
+    for m in (None, mask):
+        assert rel_err(expanded_attention(q, k, v, mask=m, scale=0.3), attention_reference(q, k, v, mask=m, scale=0.3)) < 1e-5
+    q1 = q[:, -2:]
+    m2 = _padding_mask(b, 2, s, [7, 3])
+    ref = attention_reference(q1, k, v, mask=m2, scale=0.3)
+    assert rel_err(grouped_attention(q1, k, v, mask=m2, scale=0.3), ref) < 1e-5

@@ -1,0 +1,33 @@
+# Fresh machine: `make run` (set up + main job), `make test` (set up + tests).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MEA := $(VENV)/bin/mea
+
+.PHONY: setup run test test-all bench clean
+
+setup: $(VENV)/.installed
+
+# torch==2.13.0 (CPU build) goes in first: a bare torch requirement can pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+run: setup
+	$(MEA) demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m ''
+
+bench: setup
+	mkdir -p results
+	$(MEA) bench train --out results/bench_train.json
+	$(MEA) bench decode --out results/bench_decode.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,59 @@
+"""What `mea info` reports: versions, the registry, and a model's KV-cache footprint."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+import transformers
+
+from .models import PRESETS, VARIANTS, MEAConfig, make_config
+from .ops import SUPPORTED_ROPE_TYPES
+
+
+def versions() -> dict:
+    import mea
+
+    return {"mea": mea.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def registry() -> dict:
+    return {"presets": {name: {k: v for k, v in p.items() if k != "rope_parameters"} for name, p in PRESETS.items()},
+            "variants": VARIANTS, "rope_types": list(SUPPORTED_ROPE_TYPES), "model_type": MEAConfig.model_type}
+
+
+def resolve_config(model: str) -> MEAConfig:
+    """A preset name, or a checkpoint directory (MEA or any Hugging Face causal LM config)."""
+    if model in PRESETS:
+        return make_config(model)
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    if not (Path(model) / "config.json").is_file():
+        raise ValueError(f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory with config.json")
+    import mea  # noqa: F401
+
+    return AutoConfig.from_pretrained(model)
+
+
+def kv_report(cfg, bytes_per_element: int = 2) -> dict:
+    """KV-cache bytes per token (all layers) at a given element size, against the uncompressed h' = h."""
+    d = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
+    baseline = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * d * bytes_per_element
+    if isinstance(cfg, MEAConfig):
+        per_token, heads = cfg.kv_cache_bytes_per_token(bytes_per_element), cfg.component_heads()
+    else:
+        per_token, heads = baseline, [cfg.num_key_value_heads] * cfg.num_hidden_layers
+    return {"kv_bytes_per_token": per_token, "uncompressed_kv_bytes_per_token": baseline,
+            "fraction": per_token / baseline, "component_heads_per_layer": heads,
+            "bytes_per_element": bytes_per_element}
+
+
+def count_parameters(cfg) -> int:
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(cfg)
+    return sum(p.numel() for p in model.parameters())

@@ -25,8 +25,10 @@ def load_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32) -> P
         raise ValueError(f"{path} has no config.json; is it a Hugging Face checkpoint directory?")
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
-    except (OSError, KeyError, RuntimeError) as e:  # missing/corrupt weights surface as these
-        raise ValueError(f"could not load the model in {path}: {e}") from e
+    except ValueError:
+        raise
+    except Exception as e:  # missing or corrupt weights surface as OSError, SafetensorError, KeyError, ...
+        raise ValueError(f"could not load the model in {path}: {type(e).__name__}: {e}") from e
 
 
 def save_atomic(model: PreTrainedModel, out: str | Path, *, copy_from: str | Path | None = None,

@@ -11,15 +11,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen3Config, Qwen3ForCausalLM
 
 from ..models import MEAConfig, MEAForCausalLM
+from ..ops import fold_into_projection
 
 
 def _fold_projection(proj: torch.nn.Linear, w_MH: torch.Tensor, head_dim: int) -> None:
-    m, h = w_MH.shape
-    weight = proj.weight.view(m, head_dim, -1)  # (h', D, C)
-    proj.weight = torch.nn.Parameter(torch.einsum("mdc,mj->jdc", weight, w_MH.to(weight.dtype)).reshape(h * head_dim, -1))
-    if proj.bias is not None:
-        bias = proj.bias.view(m, head_dim)
-        proj.bias = torch.nn.Parameter(torch.einsum("md,mj->jd", bias, w_MH.to(bias.dtype)).reshape(-1))
+    weight, bias = fold_into_projection(proj.weight, proj.bias, w_MH, head_dim)
+    proj.weight = torch.nn.Parameter(weight)
+    if bias is not None:
+        proj.bias = torch.nn.Parameter(bias)
 
 
 @torch.no_grad()

@@ -19,10 +19,19 @@ compressed cache stays exact with QK-norm.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..cache import MEACache
-from ..ops import absorbed_attention, apply_rope, expanded_attention, grouped_attention, inverse_rms, mix_heads
+from ..ops import (
+    absorbed_attention,
+    apply_rope,
+    expanded_attention,
+    fold_into_projection,
+    grouped_attention,
+    inverse_rms,
+    mix_heads,
+)
 from .norm import RMSNorm
 
 HLC_INITS = ("identity", "shared")
@@ -88,6 +97,18 @@ class MEAAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps=qk_norm_eps) if qk_norm else None
         self.head_norm = RMSNorm(head_dim, eps=head_norm_eps) if head_norm else None  # the paper's GroupNorm
 
+    def composite_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the h composite heads, (B, T, h, D) each, before QK-norm and RoPE. HLC is
+        folded into the projection weights (an h x h' x D x C einsum, independent of batch), so training
+        pays one matmul per K and V, like the baseline; gradients reach W_lc and k/v_proj alike."""
+        b, t, _ = x.shape
+        if self.hlc:
+            k = F.linear(x, *fold_into_projection(self.k_proj.weight, self.k_proj.bias, self.hlc_k, self.head_dim))
+            v = F.linear(x, *fold_into_projection(self.v_proj.weight, self.v_proj.bias, self.hlc_v, self.head_dim))
+        else:
+            k, v = self.k_proj(x), self.v_proj(x)
+        return k.view(b, t, self.num_kv_heads, self.head_dim), v.view(b, t, self.num_kv_heads, self.head_dim)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -100,11 +121,27 @@ class MEAAttention(nn.Module):
         """x (B, T, C); cos/sin (B, T, 1, D); mask bool (B, 1, T, past+T) or None (causal, no padding)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)  # (B, T, N, D)
-        k = self.k_proj(x).view(b, t, self.num_component_heads, self.head_dim)  # (B, T, h', D)
-        v = self.v_proj(x).view(b, t, self.num_component_heads, self.head_dim)  # (B, T, h', D)
         if self.q_norm is not None:
             q = self.q_norm(q)
         q = apply_rope(q, cos, sin)
+        if cache is None:
+            out = self._attend_uncached(x, q, cos, sin, mask)
+        else:
+            out = self._attend_cached(x, q, cos, sin, mask, cache)
+        if self.head_norm is not None:
+            out = self.head_norm(out)  # GroupNorm: RMSNorm of each head's output on its own
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+
+    def _attend_uncached(self, x, q, cos, sin, mask):
+        k, v = self.composite_kv(x)  # (B, T, h, D)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        return expanded_attention(q, apply_rope(k, cos, sin), v, mask=mask, scale=self.scale)
+
+    def _attend_cached(self, x, q, cos, sin, mask, cache: MEACache):
+        b, t, _ = x.shape
+        k = self.k_proj(x).view(b, t, self.num_component_heads, self.head_dim)  # (B, T, h', D)
+        v = self.v_proj(x).view(b, t, self.num_component_heads, self.head_dim)  # (B, T, h', D)
         k_scale = None  # (B, T, h): 1/RMS of each composite key, when QK-norm follows mixing
         if self.k_norm is not None and self.hlc:
             k_scale = inverse_rms(mix_heads(k, self.hlc_k), self.k_norm.eps)
@@ -112,24 +149,17 @@ class MEAAttention(nn.Module):
         elif self.k_norm is not None:
             k = self.k_norm(k)
         k = apply_rope(k, cos, sin)
-
-        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
-        if cache is not None:
-            k_cached, v_cached = cache.update(k, v, self.layer_idx, k_scale=k_scale)
-        if past == 0:  # training / prefill: expand to h heads over the current tokens only
+        past = cache.get_seq_length(self.layer_idx)
+        k_cached, v_cached = cache.update(k, v, self.layer_idx, k_scale=k_scale)
+        if past == 0:  # prefill: expand to h heads over the new tokens only
             k_h, v_h = (mix_heads(k, self.hlc_k), mix_heads(v, self.hlc_v)) if self.hlc else (k, v)
             if k_scale is not None:
                 k_h = k_h * k_scale[..., None].to(k_h.dtype)
-            out = expanded_attention(q, k_h, v_h, mask=mask, scale=self.scale)
-        elif self.hlc:  # decoding from the compressed cache
-            k_scale_cached = cache.layers[self.layer_idx].cached_k_scale()
-            out = absorbed_attention(q, k_cached, v_cached, self.hlc_k, self.hlc_v, mask=mask, scale=self.scale,
-                                     k_scale_BSH=k_scale_cached)
-        else:
-            out = grouped_attention(q, k_cached, v_cached, mask=mask, scale=self.scale)
-        if self.head_norm is not None:
-            out = self.head_norm(out)  # GroupNorm: RMSNorm of each head's output on its own
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+            return expanded_attention(q, k_h, v_h, mask=mask, scale=self.scale)
+        if self.hlc:  # decoding from the compressed cache, read once
+            return absorbed_attention(q, k_cached, v_cached, self.hlc_k, self.hlc_v, mask=mask, scale=self.scale,
+                                      k_scale_BSH=cache.layers[self.layer_idx].cached_k_scale())
+        return grouped_attention(q, k_cached, v_cached, mask=mask, scale=self.scale)
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, component_heads={self.num_component_heads}, "

@@ -7,7 +7,7 @@ from .attention import (
     expanded_attention,
     grouped_attention,
 )
-from .hlc import mix_heads, mix_heads_reference
+from .hlc import fold_into_projection, mix_heads, mix_heads_reference
 from .norm import inverse_rms, rms_norm, rms_norm_reference
 from .rope import SUPPORTED_ROPE_TYPES, apply_rope, apply_rope_reference, rope_cos_sin, rope_inv_freq
 
@@ -19,6 +19,7 @@ __all__ = [
     "apply_rope_reference",
     "attention_reference",
     "expanded_attention",
+    "fold_into_projection",
     "grouped_attention",
     "inverse_rms",
     "mix_heads",

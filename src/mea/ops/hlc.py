@@ -11,9 +11,19 @@ import torch
 
 
 def mix_heads(x_BTMD: torch.Tensor, w_MH: torch.Tensor) -> torch.Tensor:
-    """(B, T, h', d) x (h', h) -> (B, T, h, d), one batched matmul over the head axis."""
-    # (B, T, d, h') @ (h', h) -> (B, T, d, h) -> (B, T, h, d)
-    return (x_BTMD.transpose(-1, -2) @ w_MH.to(x_BTMD.dtype)).transpose(-1, -2)
+    """(B, T, h', d) x (h', h) -> (B, T, h, d), contiguous (fused attention kernels need a unit last stride)."""
+    return w_MH.T.to(x_BTMD.dtype) @ x_BTMD  # (h, h') @ (B, T, h', d), batched over (B, T)
+
+
+def fold_into_projection(weight: torch.Tensor, bias: torch.Tensor | None, w_MH: torch.Tensor, head_dim: int):
+    """HLC folded into a (h' D, C) projection: head j of the result is sum_m W[m, j] (W_m x + b_m).
+    Returns the (h D, C) weight and (h D,) bias of the same linear map."""
+    m, h = w_MH.shape
+    w_MH = w_MH.to(weight.dtype)
+    folded = torch.einsum("mdc,mj->jdc", weight.view(m, head_dim, -1), w_MH).reshape(h * head_dim, -1)
+    if bias is None:
+        return folded, None
+    return folded, torch.einsum("md,mj->jd", bias.view(m, head_dim), w_MH).reshape(h * head_dim)
 
 
 def mix_heads_reference(x_BTMD: torch.Tensor, w_MH: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,88 @@
+import json
+
+import pytest
+import torch
+
+import mea
+from mea.cli import main
+
+from helpers import randomize_mea, tiny_config
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_help_lists_subcommands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for sub in ("info", "fold", "demo", "bench"):
+        assert sub in out
+
+
+def test_info_prints_versions_and_registry(capsys):
+    code, out, _ = run_cli(capsys, "info")
+    data = json.loads(out)
+    assert code == 0 and data["versions"]["mea"] == mea.__version__
+    assert {"tiny", "smollm2-135m", "llama3.2-1b"} <= set(data["registry"]["presets"])
+    assert set(data["registry"]["variants"]) == {"baseline", "groupnorm", "mea-no-groupnorm", "mea"}
+
+
+def test_info_reports_kv_bytes_of_a_checkpoint(capsys, tmp_path):
+    mea.MEAForCausalLM(tiny_config(mea_num_component_heads=[1, 2])).save_pretrained(tmp_path)
+    code, out, _ = run_cli(capsys, "info", str(tmp_path))
+    data = json.loads(out)
+    # 2 (K, V) x (1 + 2) heads x 16 dims x 2 bytes
+    assert data["kv_bytes_per_token"] == 2 * 3 * 16 * 2
+    assert data["fraction"] == pytest.approx(3 / 6)
+
+
+def test_info_rejects_unknown_model(capsys):
+    code, _, err = run_cli(capsys, "info", "no-such-thing")
+    assert code == 2 and "neither a preset" in err
+
+
+def test_fold_cli_exports_llama_with_identical_logits(capsys, tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    model = randomize_mea(mea.MEAForCausalLM(tiny_config(mea_head_norm=False))).eval()
+    model.save_pretrained(src)
+    code, stdout, _ = run_cli(capsys, "fold", str(src), str(out))
+    assert code == 0 and json.loads(stdout)["architecture"] == "LlamaForCausalLM"
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(plain).__name__ == "LlamaForCausalLM"
+    ids = torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        assert (plain(ids).logits - model(ids).logits).abs().max() < 1e-4
+    # refusing to overwrite leaves the existing output intact
+    code, _, err = run_cli(capsys, "fold", str(src), str(out))
+    assert code == 2 and "already exists" in err
+    assert AutoModelForCausalLM.from_pretrained(out) is not None
+
+
+def test_fold_cli_bad_inputs(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "fold", str(tmp_path / "missing"), str(tmp_path / "o"))
+    assert code == 2 and "not a checkpoint directory" in err
+    corrupt = tmp_path / "corrupt"
+    mea.MEAForCausalLM(tiny_config()).save_pretrained(corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
+    code, _, err = run_cli(capsys, "fold", str(corrupt), str(tmp_path / "o"))
+    assert code == 2 and "could not load" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bench_runs_end_to_end_and_writes_json(capsys, tmp_path):
+    out = tmp_path / "d.json"
+    code, stdout, _ = run_cli(capsys, "bench", "decode", "--preset", "tiny", "--contexts", "64", "--steps", "2",
+                              "--component-heads", "3", "1", "--out", str(out))
+    data = json.loads(out.read_text())
+    assert code == 0 and data["benchmark"] == "decode" and len(data["results"]) == 2
+    assert data["results"][1]["kv_bytes"] * 3 == data["results"][0]["kv_bytes"]
+    code, stdout, _ = run_cli(capsys, "bench", "train", "--preset", "tiny", "--batch", "2", "--seq", "16",
+                              "--steps", "1", "--repeats", "1")
+    assert set(json.loads(stdout)["ratios"]) == {"mea/baseline", "baseline/transformers-llama"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -32,16 +33,20 @@ def load_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32) -> P
 
 
 def save_atomic(model: PreTrainedModel, out: str | Path, *, copy_from: str | Path | None = None,
-                overwrite: bool = False) -> Path:
-    """Write `model` (safetensors) and, from `copy_from`, its tokenizer files into `out`; the directory
-    appears complete or not at all (written beside it, then renamed)."""
+                tokenizer=None, extra_json: dict[str, object] | None = None, overwrite: bool = False) -> Path:
+    """Write `model` (safetensors), its tokenizer (an object, or the files found in `copy_from`) and
+    `extra_json` files into `out`; the directory appears complete or not at all (written beside it,
+    then renamed)."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise ValueError(f"{out} already exists; choose another output directory or pass overwrite")
+    check_output_dir(out, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, obj in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2, default=str) + "\n")
         if copy_from is not None:
             for name in TOKENIZER_FILES:
                 src = Path(copy_from) / name
@@ -54,6 +59,12 @@ def save_atomic(model: PreTrainedModel, out: str | Path, *, copy_from: str | Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def check_output_dir(out: str | Path, *, overwrite: bool = False) -> None:
+    """Fail before any work if `out` would be clobbered."""
+    if Path(out).exists() and not overwrite:
+        raise ValueError(f"{out} already exists; choose another output directory or pass --overwrite")
 
 
 def load_tokenizer(path: str | Path):

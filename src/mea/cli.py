@@ -35,6 +35,61 @@ def cmd_fold(src: str, out: str, overwrite: bool = False) -> dict:
     return {"src": src, "out": out, "architecture": type(plain).__name__}
 
 
+def cmd_convert(src: str, out: str, overwrite: bool = False) -> dict:
+    import torch
+
+    from .checkpoint import check_output_dir, save_atomic
+    from .convert import load_source, to_mea
+
+    check_output_dir(out, overwrite=overwrite)
+    source = load_source(src)
+    model = to_mea(source.model)
+    ids = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (model(ids).logits - source.model(ids).logits).abs().max().item()
+    save_atomic(model, out, tokenizer=source.tokenizer, copy_from=source.path, overwrite=overwrite,
+                extra_json={"mea_provenance.json": {"source": source.description, "converted_from":
+                                                    source.model.config.model_type, "max_abs_logit_diff": diff}})
+    return {"src": source.description, "out": out, "family": source.model.config.model_type,
+            "max_abs_logit_diff_on_check": diff}
+
+
+def cmd_compress(src: str, out: str, overwrite: bool = False, **options) -> dict:
+    from .compress.pipeline import CompressOptions, compress
+
+    return compress(src, out, CompressOptions(**options), overwrite=overwrite)
+
+
+def cmd_probe(src: str, out: str, levels: list[int] | None = None, method: str = "whitened", windows: int = 4,
+              window: int = 512) -> dict:
+    from .compress.report import run_probe
+
+    return run_probe(src, out, levels=levels, method=method, windows=windows, window=window)
+
+
+def cmd_recover(src: str, out: str, teacher: str, layerwise_steps: int = 0, text: list[str] | None = None,
+                evaluate: bool = True, overwrite: bool = False, **distill_options) -> dict:
+    from .compress.recover import DistillConfig
+    from .compress.recover_cli import recover
+
+    return recover(src, out, teacher=teacher, cfg=DistillConfig(**distill_options), layerwise_steps=layerwise_steps,
+                   text=text, evaluate=evaluate, overwrite=overwrite)
+
+
+def cmd_eval_ppl(model: str, text: list[str] | None = None, windows: int = 8, window: int = 1024) -> dict:
+    from .convert import load_source
+    from .data import heldout_text, read_texts, token_windows
+    from .eval import perplexity
+
+    source = load_source(model)
+    if source.tokenizer is None:
+        raise ValueError(f"{model} has no tokenizer files")
+    body = read_texts(text) if text else heldout_text()
+    ids = token_windows(source.tokenizer, body, window=window, count=windows, what="evaluation text")
+    return {"model": source.description, "text": text or "held-out Hamlet (mea.data.heldout_text)",
+            **perplexity(source.model, ids)}
+
+
 def cmd_demo(preset: str = "tiny", new_tokens: int = 32, context: int = 48, seed: int = 0) -> dict:
     from .demo import run_demo
 
@@ -72,6 +127,67 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--context", type=int, default=48)
     s.add_argument("--seed", type=int, default=0)
 
+    s = sub.add_parser("convert", help="Llama / Mistral / Qwen2 / Qwen3 checkpoint (or 'smollm2', a .gguf) -> MEA")
+    s.add_argument("src", help="'smollm2' (embedded), a .gguf file, or a checkpoint directory")
+    s.add_argument("out")
+    s.add_argument("--overwrite", action="store_true")
+
+    s = sub.add_parser("compress", help="shrink the KV cache: factor K/V into h' virtual heads per layer")
+    s.add_argument("src", help="'smollm2' (embedded), a .gguf file, or a checkpoint directory (original or MEA)")
+    s.add_argument("out")
+    s.add_argument("--method", default="whitened", choices=["whitened", "svd"],
+                   help="whitened: activation-aware (default); svd: the paper's data-free weight SVD")
+    s.add_argument("--virtual-heads", type=int, help="h' for the chosen layers")
+    s.add_argument("--layers", help="layer ranges, e.g. '0-5,10' (default: --preset)")
+    s.add_argument("--preset", default="full", choices=["full", "half", "deep"])
+    s.add_argument("--kv-budget", type=float, help="fraction of the original KV bytes; h' per layer from sensitivity")
+    s.add_argument("--sensitivity", help="a probe.json from `mea probe` for --kv-budget")
+    s.add_argument("--calib", nargs="+", default=[], help="calibration text files / folders / .jsonl")
+    s.add_argument("--calib-windows", type=int, default=16)
+    s.add_argument("--calib-window", type=int, default=512)
+    s.add_argument("--no-key-weighting", dest="key_weighting", action="store_false",
+                   help="do not weigh key errors by query energy")
+    s.add_argument("--no-value-weighting", dest="value_weighting", action="store_false",
+                   help="do not weigh value errors through W_O")
+    s.add_argument("--recover", default="layerwise", choices=["layerwise", "none"])
+    s.add_argument("--fit-steps", type=int, default=40)
+    s.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the perplexity report")
+    s.add_argument("--overwrite", action="store_true")
+
+    s = sub.add_parser("probe", help="layer-sensitivity probe: compress one layer at a time, measure the loss")
+    s.add_argument("src")
+    s.add_argument("out", help="output folder: probe.json, probe.md, probe.png")
+    s.add_argument("--levels", type=int, nargs="+", help="h' values to probe (default: 1 .. h-1)")
+    s.add_argument("--method", default="whitened", choices=["whitened", "svd"])
+    s.add_argument("--windows", type=int, default=4)
+    s.add_argument("--window", type=int, default=512)
+
+    s = sub.add_parser("recover", help="recovery training of a compressed model toward its original")
+    s.add_argument("src", help="the compressed MEA checkpoint")
+    s.add_argument("out")
+    s.add_argument("--teacher", required=True, help="the uncompressed model ('smollm2', .gguf or directory)")
+    s.add_argument("--tokens", type=int, default=100_000, help="distillation token budget")
+    s.add_argument("--seq-len", type=int, default=256)
+    s.add_argument("--batch", type=int, default=4)
+    s.add_argument("--lr", type=float, default=1e-4)
+    s.add_argument("--train", default="attention", choices=["attention", "all"])
+    s.add_argument("--kl-weight", type=float, default=1.0)
+    s.add_argument("--lm-weight", type=float, default=0.0)
+    s.add_argument("--save-every", type=int, default=25)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--layerwise-steps", type=int, default=0, help="first fit each layer locally for N steps")
+    s.add_argument("--text", nargs="+", help="training text files (default: the embedded corpus)")
+    s.add_argument("--no-eval", dest="evaluate", action="store_false")
+    s.add_argument("--overwrite", action="store_true")
+
+    s = sub.add_parser("eval", help="evaluation")
+    ev = s.add_subparsers(dest="what", required=True)
+    e = ev.add_parser("ppl", help="perplexity on the documented held-out text (or --text files)")
+    e.add_argument("model")
+    e.add_argument("--text", nargs="+")
+    e.add_argument("--windows", type=int, default=8)
+    e.add_argument("--window", type=int, default=1024)
+
     s = sub.add_parser("bench", help="speed benchmarks (JSON with a machine header)")
     bench = s.add_subparsers(dest="what", required=True)
     b = bench.add_parser("train", help="forward+backward tokens/s: MEA vs baseline vs transformers Llama")
@@ -99,8 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "bench":
             result = cmd_bench(args.pop("what"), **args)
+        elif command == "eval":
+            result = {"ppl": cmd_eval_ppl}[args.pop("what")](**args)
         else:
-            result = {"info": cmd_info, "fold": cmd_fold, "demo": cmd_demo}[command](**args)
+            result = {"info": cmd_info, "fold": cmd_fold, "demo": cmd_demo, "convert": cmd_convert,
+                      "compress": cmd_compress, "probe": cmd_probe, "recover": cmd_recover}[command](**args)
     except ValueError as e:
         print(f"mea {command}: error: {e}", file=sys.stderr)
         return 2

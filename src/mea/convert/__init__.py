@@ -1,3 +1,6 @@
+from .families import FAMILIES
 from .fold import export_plain, fold_hlc
+from .hf_to_mea import mea_config_from, to_mea
+from .sources import Source, load_source
 
-__all__ = ["export_plain", "fold_hlc"]
+__all__ = ["FAMILIES", "Source", "export_plain", "fold_hlc", "load_source", "mea_config_from", "to_mea"]

@@ -1,0 +1,116 @@
+"""Apply virtual-head factorisation to the layers of an MEA model."""
+
+from __future__ import annotations
+
+import torch
+
+from ..models import MEAConfig, MEAForCausalLM
+from ..ops import fold_into_projection
+from .factorize import factorize_heads, weighted_error
+
+METHODS = ("whitened", "svd")
+
+
+def _heads(proj: torch.nn.Linear, hlc: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Composite heads of a projection as (h, D, C+1), the bias as the last column."""
+    weight, bias = fold_into_projection(proj.weight, proj.bias, hlc, head_dim)
+    h = hlc.shape[1]
+    bias = torch.zeros(h * head_dim, dtype=weight.dtype) if bias is None else bias
+    return torch.cat([weight, bias[:, None]], dim=1).view(h, head_dim, -1).double()
+
+
+def query_weights(attn, sigma: torch.Tensor) -> torch.Tensor:
+    """(h, D, D): for each KV head, the energy of its group's queries per RoPE frequency pair.
+    Averaged over relative rotations, E[(q . R e)^2] weighs both features of pair p by
+    (E q_p^2 + E q_{p+D/2}^2) / 2 and cancels cross terms, hence a diagonal."""
+    d, n, h = attn.head_dim, attn.num_heads, attn.num_kv_heads
+    wq = _heads(attn.q_proj, torch.eye(n, dtype=attn.q_proj.weight.dtype), d)  # (N, D, C+1)
+    if attn.q_norm is not None:  # per-feature scale of Qwen3's q_norm (its 1/RMS is ignored here)
+        wq = wq * attn.q_norm.weight.double()[None, :, None]
+    energy = torch.einsum("ndc,ce,nde->nd", wq, sigma, wq)  # (N, D) = diag(W_q,i Sigma W_q,i^T)
+    pair = (energy[:, : d // 2] + energy[:, d // 2 :]) / 2
+    energy = torch.cat([pair, pair], dim=1).view(h, n // h, d).sum(1)  # (h, D)
+    energy = energy / energy.mean()
+    return torch.diag_embed(energy)
+
+
+def output_weights(attn) -> torch.Tensor:
+    """(h, D, D): sum over the group's query heads of W_O,i^T W_O,i: value errors as seen after o_proj."""
+    d, n, h = attn.head_dim, attn.num_heads, attn.num_kv_heads
+    wo = attn.o_proj.weight.double().view(-1, n, d)  # (C, N, D)
+    m = torch.einsum("cnd,cne->nde", wo, wo).view(h, n // h, d, d).sum(1)
+    return m / m.diagonal(dim1=-2, dim2=-1).mean()
+
+
+@torch.no_grad()
+def factor_attention(attn, target: int, *, method: str = "whitened", sigma: torch.Tensor | None = None,
+                     key_weighting: bool = True, value_weighting: bool = True, iterations: int = 30):
+    """A new `MEAAttention` with `target` virtual heads approximating `attn`, and its error report.
+    sigma: the layer's (C+1, C+1) input moment (needed by 'whitened')."""
+    from ..layers import MEAAttention
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if not attn.hlc:
+        raise ValueError("compression needs an MEA layer with HLC (hlc=True); convert the model first")
+    if target > attn.num_component_heads:
+        raise ValueError(f"the layer already has h'={attn.num_component_heads} < {target}; "
+                         "compress from the uncompressed model")
+    if method == "whitened" and sigma is None:
+        raise ValueError("method 'whitened' needs calibration moments")
+    c = attn.q_proj.in_features
+    has_bias = attn.k_proj.bias is not None
+    metric = sigma if method == "whitened" else torch.eye(c + 1, dtype=torch.float64)
+    if not has_bias:  # no bias column to fit: keep it out of the objective
+        metric = metric.clone()
+        metric[c, :] = metric[:, c] = 0.0
+        metric[c, c] = 1.0
+    weighted = method == "whitened"
+    q = {"k": query_weights(attn, metric) if weighted and key_weighting else None,
+         "v": output_weights(attn) if weighted and value_weighting else None}
+    new = MEAAttention(
+        hidden_size=c, num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim,
+        num_component_heads=target, hlc=True, head_norm=attn.head_norm is not None,
+        head_norm_eps=attn.head_norm.eps if attn.head_norm is not None else 1e-5, qk_norm=attn.q_norm is not None,
+        qk_norm_eps=attn.q_norm.eps if attn.q_norm is not None else 1e-6, qkv_bias=has_bias,
+        out_bias=attn.o_proj.bias is not None, layer_idx=attn.layer_idx,
+    ).to(attn.q_proj.weight.dtype)
+    state = {k: v for k, v in attn.state_dict().items() if not k.startswith(("k_proj", "v_proj", "hlc_"))}
+    row = {"virtual_heads": target}
+    for name, proj, hlc in (("k", attn.k_proj, attn.hlc_k), ("v", attn.v_proj, attn.hlc_v)):
+        w = _heads(proj, hlc, attn.head_dim)
+        comp, mix = factorize_heads(w, metric, target, q_hDD=q[name], iterations=iterations)
+        row[f"{name}_error"] = weighted_error(w, comp, mix, sigma if sigma is not None else metric, q[name])
+        dtype = proj.weight.dtype
+        state[f"{name}_proj.weight"] = comp[..., :c].reshape(target * attn.head_dim, c).to(dtype)
+        if has_bias:
+            state[f"{name}_proj.bias"] = comp[..., c].reshape(-1).to(dtype)
+        state[f"hlc_{name}"] = mix.to(dtype)
+    new.load_state_dict(state, strict=True)
+    return new, row
+
+
+@torch.no_grad()
+def factor_model(model: MEAForCausalLM, plan: list[int], *, method: str = "whitened",
+                 moments: list[torch.Tensor] | None = None, key_weighting: bool = True,
+                 value_weighting: bool = True, iterations: int = 30) -> tuple[MEAForCausalLM, list[dict]]:
+    """A new model whose layer l has plan[l] virtual heads (layers already at plan[l] are copied)."""
+    cfg = model.config
+    if len(plan) != cfg.num_hidden_layers:
+        raise ValueError(f"plan has {len(plan)} entries for {cfg.num_hidden_layers} layers")
+    if not cfg.mea_hlc:
+        raise ValueError("compression needs an MEA model with HLC (mea_hlc=True); convert it first")
+    state = dict(model.state_dict())
+    report = []
+    for i, (layer, target) in enumerate(zip(model.model.layers, plan)):
+        if target == layer.self_attn.num_component_heads:
+            continue
+        new, row = factor_attention(layer.self_attn, target, method=method,
+                                    sigma=moments[i] if moments is not None else None, key_weighting=key_weighting,
+                                    value_weighting=value_weighting, iterations=iterations)
+        state.update({f"model.layers.{i}.self_attn.{k}": v for k, v in new.state_dict().items()})
+        report.append({"layer": i, **row})
+    new_cfg = MEAConfig(**{**cfg.to_dict(), "mea_num_component_heads": list(plan), "mea_hlc_init": None})
+    compressed = MEAForCausalLM(new_cfg).to(model.dtype)
+    compressed.load_state_dict(state, strict=True)
+    return compressed.eval(), report

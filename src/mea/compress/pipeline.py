@@ -1,0 +1,134 @@
+"""`mea compress`: source model -> MEA (identity HLC) -> calibration -> virtual heads per layer ->
+optional layer-wise recovery -> checkpoint with provenance, and a report a user can read."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..checkpoint import check_output_dir, save_atomic
+from ..convert import load_source, to_mea
+from ..data import calibration_windows, heldout_text, probe_windows, read_texts, token_windows
+from ..eval import generate_and_measure, perplexity
+from .calibrate import input_moments
+from .factor_model import METHODS, factor_model
+from .plan import LAYER_PRESETS, budget_plan, load_sensitivity, parse_layers, preset_layers, uniform_plan
+from .probe import probe_layers
+from .recover import layerwise_fit
+
+SAMPLE_PROMPT = "What is the capital of France? Answer in one sentence."
+
+
+@dataclass
+class CompressOptions:
+    method: str = "whitened"
+    virtual_heads: int | None = None
+    layers: str | None = None  # "0-5,10"; default: the preset
+    preset: str = "full"
+    kv_budget: float | None = None
+    sensitivity: str | None = None  # a `mea probe` result for --kv-budget (else a quick probe runs)
+    calib: list[str] = field(default_factory=list)  # user text files; default: the embedded corpus
+    calib_windows: int = 16
+    calib_window: int = 512
+    key_weighting: bool = True
+    value_weighting: bool = True
+    recover: str = "layerwise"  # or "none"
+    fit_steps: int = 40
+    evaluate: bool = True
+    eval_windows: int = 8
+    eval_window: int = 1024
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def validate(opts: CompressOptions) -> None:
+    """Everything checkable before loading a model."""
+    if opts.method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {opts.method!r}")
+    if (opts.virtual_heads is None) == (opts.kv_budget is None):
+        raise ValueError("give exactly one of --virtual-heads N or --kv-budget F")
+    if opts.kv_budget is not None and not 0 < opts.kv_budget <= 1:
+        raise ValueError(f"--kv-budget must be in (0, 1], got {opts.kv_budget}")
+    if opts.virtual_heads is not None and opts.virtual_heads < 1:
+        raise ValueError(f"--virtual-heads must be >= 1, got {opts.virtual_heads}")
+    if opts.preset not in LAYER_PRESETS:
+        raise ValueError(f"--preset must be one of {', '.join(LAYER_PRESETS)}, got {opts.preset!r}")
+    if opts.recover not in ("layerwise", "none"):
+        raise ValueError(f"--recover must be 'layerwise' or 'none', got {opts.recover!r}")
+    if opts.method == "svd" and opts.calib:
+        raise ValueError("--method svd is data-free; drop --calib or use --method whitened")
+
+
+def make_plan(model, opts: CompressOptions, tokenizer, moments) -> tuple[list[int], dict | None]:
+    cfg = model.config
+    h, num_layers = cfg.num_key_value_heads, cfg.num_hidden_layers
+    if opts.virtual_heads is not None:
+        if opts.virtual_heads > h:
+            raise ValueError(f"--virtual-heads {opts.virtual_heads} is larger than the model's h = {h} KV heads")
+        layers = parse_layers(opts.layers, num_layers) if opts.layers else preset_layers(opts.preset, num_layers)
+        return uniform_plan(num_layers, h, opts.virtual_heads, layers), None
+    if opts.sensitivity:
+        sens = load_sensitivity(opts.sensitivity)
+    else:
+        log("measuring per-layer sensitivity (quick probe; `mea probe` writes a fuller one)...")
+        sens = probe_layers(model, probe_windows(tokenizer, window=256, count=2), moments,
+                            levels=list(range(1, h)), method=opts.method, log=log)["delta_loss"]
+    return budget_plan(sens, num_layers, h, opts.kv_budget), sens
+
+
+def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = False) -> dict:
+    validate(opts)
+    check_output_dir(out, overwrite=overwrite)
+    t_start = time.perf_counter()
+    log(f"loading {src} ...")
+    source = load_source(src)
+    if source.tokenizer is None:
+        raise ValueError(f"{src} has no tokenizer files; compression needs one for calibration text")
+    teacher = to_mea(source.model)
+    tok = source.tokenizer
+    if opts.calib:
+        windows = token_windows(tok, read_texts(opts.calib), window=opts.calib_window, count=opts.calib_windows,
+                                what="calibration text")
+    else:
+        windows = calibration_windows(tok, window=opts.calib_window, count=opts.calib_windows)
+    moments, inputs = None, None
+    if opts.method == "whitened" or opts.recover == "layerwise" or opts.kv_budget is not None:
+        log(f"calibrating on {windows.numel()} tokens ...")
+        moments, inputs = input_moments(teacher, windows, keep_inputs=opts.recover == "layerwise")
+    plan, _ = make_plan(teacher, opts, tok, moments)
+    log(f"virtual heads per layer: {plan}")
+    student, factor_report = factor_model(teacher, plan, method=opts.method, moments=moments,
+                                          key_weighting=opts.key_weighting, value_weighting=opts.value_weighting)
+    fit_report = None
+    if opts.recover == "layerwise":
+        log("layer-wise recovery (fitting each compressed attention to the original's outputs) ...")
+        fit_report = layerwise_fit(student, teacher, inputs, steps=opts.fit_steps, log=log)
+    del inputs
+    provenance = {
+        "source": source.description, "method": opts.method, "plan": plan,
+        "kv_fraction": sum(plan) / (len(plan) * teacher.config.num_key_value_heads),
+        "options": vars(opts), "calibration": opts.calib or "embedded corpus (mea.data.calibration_windows)",
+        "calibration_tokens": windows.numel(), "command": " ".join(sys.argv),
+    }
+    save_atomic(student, out, tokenizer=tok, copy_from=source.path, overwrite=overwrite,
+                extra_json={"mea_provenance.json": {**provenance, "factor_report": factor_report,
+                                                    "layerwise_fit": fit_report}})
+    log(f"wrote {out}")
+    report = {"out": out, **{k: provenance[k] for k in ("source", "method", "plan", "kv_fraction")}}
+    report["kv_bytes_per_token_fp32"] = {
+        "original": generate_and_measure(source.model, tok, SAMPLE_PROMPT),
+        "compressed": generate_and_measure(student, tok, SAMPLE_PROMPT),
+    }
+    if opts.evaluate:
+        held = token_windows(tok, heldout_text(), window=opts.eval_window, count=opts.eval_windows,
+                             what="held-out text")
+        log("perplexity on the held-out text ...")
+        report["perplexity"] = {"original": perplexity(source.model, held)["ppl"],
+                                "compressed": perplexity(student, held)["ppl"], "tokens": held[:, 1:].numel()}
+    report["seconds"] = round(time.perf_counter() - t_start, 1)
+    return report

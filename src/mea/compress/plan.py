@@ -1,0 +1,71 @@
+"""Which layers get how many virtual heads: explicit ranges, the paper's presets, or a KV budget
+allocated from measured per-layer sensitivity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+LAYER_PRESETS = ("full", "half", "deep")
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    """'0-5,10,12-14' -> sorted layer indices (inclusive ranges)."""
+    layers: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            lo, _, hi = part.partition("-")
+            a, b = int(lo), int(hi or lo)
+        except ValueError:
+            raise ValueError(f"bad layer range {part!r} in {spec!r}; use e.g. '0-5,10,12-14'") from None
+        if not 0 <= a <= b < num_layers:
+            raise ValueError(f"layer range {part!r} is outside 0-{num_layers - 1}")
+        layers.update(range(a, b + 1))
+    return sorted(layers)
+
+
+def preset_layers(preset: str, num_layers: int) -> list[int]:
+    """full: all; half: the middle half (the paper's 12-35 of 48); deep: all but the first 3."""
+    if preset == "full":
+        return list(range(num_layers))
+    if preset == "half":
+        return list(range(num_layers // 4, num_layers - num_layers // 4))
+    if preset == "deep":
+        return list(range(min(3, num_layers - 1), num_layers))
+    raise ValueError(f"unknown layer preset {preset!r}; choose one of {', '.join(LAYER_PRESETS)}")
+
+
+def uniform_plan(num_layers: int, num_heads: int, virtual_heads: int, layers: list[int]) -> list[int]:
+    if not 1 <= virtual_heads <= num_heads:
+        raise ValueError(f"--virtual-heads must be in [1, {num_heads}] (h' <= h), got {virtual_heads}")
+    return [virtual_heads if i in set(layers) else num_heads for i in range(num_layers)]
+
+
+def budget_plan(sensitivity: dict[int, dict[int, float]], num_layers: int, num_heads: int, budget: float) -> list[int]:
+    """Greedy allocation: start from h heads everywhere and repeatedly take the cheapest step down
+    (smallest loss increase per head saved, from the per-layer probe) until the KV bytes fit
+    `budget` x the original. sensitivity[layer][h'] = loss increase with that layer alone at h'."""
+    if not 0 < budget <= 1:
+        raise ValueError(f"--kv-budget must be in (0, 1], got {budget}")
+    if budget < 1 / num_heads - 1e-9:
+        raise ValueError(f"--kv-budget {budget} is below the minimum 1/h = {1 / num_heads:.3f} (one head per layer)")
+    plan = [num_heads] * num_layers
+    target = budget * num_layers * num_heads + 1e-9
+
+    def cost(layer, heads):
+        return 0.0 if heads == num_heads else sensitivity[layer][heads]
+
+    while sum(plan) > target:
+        best = min((l for l in range(num_layers) if plan[l] > 1),
+                   key=lambda l: (cost(l, plan[l] - 1) - cost(l, plan[l]), l))
+        plan[best] -= 1
+    return plan
+
+
+def load_sensitivity(path: str | Path) -> dict[int, dict[int, float]]:
+    data = json.loads(Path(path).read_text())
+    try:
+        return {int(l): {int(m): float(v) for m, v in row.items()} for l, row in data["delta_loss"].items()}
+    except (KeyError, AttributeError, ValueError) as e:
+        raise ValueError(f"{path} is not a probe result (written by `mea probe`): {e}") from e

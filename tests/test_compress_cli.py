@@ -1,0 +1,152 @@
+"""End to end through the CLI on a tiny random Llama with a small BPE tokenizer (no downloads)."""
+
+import json
+import re
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import mea
+from mea.cli import main
+from mea.data import heldout_text
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("src")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([heldout_text()[:200_000]], trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<eos>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=96, intermediate_size=160,
+                                         num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=3,
+                                         max_position_embeddings=2048, eos_token_id=0, pad_token_id=0))
+    model.save_pretrained(root)
+    tok.save_pretrained(root)
+    return root
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, (json.loads(out.out) if code == 0 else None), out.err
+
+
+SMALL = ["--calib-windows", "4", "--calib-window", "64", "--fit-steps", "3", "--no-eval"]
+
+
+def test_convert_compress_load_generate(capsys, tmp_path, tiny_llama_dir):
+    code, res, _ = run(capsys, "convert", tiny_llama_dir, tmp_path / "mea")
+    assert code == 0 and res["max_abs_logit_diff_on_check"] < 1e-4
+    code, res, err = run(capsys, "compress", tiny_llama_dir, tmp_path / "c", "--virtual-heads", "2", *SMALL)
+    assert code == 0, err
+    assert res["plan"] == [2, 2, 2] and res["kv_fraction"] == pytest.approx(2 / 3)
+    measured = res["kv_bytes_per_token_fp32"]
+    assert measured["compressed"]["kv_bytes_per_token"] == pytest.approx(
+        measured["original"]["kv_bytes_per_token"] * 2 / 3, rel=0.02)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "c")
+    assert isinstance(model, mea.MEAForCausalLM) and model.config.component_heads() == [2, 2, 2]
+    provenance = json.loads((tmp_path / "c" / "mea_provenance.json").read_text())
+    assert provenance["method"] == "whitened" and provenance["plan"] == [2, 2, 2]
+    out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 7)
+    # half the layers with the data-free SVD, from the MEA checkpoint
+    code, res, err = run(capsys, "compress", tmp_path / "mea", tmp_path / "c2", "--method", "svd",
+                         "--virtual-heads", "1", "--layers", "1", "--recover", "none", "--no-eval")
+    assert code == 0, err and res["plan"] == [3, 1, 3]
+
+
+def test_kv_budget_probe_and_recover(capsys, tmp_path, tiny_llama_dir):
+    code, res, err = run(capsys, "probe", tiny_llama_dir, tmp_path / "probe", "--windows", "2", "--window", "64")
+    assert code == 0, err
+    table = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert set(table["delta_loss"]) == {"0", "1", "2"} and (tmp_path / "probe" / "probe.md").exists()
+    code, res, err = run(capsys, "compress", tiny_llama_dir, tmp_path / "b", "--kv-budget", "0.5",
+                         "--sensitivity", tmp_path / "probe" / "probe.json", *SMALL)
+    assert code == 0, err
+    assert sum(res["plan"]) <= 0.5 * 9 and min(res["plan"]) >= 1
+    code, res, err = run(capsys, "recover", tmp_path / "b", tmp_path / "r", "--teacher", tiny_llama_dir,
+                         "--tokens", "512", "--seq-len", "64", "--batch", "2", "--save-every", "1", "--no-eval")
+    assert code == 0, err and res["distill"]["steps"] == 4
+    assert not (tmp_path / "r.state").exists()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "r").config.component_heads() == \
+        AutoModelForCausalLM.from_pretrained(tmp_path / "b").config.component_heads()
+
+
+def test_recover_resumes_exactly(tmp_path, tiny_llama_dir):
+    from mea.compress.factor_model import factor_model
+    from mea.compress.recover import DistillConfig, distill
+    from mea.convert import to_mea
+
+    teacher = to_mea(AutoModelForCausalLM.from_pretrained(tiny_llama_dir)).eval()
+    stream = torch.randint(0, teacher.config.vocab_size, (4000,))
+    cfg = DistillConfig(tokens=6 * 2 * 32, seq_len=32, batch=2, save_every=2, lr=1e-3)
+
+    def fresh():
+        return factor_model(teacher, [2, 2, 2], method="svd")[0]
+
+    straight = fresh()
+    distill(straight, teacher, stream, tmp_path / "a", cfg, log=lambda m: None)
+    interrupted = fresh()
+    import mea.compress.recover as rec
+
+    class Stop(Exception):
+        pass
+
+    calls = {"n": 0}
+    original = rec.kl_loss
+
+    def failing(*a):  # the run dies inside step 5, after the checkpoint of step 4
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise Stop
+        return original(*a)
+
+    rec.kl_loss = failing
+    try:
+        with pytest.raises(Stop):
+            distill(interrupted, teacher, stream, tmp_path / "b", cfg, log=lambda m: None)
+    finally:
+        rec.kl_loss = original
+    resumed = fresh()
+    distill(resumed, teacher, stream, tmp_path / "b", cfg, log=lambda m: None)
+    a = json.loads((tmp_path / "a" / "progress.json").read_text())["losses"]
+    b = json.loads((tmp_path / "b" / "progress.json").read_text())["losses"]
+    assert a == b
+    for (n, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-6), n
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compress", "{missing}", "{out}", "--virtual-heads", "2"], "not a checkpoint directory"),
+    (["compress", "{src}", "{out}", "--kv-budget", "1.5"], r"\(0, 1\]"),
+    (["compress", "{src}", "{out}", "--kv-budget", "0"], r"\(0, 1\]"),
+    (["compress", "{src}", "{out}", "--virtual-heads", "4", "--no-eval"], "larger than the model's h = 3"),
+    (["compress", "{src}", "{out}", "--virtual-heads", "2", "--calib", "{short}"], "calibration text is too short"),
+    (["compress", "{src}", "{out}"], "exactly one of --virtual-heads"),
+    (["compress", "{gpt2}", "{out}", "--virtual-heads", "2"], "unsupported architecture 'gpt2'"),
+    (["compress", "{corrupt}", "{out}", "--virtual-heads", "2"], "could not load"),
+])
+def test_bad_inputs_give_clear_errors_and_no_output(capsys, tmp_path, tiny_llama_dir, argv, message):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be.")
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(gpt2)
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text((tiny_llama_dir / "config.json").read_text())
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 64)
+    paths = dict(src=tiny_llama_dir, out=tmp_path / "out", missing=tmp_path / "nope", short=short, gpt2=gpt2,
+                 corrupt=corrupt)
+    code, _, err = run(capsys, *[a.format(**paths) for a in argv])
+    assert code == 2
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.tmp-*"))

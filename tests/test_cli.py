@@ -2,11 +2,10 @@ import json
 
 import pytest
 import torch
+from helpers import randomize_mea, tiny_config
 
 import mea
 from mea.cli import main
-
-from helpers import randomize_mea, tiny_config
 
 
 def run_cli(capsys, *argv):

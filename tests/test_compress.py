@@ -1,13 +1,12 @@
 import pytest
 import torch
+from helpers import left_padded_batch, randomize_mea, tiny_config
 
 import mea
 from mea.compress.calibrate import input_moments
 from mea.compress.factor_model import factor_model
 from mea.compress.factorize import factorize_heads, weighted_error
 from mea.compress.plan import budget_plan, parse_layers, preset_layers, uniform_plan
-
-from helpers import left_padded_batch, randomize_mea, tiny_config
 
 
 def test_factorize_full_rank_is_exact_and_error_non_increasing():
@@ -40,7 +39,7 @@ def calibrated():
     torch.manual_seed(0)
     model = randomize_mea(mea.MEAForCausalLM(tiny_config(attention_bias=True, mea_head_norm=False))).eval()
     windows = torch.randint(0, 97, (4, 32))
-    moments, _ = input_moments(model, windows)
+    moments = input_moments(model, windows)
     return model, moments
 
 
@@ -92,3 +91,15 @@ def test_plans():
         uniform_plan(4, 3, 4, [0])
     with pytest.raises(ValueError, match="outside"):
         parse_layers("0-9", 8)
+
+
+def test_layerwise_fit_reduces_the_error_it_trains_on(calibrated):
+    from mea.compress.recover import layerwise_fit
+
+    model, moments = calibrated
+    student, _ = factor_model(model, [1, 1], moments=moments)
+    windows = torch.randint(0, 97, (4, 32))
+    report = layerwise_fit(student, model, windows, steps=30, lr=3e-3, log=lambda m: None)
+    assert [r["layer"] for r in report] == [0, 1]
+    for row in report:
+        assert row["rel_error_after"] < row["rel_error_before"]

@@ -1,7 +1,7 @@
 import pytest
 import torch
+from helpers import left_padded_batch
 from transformers import (
-    AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -12,10 +12,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-import mea
 from mea.convert import to_mea
-
-from helpers import left_padded_batch
 
 SHAPE = dict(vocab_size=101, hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=6,
              num_key_value_heads=3, max_position_embeddings=256)

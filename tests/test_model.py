@@ -1,11 +1,10 @@
 import pytest
 import torch
+from helpers import left_padded_batch, randomize_mea, tiny_config
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, pipeline
 
 import mea
 from mea.convert import export_plain, fold_hlc
-
-from helpers import left_padded_batch, randomize_mea, tiny_config
 
 
 def max_err(a, b):

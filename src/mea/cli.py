@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
 def cmd_info(model: str | None = None, bytes_per_element: int = 2) -> dict:

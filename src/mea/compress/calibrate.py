@@ -10,21 +10,17 @@ from ..models import MEAForCausalLM
 
 
 @torch.no_grad()
-def input_moments(model: MEAForCausalLM, windows: torch.Tensor, *, batch_size: int = 4,
-                  keep_inputs: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """Per-layer (C+1, C+1) moments; with keep_inputs, also each layer's attention inputs (N, T, C)."""
+def input_moments(model: MEAForCausalLM, windows: torch.Tensor, *, batch_size: int = 4) -> list[torch.Tensor]:
+    """Per-layer (C+1, C+1) moments of the attention inputs over the calibration windows."""
     layers = model.model.layers
     moments = [torch.zeros(model.config.hidden_size + 1, model.config.hidden_size + 1, dtype=torch.float64)
                for _ in layers]
-    inputs: list[list[torch.Tensor]] | None = [[] for _ in layers] if keep_inputs else None
 
     def hook(idx):
         def fn(module, args, kwargs):
             x = args[0].reshape(-1, args[0].shape[-1]).double()
             x1 = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
             moments[idx] += x1.T @ x1
-            if inputs is not None:
-                inputs[idx].append(args[0].detach().clone())
         return fn
 
     handles = [layer.self_attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
@@ -35,4 +31,4 @@ def input_moments(model: MEAForCausalLM, windows: torch.Tensor, *, batch_size: i
     finally:
         for h in handles:
             h.remove()
-    return moments, ([torch.cat(x) for x in inputs] if inputs is not None else None)
+    return moments

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..layers import MEAAttention
 from ..models import MEAConfig, MEAForCausalLM
 from ..ops import fold_into_projection
 from .factorize import factorize_heads, weighted_error
@@ -47,8 +48,6 @@ def factor_attention(attn, target: int, *, method: str = "whitened", sigma: torc
                      key_weighting: bool = True, value_weighting: bool = True, iterations: int = 30):
     """A new `MEAAttention` with `target` virtual heads approximating `attn`, and its error report.
     sigma: the layer's (C+1, C+1) input moment (needed by 'whitened')."""
-    from ..layers import MEAAttention
-
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if not attn.hlc:
@@ -68,13 +67,7 @@ def factor_attention(attn, target: int, *, method: str = "whitened", sigma: torc
     weighted = method == "whitened"
     q = {"k": query_weights(attn, metric) if weighted and key_weighting else None,
          "v": output_weights(attn) if weighted and value_weighting else None}
-    new = MEAAttention(
-        hidden_size=c, num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim,
-        num_component_heads=target, hlc=True, head_norm=attn.head_norm is not None,
-        head_norm_eps=attn.head_norm.eps if attn.head_norm is not None else 1e-5, qk_norm=attn.q_norm is not None,
-        qk_norm_eps=attn.q_norm.eps if attn.q_norm is not None else 1e-6, qkv_bias=has_bias,
-        out_bias=attn.o_proj.bias is not None, layer_idx=attn.layer_idx,
-    ).to(attn.q_proj.weight.dtype)
+    new = MEAAttention(**{**attn.spec, "num_component_heads": target, "hlc": True}).to(attn.q_proj.weight.dtype)
     state = {k: v for k, v in attn.state_dict().items() if not k.startswith(("k_proj", "v_proj", "hlc_"))}
     row = {"virtual_heads": target}
     for name, proj, hlc in (("k", attn.k_proj, attn.hlc_k), ("v", attn.v_proj, attn.hlc_v)):

@@ -7,8 +7,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 from ..checkpoint import check_output_dir, save_atomic
 from ..convert import load_source, to_mea
 from ..data import calibration_windows, heldout_text, probe_windows, read_texts, token_windows
@@ -97,10 +95,10 @@ def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = Fal
                                 what="calibration text")
     else:
         windows = calibration_windows(tok, window=opts.calib_window, count=opts.calib_windows)
-    moments, inputs = None, None
+    moments = None
     if opts.method == "whitened" or opts.recover == "layerwise" or opts.kv_budget is not None:
         log(f"calibrating on {windows.numel()} tokens ...")
-        moments, inputs = input_moments(teacher, windows, keep_inputs=opts.recover == "layerwise")
+        moments = input_moments(teacher, windows)
     plan, _ = make_plan(teacher, opts, tok, moments)
     log(f"virtual heads per layer: {plan}")
     student, factor_report = factor_model(teacher, plan, method=opts.method, moments=moments,
@@ -108,9 +106,8 @@ def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = Fal
     fit_report = None
     if opts.recover == "layerwise":
         log("layer-wise recovery (fitting each compressed attention to the original's outputs) ...")
-        fit_report = layerwise_fit(student, teacher, inputs, steps=opts.fit_steps,
+        fit_report = layerwise_fit(student, teacher, windows, steps=opts.fit_steps,
                                    train_query_output=opts.fit_query_output, log=log)
-    del inputs
     provenance = {
         "source": source.description, "method": opts.method, "plan": plan,
         "kv_fraction": sum(plan) / (len(plan) * teacher.config.num_key_value_heads),

@@ -1,8 +1,8 @@
 """Recovery of a compressed model.
 
-* `layerwise_fit`: cheap, local. For each compressed layer, fit its attention (virtual-head projections
-  and HLC) so that, on the teacher's own calibration inputs, it reproduces the teacher layer's
-  attention output (relative MSE, Adam). Layers are independent; no backward through the model.
+* `layerwise_fit`: cheap, local. Layer by layer over calibration windows, fit each compressed
+  attention (virtual-head projections, HLC, optionally q/o) so that the student's residual stream
+  after it matches the teacher's (relative MSE, Adam). No backward through the model.
 * `distill`: end-to-end. KL(teacher || student) on next-token distributions (plus optional LM loss)
   over a stream of corpus windows, optionally training only attention parameters. Checkpoints are
   written atomically and a run resumes exactly where it stopped; a token budget bounds it.
@@ -29,56 +29,77 @@ def _positions_cos_sin(model: MEAForCausalLM, batch: int, length: int, dtype):
     return rope_cos_sin(model.model.inv_freq, pos, model.model.rope_scaling, dtype)
 
 
-def layerwise_fit(student: MEAForCausalLM, teacher: MEAForCausalLM, inputs: list[torch.Tensor], *,
-                  steps: int = 60, lr: float = 1e-3, batch: int = 4, train_query_output: bool = False,
-                  log=print) -> list[dict]:
-    """inputs[l]: (N, T, C) attention inputs of layer l recorded from the teacher. Trains, in place,
-    each compressed layer's k/v projections and HLC (and q/o with train_query_output). Returns the
-    per-layer relative output error before and after."""
-    trained = {"k_proj", "v_proj", "hlc_k", "hlc_v"} | ({"q_proj", "o_proj"} if train_query_output else set())
-    report = []
-    for i, (s_layer, t_layer) in enumerate(zip(student.model.layers, teacher.model.layers)):
-        s_attn, t_attn = s_layer.self_attn, t_layer.self_attn
-        if s_attn.num_component_heads == t_attn.num_component_heads:
-            continue
-        x_all = inputs[i]
-        n, t, _ = x_all.shape
-        cos, sin = _positions_cos_sin(student, min(batch, n), t, x_all.dtype)
-        chunks = [slice(j, j + batch) for j in range(0, n, batch)]
+def _fit_attention(attn, xs: torch.Tensor, targets: torch.Tensor, cos, sin, *, steps: int, lr: float, batch: int,
+                   trained: set[str]) -> tuple[float, float]:
+    """Adam on the relative squared error of attn(xs) against targets, (N, T, C) each; trains the named
+    sub-modules / parameters of `attn` only. Returns the mean relative error before and after."""
+    chunks = [slice(j, j + batch) for j in range(0, xs.shape[0], batch)]
 
-        def run(attn, chunk):
-            x = x_all[chunk]
-            return attn(x, cos[: len(x)], sin[: len(x)])
+    def rel_error(chunk):
+        x, y = xs[chunk], targets[chunk]
+        return (attn(x, cos[: len(x)], sin[: len(x)]) - y).pow(2).sum() / y.pow(2).sum()
 
+    def mean_error():
         with torch.no_grad():
-            targets = [run(t_attn, c) for c in chunks]
+            return sum(rel_error(c).item() for c in chunks) / len(chunks)
 
-        def rel_error(chunk_idx):
-            y = targets[chunk_idx]
-            return (run(s_attn, chunks[chunk_idx]) - y).pow(2).sum() / y.pow(2).sum()
+    params = [p for name, p in attn.named_parameters() if name.split(".")[0] in trained]
+    frozen = [p for name, p in attn.named_parameters() if name.split(".")[0] not in trained]
+    for p in frozen:
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
+    before = mean_error()
+    for step in range(steps):
+        loss = rel_error(chunks[step % len(chunks)])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    for p in frozen:
+        p.requires_grad_(True)
+    return before, mean_error()
 
-        def mean_error():
-            with torch.no_grad():
-                return sum(rel_error(k).item() for k in range(len(chunks))) / len(chunks)
 
-        params = [p for name, p in s_attn.named_parameters() if name.split(".")[0] in trained]
-        frozen = [p for name, p in s_attn.named_parameters() if name.split(".")[0] not in trained]
-        for p in frozen:
-            p.requires_grad_(False)
-        opt = torch.optim.Adam(params, lr=lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        before = mean_error()
-        for step in range(steps):
-            loss = rel_error(step % len(chunks))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        for p in frozen:
-            p.requires_grad_(True)
-        after = mean_error()
-        report.append({"layer": i, "rel_error_before": before, "rel_error_after": after})
-        log(f"layer {i:2d}: attention output rel. error {before:.4f} -> {after:.4f}")
+def _trained_names(train_query_output: bool) -> set[str]:
+    return {"k_proj", "v_proj", "hlc_k", "hlc_v"} | ({"q_proj", "o_proj"} if train_query_output else set())
+
+
+@torch.no_grad()
+def _batched(fn, x: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.cat([fn(x[j : j + batch]) for j in range(0, x.shape[0], batch)])
+
+
+def layerwise_fit(student: MEAForCausalLM, teacher: MEAForCausalLM, windows: torch.Tensor, *, steps: int = 20,
+                  lr: float = 1e-3, batch: int = 4, train_query_output: bool = True, log=print) -> list[dict]:
+    """Sequential, error-correcting layer-wise fit. Teacher and student hidden states are carried
+    through the layers side by side on the calibration `windows` (N, T); at each compressed layer the
+    student's attention is trained, on the student's own inputs, to move its residual stream to the
+    teacher's state after that attention: target = h_teacher + attn_teacher(...) - h_student. So each
+    layer also absorbs the drift of the compressed layers before it. Trains k/v projections and HLC
+    (and q/o with train_query_output), in place. Returns per-layer relative errors before/after."""
+    trained = _trained_names(train_query_output)
+    n, t = windows.shape
+    cos, sin = _positions_cos_sin(student, min(batch, n), t, student.dtype)
+
+    def attend(attn, x):
+        return attn(x, cos[: len(x)], sin[: len(x)])
+
+    h_t = _batched(teacher.model.embed_tokens, windows, batch)
+    h_s = h_t.clone()
+    report = []
+    for i, (s_block, t_block) in enumerate(zip(student.model.layers, teacher.model.layers)):
+        x_t = _batched(t_block.input_layernorm, h_t, batch)
+        mid_t = h_t + _batched(lambda x: attend(t_block.self_attn, x), x_t, batch)
+        x_s = _batched(s_block.input_layernorm, h_s, batch)
+        if s_block.self_attn.num_component_heads != t_block.self_attn.num_component_heads:
+            before, after = _fit_attention(s_block.self_attn, x_s, mid_t - h_s, cos, sin, steps=steps, lr=lr,
+                                           batch=batch, trained=trained)
+            report.append({"layer": i, "rel_error_before": before, "rel_error_after": after})
+            log(f"layer {i:2d}: attention target rel. error {before:.4f} -> {after:.4f}")
+        mid_s = h_s + _batched(lambda x: attend(s_block.self_attn, x), x_s, batch)
+        h_s = mid_s + _batched(lambda x: s_block.mlp(s_block.post_attention_layernorm(x)), mid_s, batch)
+        h_t = mid_t + _batched(lambda x: t_block.mlp(t_block.post_attention_layernorm(x)), mid_t, batch)
     return report
 
 

@@ -13,7 +13,6 @@ from ..convert import load_source, to_mea
 from ..data import calibration_windows, heldout_text, read_texts, token_windows, training_tokens
 from ..eval import perplexity
 from ..models import MEAForCausalLM
-from .calibrate import input_moments
 from .recover import DistillConfig, distill, layerwise_fit
 
 
@@ -43,9 +42,8 @@ def recover(src: str, out: str, *, teacher: str, cfg: DistillConfig, layerwise_s
     if evaluate:
         report["ppl_before"] = perplexity(student, held)["ppl"]
     if layerwise_steps:
-        _, inputs = input_moments(teacher_model, calibration_windows(tok, window=512, count=16), keep_inputs=True)
-        report["layerwise"] = layerwise_fit(student, teacher_model, inputs, steps=layerwise_steps, log=log)
-        del inputs
+        report["layerwise"] = layerwise_fit(student, teacher_model, calibration_windows(tok, window=512, count=16),
+                                            steps=layerwise_steps, log=log)
     if cfg.tokens >= cfg.batch * cfg.seq_len:
         stream = (tok(read_texts(text), add_special_tokens=False, return_tensors="pt").input_ids[0] if text
                   else training_tokens(tok))

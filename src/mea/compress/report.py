@@ -22,7 +22,7 @@ def run_probe(src: str, out: str, *, levels: list[int] | None = None, method: st
         raise ValueError(f"--levels must be in [1, {h - 1}] (h' < h = {h}), got {levels}")
     moments = None
     if method == "whitened":
-        moments, _ = input_moments(model, calibration_windows(source.tokenizer, window=512, count=16))
+        moments = input_moments(model, calibration_windows(source.tokenizer, window=512, count=16))
     result = probe_layers(model, probe_windows(source.tokenizer, window=window, count=windows), moments,
                           levels=levels, method=method, log=lambda m: print(m, file=sys.stderr, flush=True))
     result["source"] = source.description

@@ -71,6 +71,11 @@ class MEAAttention(nn.Module):
         layer_idx: int = 0,
     ):
         super().__init__()
+        # the shape and switches, to build a sibling layer (e.g. with fewer component heads)
+        self.spec = dict(hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                         num_component_heads=num_component_heads, hlc=hlc, head_norm=head_norm,
+                         head_norm_eps=head_norm_eps, qk_norm=qk_norm, qk_norm_eps=qk_norm_eps, qkv_bias=qkv_bias,
+                         out_bias=out_bias, layer_idx=layer_idx)
         head_dim = head_dim or hidden_size // num_heads
         num_component_heads = num_kv_heads if num_component_heads is None else num_component_heads
         if num_heads % num_kv_heads:

@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fit-kv-only", dest="fit_query_output", action="store_false",
                    help="layer-wise recovery trains only k/v projections and HLC (default: also q/o)")
     s.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the perplexity report")
+    s.add_argument("--skip-original-eval", dest="evaluate_original", action="store_false",
+                   help="report the compressed model's perplexity only")
     s.add_argument("--overwrite", action="store_true")
 
     s = sub.add_parser("probe", help="layer-sensitivity probe: compress one layer at a time, measure the loss")

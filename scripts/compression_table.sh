@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The README's compression table: every row is one `mea` command; JSON results land in results/compression/.
+# Usage: bash scripts/compression_table.sh [SRC]   (SRC defaults to the embedded SmolLM2; converting it
+# once first, `mea convert smollm2 out/smollm2-mea`, and passing that directory is faster).
+set -euo pipefail
+SRC=${1:-smollm2}
+MEA=${MEA:-.venv/bin/mea}
+R=results/compression
+mkdir -p "$R" out/table
+run() {  # name, then mea compress flags
+  local name=$1; shift
+  [ -f "$R/$name.json" ] && { echo "skip $name (done)"; return; }
+  $MEA compress "$SRC" "out/table/$name" --overwrite --skip-original-eval "$@" > "$R/$name.json.tmp" && mv "$R/$name.json.tmp" "$R/$name.json"
+  echo "$name: $(python3 -c "import json; d=json.load(open('$R/$name.json')); print(round(d['perplexity']['compressed'], 2), d['kv_fraction'])")"
+}
+[ -f "$R/original.json" ] || $MEA eval ppl "$SRC" > "$R/original.json"
+run full2-svd --virtual-heads 2 --method svd --recover none
+run full2-whitened-plain --virtual-heads 2 --no-key-weighting --no-value-weighting --recover none
+run full2-whitened --virtual-heads 2 --recover none
+run full2-whitened-fit20 --virtual-heads 2 --fit-steps 20
+run half2-whitened --virtual-heads 2 --preset half --recover none
+run budget50-whitened-fit20 --kv-budget 0.5 --fit-steps 20

@@ -103,3 +103,15 @@ def test_layerwise_fit_reduces_the_error_it_trains_on(calibrated):
     assert [r["layer"] for r in report] == [0, 1]
     for row in report:
         assert row["rel_error_after"] < row["rel_error_before"]
+
+
+def test_teacher_forced_fit_mode(calibrated):
+    from mea.compress.recover import layerwise_fit
+
+    model, moments = calibrated
+    student, _ = factor_model(model, [2, 1], moments=moments)
+    report = layerwise_fit(student, model, torch.randint(0, 97, (4, 32)), steps=30, lr=3e-3, mode="teacher",
+                           log=lambda m: None)
+    assert all(r["rel_error_after"] < r["rel_error_before"] for r in report)
+    with pytest.raises(ValueError, match="fit mode"):
+        layerwise_fit(student, model, torch.randint(0, 97, (4, 32)), mode="bogus")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 
@@ -150,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not weigh value errors through W_O")
     s.add_argument("--recover", default="layerwise", choices=["layerwise", "none"])
     s.add_argument("--fit-steps", type=int, default=20, help="layer-wise recovery steps per compressed layer")
+    s.add_argument("--fit-mode", default="sequential", choices=["sequential", "teacher"],
+                   help="sequential: student inputs, error-correcting targets; teacher: teacher-forced inputs")
     s.add_argument("--fit-kv-only", dest="fit_query_output", action="store_false",
                    help="layer-wise recovery trains only k/v projections and HLC (default: also q/o)")
     s.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the perplexity report")
@@ -227,9 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"mea {command}: error: {e}", file=sys.stderr)
         return 2
-    json.dump(result, sys.stdout, indent=2, default=str)
-    print()
+    print(to_json(result))
     return 0
+
+
+def to_json(result) -> str:
+    """Indented JSON with short lists of numbers kept on one line (per-layer plans stay readable)."""
+    text = json.dumps(result, indent=2, default=str)
+    return re.sub(r"\[\s*([-0-9.e,\s]+?)\s*\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
 
 
 if __name__ == "__main__":

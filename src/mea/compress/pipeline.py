@@ -36,6 +36,7 @@ class CompressOptions:
     recover: str = "layerwise"  # or "none"
     fit_steps: int = 20
     fit_query_output: bool = True  # layer-wise fit also trains q_proj / o_proj (measured: much better)
+    fit_mode: str = "sequential"  # or "teacher" (teacher-forced inputs)
     evaluate: bool = True
     evaluate_original: bool = True  # also score the uncompressed model (skip when sweeping)
     eval_windows: int = 8
@@ -108,7 +109,7 @@ def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = Fal
     if opts.recover == "layerwise":
         log("layer-wise recovery (fitting each compressed attention to the original's outputs) ...")
         fit_report = layerwise_fit(student, teacher, windows, steps=opts.fit_steps,
-                                   train_query_output=opts.fit_query_output, log=log)
+                                   train_query_output=opts.fit_query_output, mode=opts.fit_mode, log=log)
     provenance = {
         "source": source.description, "method": opts.method, "plan": plan,
         "kv_fraction": sum(plan) / (len(plan) * teacher.config.num_key_value_heads),

@@ -70,14 +70,22 @@ def _batched(fn, x: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.cat([fn(x[j : j + batch]) for j in range(0, x.shape[0], batch)])
 
 
+FIT_MODES = ("sequential", "teacher")
+
+
 def layerwise_fit(student: MEAForCausalLM, teacher: MEAForCausalLM, windows: torch.Tensor, *, steps: int = 20,
-                  lr: float = 1e-3, batch: int = 4, train_query_output: bool = True, log=print) -> list[dict]:
-    """Sequential, error-correcting layer-wise fit. Teacher and student hidden states are carried
-    through the layers side by side on the calibration `windows` (N, T); at each compressed layer the
-    student's attention is trained, on the student's own inputs, to move its residual stream to the
-    teacher's state after that attention: target = h_teacher + attn_teacher(...) - h_student. So each
-    layer also absorbs the drift of the compressed layers before it. Trains k/v projections and HLC
-    (and q/o with train_query_output), in place. Returns per-layer relative errors before/after."""
+                  lr: float = 1e-3, batch: int = 4, train_query_output: bool = True, mode: str = "sequential",
+                  log=print) -> list[dict]:
+    """Layer-wise fit over the calibration `windows` (N, T); teacher and student hidden states are
+    carried through the layers side by side.
+    mode "sequential" (error-correcting): each compressed attention is trained on the student's own
+    inputs to move the student's residual stream to the teacher's state after that attention
+    (target = h_teacher + attn_teacher(...) - h_student), so it also absorbs upstream drift.
+    mode "teacher" (teacher-forced): trained on the teacher's inputs to reproduce the teacher
+    attention's output. Trains k/v projections and HLC (and q/o with train_query_output), in place.
+    Returns per-layer relative errors before/after."""
+    if mode not in FIT_MODES:
+        raise ValueError(f"fit mode must be one of {', '.join(FIT_MODES)}, got {mode!r}")
     trained = _trained_names(train_query_output)
     n, t = windows.shape
     cos, sin = _positions_cos_sin(student, min(batch, n), t, student.dtype)
@@ -93,7 +101,8 @@ def layerwise_fit(student: MEAForCausalLM, teacher: MEAForCausalLM, windows: tor
         mid_t = h_t + _batched(lambda x: attend(t_block.self_attn, x), x_t, batch)
         x_s = _batched(s_block.input_layernorm, h_s, batch)
         if s_block.self_attn.num_component_heads != t_block.self_attn.num_component_heads:
-            before, after = _fit_attention(s_block.self_attn, x_s, mid_t - h_s, cos, sin, steps=steps, lr=lr,
+            x_in, target = (x_s, mid_t - h_s) if mode == "sequential" else (x_t, mid_t - h_t)
+            before, after = _fit_attention(s_block.self_attn, x_in, target, cos, sin, steps=steps, lr=lr,
                                            batch=batch, trained=trained)
             report.append({"layer": i, "rel_error_before": before, "rel_error_after": after})
             log(f"layer {i:2d}: attention target rel. error {before:.4f} -> {after:.4f}")

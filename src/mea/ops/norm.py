@@ -10,9 +10,10 @@ import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight over the last dim; x of any shape (..., d)."""
-    y = F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
-    return y if weight is None else weight * y
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim; x of any shape (..., d). One fused kernel
+    that accumulates in float32 for half-precision inputs (Llama casts before the weight multiply;
+    the difference is one rounding in bf16, none in float32)."""
+    return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype) if weight is not None else None, eps=eps)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:

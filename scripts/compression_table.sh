@@ -20,3 +20,12 @@ run full2-whitened --virtual-heads 2 --recover none
 run full2-whitened-fit20 --virtual-heads 2 --fit-steps 20
 run half2-whitened --virtual-heads 2 --preset half --recover none
 run budget50-whitened-fit20 --kv-budget 0.5 --fit-steps 20
+run full2-teacher60 --virtual-heads 2 --fit-mode teacher --fit-steps 60 --no-eval
+recover() {  # name, compressed row to start from: KL distillation toward SRC, 150k tokens
+  local name=$1 from=$2
+  [ -f "$R/$name.json" ] && { echo "skip $name (done)"; return; }
+  $MEA recover "out/table/$from" "out/table/$name" --teacher "$SRC" --tokens 150000 --lr 2e-4 --overwrite \
+    > "$R/$name.json.tmp" && mv "$R/$name.json.tmp" "$R/$name.json"
+}
+recover full2-teacher60-rec full2-teacher60
+recover budget50-rec budget50-whitened-fit20

@@ -45,8 +45,10 @@ def bench_train(*, preset: str = "small", batch: int = 8, seq: int = 256, steps:
     for model in systems.values():  # warm-up
         step(model)
     rates: dict[str, list[float]] = {k: [] for k in systems}
-    for _ in range(repeats):
-        for name, model in systems.items():
+    names = list(systems)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first each round
+            model = systems[name]
             synchronize(dev)
             t0 = time.perf_counter()
             for _ in range(steps):

@@ -16,6 +16,8 @@ run() {  # name, then mea compress flags
 [ -f "$R/original.json" ] || $MEA eval ppl "$SRC" > "$R/original.json"
 run full2-svd --virtual-heads 2 --method svd --recover none
 run full2-whitened-plain --virtual-heads 2 --no-key-weighting --no-value-weighting --recover none
+run full2-whitened-keys --virtual-heads 2 --no-value-weighting --recover none
+run full2-whitened-values --virtual-heads 2 --no-key-weighting --recover none
 run full2-whitened --virtual-heads 2 --recover none
 run full2-whitened-fit20 --virtual-heads 2 --fit-steps 20
 run half2-whitened --virtual-heads 2 --preset half --recover none

@@ -5,6 +5,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 
 import mea
 from mea.convert import export_plain, fold_hlc
+from mea.convert.fold import plain_config_fields
 
 
 def max_err(a, b):
@@ -12,12 +13,7 @@ def max_err(a, b):
 
 
 def llama_twin(cfg: mea.MEAConfig) -> LlamaForCausalLM:
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters=dict(cfg.rope_parameters), tie_word_embeddings=cfg.tie_word_embeddings,
-        max_position_embeddings=cfg.max_position_embeddings)).eval()
+    return LlamaForCausalLM(LlamaConfig(**plain_config_fields(cfg))).eval()
 
 
 def test_identity_hlc_without_groupnorm_equals_llama():

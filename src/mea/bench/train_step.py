@@ -9,17 +9,13 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from ..convert.fold import plain_config_fields
 from ..models import MEAForCausalLM, make_config
 from .machine import machine_header, synchronize
 
 
 def llama_of(cfg) -> LlamaForCausalLM:
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters=dict(cfg.rope_parameters), tie_word_embeddings=cfg.tie_word_embeddings,
-        max_position_embeddings=cfg.max_position_embeddings, attn_implementation="sdpa"))
+    return LlamaForCausalLM(LlamaConfig(**plain_config_fields(cfg), attn_implementation="sdpa"))
 
 
 def bench_train(*, preset: str = "small", batch: int = 8, seq: int = 256, steps: int = 5, repeats: int = 3,

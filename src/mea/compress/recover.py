@@ -161,8 +161,7 @@ def distill(student: MEAForCausalLM, teacher, stream: torch.Tensor, state_dir: s
     if stream.numel() < tokens_per_step + 1:
         raise ValueError(f"training text too short: {stream.numel()} tokens, one step needs {tokens_per_step + 1}")
     params = _trainable(student, cfg.train)
-    decay = [p for p in params if p.ndim >= 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
 
     def lr_at(step):  # linear warm-up, cosine decay to 10%
         if step < cfg.warmup_steps:

@@ -40,15 +40,9 @@ def fold_hlc(model: MEAForCausalLM) -> MEAForCausalLM:
     return folded.eval()
 
 
-@torch.no_grad()
-def export_plain(model: MEAForCausalLM) -> PreTrainedModel:
-    """Fold HLC, then: without GroupNorm -> LlamaForCausalLM (Qwen3ForCausalLM with QK-norm);
-    with GroupNorm -> the folded MEA model (GroupNorm has no plain Hugging Face equivalent)."""
-    folded = fold_hlc(model) if model.config.mea_hlc else model
-    cfg = folded.config
-    if cfg.mea_head_norm:
-        return folded
-    fields = dict(
+def plain_config_fields(cfg: MEAConfig) -> dict:
+    """The Llama / Qwen3 config fields of the same shape as an MEA config."""
+    return dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
@@ -57,6 +51,17 @@ def export_plain(model: MEAForCausalLM) -> PreTrainedModel:
         attention_bias=cfg.attention_bias or cfg.attention_out_bias, bos_token_id=cfg.bos_token_id,
         eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
     )
+
+
+@torch.no_grad()
+def export_plain(model: MEAForCausalLM) -> PreTrainedModel:
+    """Fold HLC, then: without GroupNorm -> LlamaForCausalLM (Qwen3ForCausalLM with QK-norm);
+    with GroupNorm -> the folded MEA model (GroupNorm has no plain Hugging Face equivalent)."""
+    folded = fold_hlc(model) if model.config.mea_hlc else model
+    cfg = folded.config
+    if cfg.mea_head_norm:
+        return folded
+    fields = plain_config_fields(cfg)
     if cfg.use_qk_norm:
         if cfg.qk_norm_eps != cfg.rms_norm_eps or cfg.mlp_bias:
             raise ValueError("a Qwen3 export needs qk_norm_eps == rms_norm_eps and no MLP bias")

@@ -30,3 +30,14 @@ def left_padded_batch(vocab: int, lengths=(7, 4, 2), total: int | None = None):
         mask[row, total - n :] = 1
         ids[row, : total - n] = 0
     return ids, mask
+
+
+def incremental_logits(model, ids, mask, prefill: int):
+    """Prefill `prefill` tokens, then feed the rest one token at a time through the cache."""
+    out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True)
+    logits, cache = [out.logits], out.cache
+    for t in range(prefill, ids.shape[1]):
+        out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True)
+        logits.append(out.logits)
+        cache = out.cache
+    return torch.cat(logits, dim=1), cache

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import left_padded_batch, randomize_mea, tiny_config
+from helpers import incremental_logits, left_padded_batch, randomize_mea, tiny_config
 
 import mea
 from mea.compress.calibrate import input_moments
@@ -66,14 +66,9 @@ def test_compressed_cache_agrees_with_expanded_attention(calibrated):
     ids, mask = left_padded_batch(97, lengths=(9, 6, 4))
     with torch.no_grad():
         full = compressed(ids, attention_mask=mask).logits
-        out = compressed(ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
-        steps = [out.logits]
-        for t in range(5, 9):
-            out = compressed(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], cache=out.cache)
-            steps.append(out.logits)
-    inc = torch.cat(steps, 1)
+        inc, cache = incremental_logits(compressed, ids, mask, prefill=5)
     assert (inc[mask.bool()] - full[mask.bool()]).abs().max() < 1e-4
-    assert [layer.keys.shape[2] for layer in out.cache.layers] == [1, 2]
+    assert [layer.keys.shape[2] for layer in cache.layers] == [1, 2]
 
 
 def test_plans():

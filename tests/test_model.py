@@ -1,6 +1,6 @@
 import pytest
 import torch
-from helpers import left_padded_batch, randomize_mea, tiny_config
+from helpers import incremental_logits, left_padded_batch, randomize_mea, tiny_config
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, pipeline
 
 import mea
@@ -28,17 +28,6 @@ def test_identity_hlc_without_groupnorm_equals_llama():
         b = llama(ids, attention_mask=mask).logits
     real = mask.bool()
     assert max_err(a[real], b[real]) < 1e-5
-
-
-def incremental_logits(model, ids, mask, prefill: int):
-    """Prefill `prefill` tokens, then feed the rest one token at a time through the cache."""
-    out = model(ids[:, :prefill], attention_mask=mask[:, :prefill], use_cache=True)
-    logits, cache = [out.logits], out.cache
-    for t in range(prefill, ids.shape[1]):
-        out = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache, use_cache=True)
-        logits.append(out.logits)
-        cache = out.cache
-    return torch.cat(logits, dim=1), cache
 
 
 @pytest.mark.parametrize("overrides", [

@@ -65,21 +65,21 @@ def validate(opts: CompressOptions) -> None:
         raise ValueError("--method svd is data-free; drop --calib or use --method whitened")
 
 
-def make_plan(model, opts: CompressOptions, tokenizer, moments) -> tuple[list[int], dict | None]:
+def make_plan(model, opts: CompressOptions, tokenizer, moments) -> list[int]:
     cfg = model.config
     h, num_layers = cfg.num_key_value_heads, cfg.num_hidden_layers
     if opts.virtual_heads is not None:
         if opts.virtual_heads > h:
             raise ValueError(f"--virtual-heads {opts.virtual_heads} is larger than the model's h = {h} KV heads")
         layers = parse_layers(opts.layers, num_layers) if opts.layers else preset_layers(opts.preset, num_layers)
-        return uniform_plan(num_layers, h, opts.virtual_heads, layers), None
+        return uniform_plan(num_layers, h, opts.virtual_heads, layers)
     if opts.sensitivity:
         sens = load_sensitivity(opts.sensitivity)
     else:
         log("measuring per-layer sensitivity (quick probe; `mea probe` writes a fuller one)...")
         sens = probe_layers(model, probe_windows(tokenizer, window=256, count=2), moments,
                             levels=list(range(1, h)), method=opts.method, log=log)["delta_loss"]
-    return budget_plan(sens, num_layers, h, opts.kv_budget), sens
+    return budget_plan(sens, num_layers, h, opts.kv_budget)
 
 
 def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = False) -> dict:
@@ -101,7 +101,7 @@ def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = Fal
     if opts.method == "whitened" or opts.recover == "layerwise" or opts.kv_budget is not None:
         log(f"calibrating on {windows.numel()} tokens ...")
         moments = input_moments(teacher, windows)
-    plan, _ = make_plan(teacher, opts, tok, moments)
+    plan = make_plan(teacher, opts, tok, moments)
     log(f"virtual heads per layer: {plan}")
     student, factor_report = factor_model(teacher, plan, method=opts.method, moments=moments,
                                           key_weighting=opts.key_weighting, value_weighting=opts.value_weighting)

@@ -37,9 +37,11 @@ from .norm import RMSNorm
 HLC_INITS = ("identity", "shared")
 
 
-def init_hlc(num_components: int, num_heads: int, how: str) -> torch.Tensor:
+def init_hlc(num_components: int, num_heads: int, how: str | None = None) -> torch.Tensor:
     """(h', h) initial HLC matrix. identity: h' = h, no mixing. shared: composite head j starts as
-    component head j mod h' (a grouping of composite heads onto fewer components)."""
+    component head j mod h' (a grouping of composite heads onto fewer components). None: identity
+    when h' = h, else shared."""
+    how = how or ("identity" if num_components == num_heads else "shared")
     if how not in HLC_INITS:
         raise ValueError(f"unknown HLC init {how!r}; choose one of {', '.join(HLC_INITS)} or pass matrices")
     if how == "identity" and num_components != num_heads:
@@ -92,7 +94,7 @@ class MEAAttention(nn.Module):
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=out_bias)
         self.hlc = hlc
         if hlc:
-            default = init_hlc(num_component_heads, num_kv_heads, hlc_init or ("identity" if num_component_heads == num_kv_heads else "shared"))
+            default = init_hlc(num_component_heads, num_kv_heads, hlc_init)
             for name, given in (("hlc_k", hlc_k), ("hlc_v", hlc_v)):
                 w = default.clone() if given is None else torch.as_tensor(given, dtype=torch.float32).clone()
                 if w.shape != (num_component_heads, num_kv_heads):

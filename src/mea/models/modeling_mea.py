@@ -61,8 +61,7 @@ class MEAPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)  # Linear / Embedding: normal(0, initializer_range); RMSNorm: ones
         if isinstance(module, MEAAttention) and module.hlc:
             # HLC starts from its configured init (identity when h' = h), not from noise
-            how = self.config.mea_hlc_init or ("identity" if module.num_component_heads == module.num_kv_heads else "shared")
-            w = init_hlc(module.num_component_heads, module.num_kv_heads, how)
+            w = init_hlc(module.num_component_heads, module.num_kv_heads, self.config.mea_hlc_init)
             init.copy_(module.hlc_k, w)
             init.copy_(module.hlc_v, w)
         elif isinstance(module, MEAModel):  # non-persistent buffer: recomputed, never loaded

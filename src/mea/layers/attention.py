@@ -135,15 +135,19 @@ class MEAAttention(nn.Module):
             out = self._attend_uncached(x, q, cos, sin, mask)
         else:
             out = self._attend_cached(x, q, cos, sin, mask, cache)
+        return self.o_proj(self.combine_heads(out).reshape(b, t, self.num_heads * self.head_dim))
+
+    def combine_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """Per-head attention outputs (B, T, heads, width) before o_proj."""
         if self.head_norm is not None:
             out = self.head_norm(out)  # GroupNorm: RMSNorm of each head's output on its own
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+        return out
 
     def _attend_uncached(self, x, q, cos, sin, mask):
         k, v = self.composite_kv(x)  # (B, T, h, D)
         if self.k_norm is not None:
             k = self.k_norm(k)
-        return expanded_attention(q, apply_rope(k, cos, sin), v, mask=mask, scale=self.scale)
+        return self._attend(q, apply_rope(k, cos, sin), v, mask)
 
     def _attend_cached(self, x, q, cos, sin, mask, cache: MEACache):
         b, t, _ = x.shape
@@ -162,11 +166,17 @@ class MEAAttention(nn.Module):
             k_h, v_h = (mix_heads(k, self.hlc_k), mix_heads(v, self.hlc_v)) if self.hlc else (k, v)
             if k_scale is not None:
                 k_h = k_h * k_scale[..., None].to(k_h.dtype)
-            return expanded_attention(q, k_h, v_h, mask=mask, scale=self.scale)
+            return self._attend(q, k_h, v_h, mask)
         if self.hlc:  # decoding from the compressed cache, read once
             return absorbed_attention(q, k_cached, v_cached, self.hlc_k, self.hlc_v, mask=mask, scale=self.scale,
                                       k_scale_BSH=cache.layers[self.layer_idx].cached_k_scale())
-        return grouped_attention(q, k_cached, v_cached, mask=mask, scale=self.scale)
+        return self._attend(q, k_cached, v_cached, mask, decode=True)
+
+    def _attend(self, q, k, v, mask, *, decode: bool = False):
+        """Plain (no HLC) attention over h KV heads; the hook where variants change the attention map."""
+        if decode:
+            return grouped_attention(q, k, v, mask=mask, scale=self.scale)
+        return expanded_attention(q, k, v, mask=mask, scale=self.scale)
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, component_heads={self.num_component_heads}, "

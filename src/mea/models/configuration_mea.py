@@ -40,6 +40,7 @@ class MEAConfig(PreTrainedConfig):
     mea_head_norm_eps: float = 1e-5  # as the Differential Transformer's subln
     mea_num_component_heads: int | list | None = None  # h' (per layer if a list); None: h' = h
     mea_hlc_init: str | None = None  # "identity" (default when h' = h) or "shared" (default when h' < h)
+    mea_differential: bool = False  # Differential attention (Ye et al. 2024) instead of softmax attention
 
     def __post_init__(self, **kwargs):
         unknown = sorted(k for k in kwargs if k.startswith("mea_"))
@@ -72,6 +73,9 @@ class MEAConfig(PreTrainedConfig):
             raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
         if self.mea_hlc_init is not None and self.mea_hlc_init not in HLC_INITS:
             raise ValueError(f"mea_hlc_init must be one of {HLC_INITS}, got {self.mea_hlc_init!r}")
+        if self.mea_differential and (self.mea_hlc or self.use_qk_norm or n % 2 or h % 2):
+            raise ValueError("mea_differential=True is the Differential Transformer baseline: it needs mea_hlc=False, "
+                             f"use_qk_norm=False and even head counts (got {n} query, {h} KV heads)")
         components = self.component_heads()
         for layer, m in enumerate(components):
             if not 1 <= m <= h:

@@ -13,7 +13,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ..cache import MEACache
-from ..layers import MEAAttention, MEADecoderLayer, RMSNorm, init_hlc
+from ..layers import DifferentialAttention, MEAAttention, MEADecoderLayer, RMSNorm, init_hlc
 from ..ops import rope_cos_sin, rope_inv_freq
 from .configuration_mea import MEAConfig
 
@@ -64,6 +64,9 @@ class MEAPreTrainedModel(PreTrainedModel):
             w = init_hlc(module.num_component_heads, module.num_kv_heads, self.config.mea_hlc_init)
             init.copy_(module.hlc_k, w)
             init.copy_(module.hlc_v, w)
+        elif isinstance(module, DifferentialAttention):
+            for p in (module.lambda_q1, module.lambda_k1, module.lambda_q2, module.lambda_k2):
+                init.normal_(p, mean=0.0, std=0.1)
         elif isinstance(module, MEAModel):  # non-persistent buffer: recomputed, never loaded
             inv_freq, _ = rope_inv_freq(self.config.rope_parameters or {}, self.config.head_dim,
                                         self.config.max_position_embeddings)
@@ -74,9 +77,10 @@ class MEAModel(MEAPreTrainedModel):
     def __init__(self, config: MEAConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        attention_class = DifferentialAttention if config.mea_differential else MEAAttention
         self.layers = nn.ModuleList(
             MEADecoderLayer(
-                attention=MEAAttention(
+                attention=attention_class(
                     hidden_size=config.hidden_size,
                     num_heads=config.num_attention_heads,
                     num_kv_heads=config.num_key_value_heads,

@@ -25,10 +25,12 @@ PRESETS: dict[str, dict] = {
                         rope_parameters={"rope_type": "default", "rope_theta": 500_000.0}),
 }
 
-# The four variants the paper compares, as switches on one attention class.
+# The variants the paper compares, as switches on one attention class ("diff": the Differential
+# Transformer baseline, DFA in the paper, with its own per-head RMSNorm).
 VARIANTS: dict[str, dict] = {
     "baseline": dict(mea_hlc=False, mea_head_norm=False),
     "groupnorm": dict(mea_hlc=False, mea_head_norm=True),
+    "diff": dict(mea_hlc=False, mea_head_norm=True, mea_differential=True),
     "mea-no-groupnorm": dict(mea_hlc=True, mea_head_norm=False),
     "mea": dict(mea_hlc=True, mea_head_norm=True),
 }

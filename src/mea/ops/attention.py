@@ -58,13 +58,13 @@ def grouped_attention(
 ) -> torch.Tensor:
     """GQA decode: the queries of each KV group become rows of one attention over that head."""
     b, t, n, d = q_BTND.shape
-    h = k_BSHD.shape[2]
+    h, e = k_BSHD.shape[2], v_BSHD.shape[3]  # values may be wider than keys (differential attention)
     g = n // h
-    q = q_BTND.view(b, t, h, g, d).permute(0, 2, 1, 3, 4).reshape(b, h, t * g, d)  # (B, H, T*g, D)
+    q = q_BTND.reshape(b, t, h, g, d).permute(0, 2, 1, 3, 4).reshape(b, h, t * g, d)  # (B, H, T*g, D)
     out = F.scaled_dot_product_attention(
         q, k_BSHD.transpose(1, 2), v_BSHD.transpose(1, 2), attn_mask=_rows_mask(mask, g), scale=scale
     )
-    return out.view(b, h, t, g, d).permute(0, 2, 1, 3, 4).reshape(b, t, n, d)
+    return out.view(b, h, t, g, e).permute(0, 2, 1, 3, 4).reshape(b, t, n, e)
 
 
 def absorbed_attention(

@@ -124,6 +124,26 @@ def cmd_train(out: str, config: str | None = None, model_set: list[str] | None =
     return train(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet)
 
 
+def cmd_study_lr(out: str, preset: str = "quick", jobs: int = 1, variants: list[str] | None = None,
+                 lrs: list[float] | None = None, seeds: list[int] | None = None, steps: int | None = None,
+                 data: list[str] | None = None) -> dict:
+    from .experiments.lr_study import make_plan, run_study
+
+    plan = make_plan(preset, variants=variants, lrs=lrs, seeds=seeds, steps=steps, data=data)
+    return run_study(out, plan, jobs=jobs, log=lambda m: print(m, file=sys.stderr, flush=True))
+
+
+def cmd_study_report(out: str) -> dict:
+    from pathlib import Path
+
+    from .experiments.lr_report import write_report
+
+    if not (Path(out) / "study.json").is_file():
+        raise ValueError(f"{out} is not a study directory (no study.json); run `mea study lr {out}` first")
+    summary = write_report(out)
+    return {"report": str(Path(out) / "report.md"), "claims": summary["claims"]}
+
+
 def parse_assignments(items: list[str]) -> dict:
     """["num_hidden_layers=4", "rope_parameters={...}"] -> dict; values parsed as JSON when they are JSON."""
     out = {}
@@ -176,6 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="delete an existing run in --out first")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_train_options(s)
+
+    s = sub.add_parser("study", help="reproducible studies (learning-rate sweep and ablation) -> report folder")
+    study = s.add_subparsers(dest="what", required=True)
+    e = study.add_parser("lr", help="variants x learning rates x seeds; resumable, skips finished runs")
+    e.add_argument("out")
+    e.add_argument("--preset", default="quick", help="quick (laptop, < 1 h on 2 cores) or full (GPU)")
+    e.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cores/jobs threads)")
+    e.add_argument("--variants", nargs="+")
+    e.add_argument("--lrs", type=float, nargs="+")
+    e.add_argument("--seeds", type=int, nargs="+")
+    e.add_argument("--steps", type=int)
+    e.add_argument("--data", nargs="+", help="training text (default: the embedded corpus)")
+    e = study.add_parser("report", help="(re)write the report of a study folder from its runs")
+    e.add_argument("out")
 
     s = sub.add_parser("fold", help="fold HLC (h' = h) into k/v projections; export a plain Hugging Face checkpoint")
     s.add_argument("src")
@@ -283,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "bench":
             result = cmd_bench(args.pop("what"), **args)
+        elif command == "study":
+            result = {"lr": cmd_study_lr, "report": cmd_study_report}[args.pop("what")](**args)
         elif command == "eval":
             result = {"ppl": cmd_eval_ppl}[args.pop("what")](**args)
         else:

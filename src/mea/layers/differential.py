@@ -52,8 +52,9 @@ class DifferentialAttention(MEAAttention):
                 p.normal_(0.0, std)
 
     def lambda_full(self) -> torch.Tensor:
-        return (torch.exp(torch.dot(self.lambda_q1.float(), self.lambda_k1.float()))
-                - torch.exp(torch.dot(self.lambda_q2.float(), self.lambda_k2.float())) + self.lambda_init)
+        wide = torch.promote_types(self.lambda_q1.dtype, torch.float32)  # at least fp32 under low precision
+        q1, k1, q2, k2 = (p.to(wide) for p in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2))
+        return torch.exp(torch.dot(q1, k1)) - torch.exp(torch.dot(q2, k2)) + self.lambda_init
 
     def _attend(self, q, k, v, mask, *, decode: bool = False):
         b, t, n, d = q.shape

@@ -9,6 +9,10 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=512, hidden_size=96, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=6, num_key_value_heads=3, head_dim=16, max_position_embeddings=2048,
                  rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}),
+    # the quick learning-rate study: about 1.3M parameters, 2k BPE vocabulary, ~6k tokens/s per CPU core
+    "mini": dict(vocab_size=2048, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=4, head_dim=16, max_position_embeddings=2048,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}),
     # laptop-scale pretraining (about 10M parameters with an 8k vocabulary)
     "small": dict(vocab_size=8192, hidden_size=256, intermediate_size=704, num_hidden_layers=6,
                   num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=4096,

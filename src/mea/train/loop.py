@@ -48,9 +48,6 @@ def train(cfg: TrainConfig | None, run: str | Path, *, resume: bool = False, ove
 
 def _train(cfg, run: Path, d: Dist, *, resume: bool, overwrite: bool, progress: bool) -> dict:
     cfg = _resolve_run_dir(cfg, run, d, resume=resume, overwrite=overwrite)
-    if cfg.batch_size % (d.world * cfg.grad_accum):
-        raise ValueError(f"batch_size ({cfg.batch_size}) must divide into {d.world} processes x grad_accum "
-                         f"({cfg.grad_accum}) equal micro-batches; pick a multiple of {d.world * cfg.grad_accum}")
     mcfg = cfg.model_config()
     if d.main:  # build the token cache once; the other processes read it
         data = prepare_data(cfg.data, vocab_size=mcfg.vocab_size, tokenizer_dir=cfg.tokenizer,
@@ -200,6 +197,8 @@ def _divergence(loss: float, grad_norm: float, ema, best_ema: float, delta: floa
 
 
 def _resolve_run_dir(cfg: TrainConfig | None, run: Path, d: Dist, *, resume: bool, overwrite: bool) -> TrainConfig:
+    if cfg is not None:  # bad options fail before anything on disk is touched
+        _check(cfg, d)
     saved_path = run / "run.json"
     if resume:
         if not saved_path.is_file():
@@ -218,11 +217,18 @@ def _resolve_run_dir(cfg: TrainConfig | None, run: Path, d: Dist, *, resume: boo
         barrier(d)  # every process has looked before the directory goes
         if d.main:
             shutil.rmtree(run)
-    cfg.check()
+    _check(cfg, d)
     if d.main:
         run.mkdir(parents=True, exist_ok=True)
     barrier(d)
     return cfg
+
+
+def _check(cfg: TrainConfig, d: Dist) -> None:
+    cfg.check()
+    if cfg.batch_size % (d.world * cfg.grad_accum):
+        raise ValueError(f"batch_size ({cfg.batch_size}) must divide into {d.world} processes x grad_accum "
+                         f"({cfg.grad_accum}) equal micro-batches; pick a multiple of {d.world * cfg.grad_accum}")
 
 
 def _status(run: Path, state: str, step: int, **extra) -> None:

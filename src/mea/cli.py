@@ -131,6 +131,29 @@ def cmd_eval_needle(model: str, out: str, lengths: list[int], depths: list[float
             "accuracy": {f"{c['length']}@{c['depth']:g}": c["accuracy"] for c in result["cells"]}}
 
 
+def cmd_eval_hlc(model: str, out: str, reference: str | None = None, windows: int = 4, window: int = 256) -> dict:
+    from pathlib import Path
+
+    from .atomic import write_json_atomic
+    from .checkpoint import load_causal_lm, load_tokenizer
+    from .data import heldout_text, token_windows
+    from .eval.hlc_analysis import analyze_hlc, plot_hlc
+
+    m = load_causal_lm(model)
+    tok = load_tokenizer(model)
+    if tok is None:
+        raise ValueError(f"{model} has no tokenizer files")
+    ids = token_windows(tok, heldout_text(), window=window, count=windows, what="held-out text")
+    ref = load_causal_lm(reference) if reference else None
+    result = {"model": model, "reference_model": reference, **analyze_hlc(m, ids, reference=ref)}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(out) / "hlc.json", result)
+    plot_hlc(result, Path(out) / "hlc.png")
+    return {k: v for k, v in result.items() if k != "layers"} | {
+        "moved": [[round(l["moved_k"], 4), round(l["moved_v"], 4)] for l in result["layers"]],
+        "importance": [[round(x, 4) for x in l["importance"]] for l in result["layers"]]}
+
+
 def cmd_demo(preset: str = "tiny", new_tokens: int = 32, context: int = 48, seed: int = 0) -> dict:
     from .demo import run_demo
 
@@ -339,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     e.add_argument("--trials", type=int, default=3)
     e.add_argument("--seed", type=int, default=0)
+    e = ev.add_parser("hlc", help="HLC matrices, their movement, and head importance (loss when a head is removed)")
+    e.add_argument("model", help="an MEA checkpoint directory (trained, converted, compressed or recovered)")
+    e.add_argument("out", help="output folder: hlc.json, hlc.png")
+    e.add_argument("--reference", help="compare with this checkpoint's HLC (default: the configured init)")
+    e.add_argument("--windows", type=int, default=4)
+    e.add_argument("--window", type=int, default=256)
     e = ev.add_parser("ppl", help="perplexity on the documented held-out text (or --text files)")
     e.add_argument("model")
     e.add_argument("--text", nargs="+")
@@ -376,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "study":
             result = {"lr": cmd_study_lr, "report": cmd_study_report}[args.pop("what")](**args)
         elif command == "eval":
-            result = {"ppl": cmd_eval_ppl, "tasks": cmd_eval_tasks, "needle": cmd_eval_needle}[args.pop("what")](**args)
+            result = {"ppl": cmd_eval_ppl, "tasks": cmd_eval_tasks, "needle": cmd_eval_needle,
+                      "hlc": cmd_eval_hlc}[args.pop("what")](**args)
         else:
             result = {"info": cmd_info, "fold": cmd_fold, "demo": cmd_demo, "convert": cmd_convert,
                       "compress": cmd_compress, "probe": cmd_probe, "recover": cmd_recover,

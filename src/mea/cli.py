@@ -154,6 +154,27 @@ def cmd_eval_hlc(model: str, out: str, reference: str | None = None, windows: in
         "importance": [[round(x, 4) for x in l["importance"]] for l in result["layers"]]}
 
 
+def cmd_eval_mqar(variants: list[str], seeds: list[int], out: str | None = None, component_heads: int | None = None,
+                  **settings) -> dict:
+    from .eval.mqar import mqar_sweep
+
+    overrides = {"mea_num_component_heads": component_heads} if component_heads else {}
+    result = mqar_sweep(variants, seeds, log=lambda m: print(m, file=sys.stderr, flush=True), **settings, **overrides)
+    if out:
+        from .atomic import write_json_atomic
+
+        write_json_atomic(out, result)
+    return result
+
+
+def cmd_study_compression(out: str, src: str = "smollm2", levels: list[str] | None = None, limit: int = 100,
+                          tokens: int = 150_000, fit_steps: int = 60) -> dict:
+    from .experiments.compression_study import run_compression_study
+
+    return run_compression_study(out, src=src, levels=levels, limit=limit, tokens=tokens, fit_steps=fit_steps,
+                                 log=lambda m: print(m, file=sys.stderr, flush=True))
+
+
 def cmd_demo(preset: str = "tiny", new_tokens: int = 32, context: int = 48, seed: int = 0) -> dict:
     from .demo import run_demo
 
@@ -271,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seeds", type=int, nargs="+")
     e.add_argument("--steps", type=int)
     e.add_argument("--data", nargs="+", help="training text (default: the embedded corpus)")
+    e = study.add_parser("compression", help="accuracy by task category x KV compression, training-free and recovered")
+    e.add_argument("out")
+    e.add_argument("--src", default="smollm2")
+    e.add_argument("--levels", nargs="+", help="kv33 kv50 kv67 (default: all)")
+    e.add_argument("--limit", type=int, default=100, help="examples per task")
+    e.add_argument("--tokens", type=int, default=150_000, help="recovery distillation tokens per level")
+    e.add_argument("--fit-steps", type=int, default=60)
     e = study.add_parser("report", help="(re)write the report of a study folder from its runs")
     e.add_argument("out")
 
@@ -368,6 +396,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", help="compare with this checkpoint's HLC (default: the configured init)")
     e.add_argument("--windows", type=int, default=4)
     e.add_argument("--window", type=int, default=256)
+    e = ev.add_parser("mqar", help="multi-query associative recall: train small models per variant, held-out recall")
+    e.add_argument("--variants", nargs="+", default=["baseline", "mea"])
+    e.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    e.add_argument("--pairs", type=int, default=4)
+    e.add_argument("--queries", type=int, default=4)
+    e.add_argument("--num-keys", type=int, default=16)
+    e.add_argument("--num-values", type=int, default=16)
+    e.add_argument("--steps", type=int, default=800)
+    e.add_argument("--lr", type=float, default=1e-3)
+    e.add_argument("--component-heads", type=int, help="h' for HLC variants (KV-cache compression from scratch)")
+    e.add_argument("--out", help="also write the JSON result here")
     e = ev.add_parser("ppl", help="perplexity on the documented held-out text (or --text files)")
     e.add_argument("model")
     e.add_argument("--text", nargs="+")
@@ -403,10 +442,11 @@ def main(argv: list[str] | None = None) -> int:
         if command == "bench":
             result = cmd_bench(args.pop("what"), **args)
         elif command == "study":
-            result = {"lr": cmd_study_lr, "report": cmd_study_report}[args.pop("what")](**args)
+            result = {"lr": cmd_study_lr, "report": cmd_study_report,
+                      "compression": cmd_study_compression}[args.pop("what")](**args)
         elif command == "eval":
             result = {"ppl": cmd_eval_ppl, "tasks": cmd_eval_tasks, "needle": cmd_eval_needle,
-                      "hlc": cmd_eval_hlc}[args.pop("what")](**args)
+                      "hlc": cmd_eval_hlc, "mqar": cmd_eval_mqar}[args.pop("what")](**args)
         else:
             result = {"info": cmd_info, "fold": cmd_fold, "demo": cmd_demo, "convert": cmd_convert,
                       "compress": cmd_compress, "probe": cmd_probe, "recover": cmd_recover,

@@ -1,0 +1,126 @@
+"""Compression sensitivity map: downstream accuracy by task category x KV-compression level, each level
+training-free and after recovery, for one model (default: the embedded SmolLM2).
+
+Every step is a `mea` command run as a subprocess and skipped when its output exists, so the study
+resumes where it stopped:
+
+    OUT/models/kv33-free     mea compress SRC ... --virtual-heads 2 --recover none          (training-free)
+    OUT/models/kv33-fit      mea compress SRC ... --virtual-heads 2 --fit-mode teacher      (start of recovery)
+    OUT/models/kv33-rec      mea recover OUT/models/kv33-fit ... --teacher SRC --tokens T   (after recovery)
+    OUT/evals/NAME.json      mea eval tasks MODEL --tasks knowledge reasoning math --limit N
+    OUT/report.md, summary.json, sensitivity.png
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from ..atomic import write_json_atomic, write_text_atomic
+
+LEVELS = {  # name -> (compress arguments, KV fraction kept)
+    "kv33": (["--virtual-heads", "2"], 2 / 3),
+    "kv50": (["--kv-budget", "0.5"], 0.5),
+    "kv67": (["--virtual-heads", "1"], 1 / 3),
+}
+CATEGORIES = ("knowledge", "reasoning", "math")
+
+
+def plan_steps(src: str, out: Path, *, levels: list[str], limit: int, tokens: int, fit_steps: int) -> list[tuple]:
+    """(output path, command) in order; a step whose output exists is done."""
+    mea = [sys.executable, "-m", "mea"]
+    steps, models = [], {"original": src}
+    for level in levels:
+        args, _ = LEVELS[level]
+        free, fit, rec = (out / "models" / f"{level}-{k}" for k in ("free", "fit", "rec"))
+        steps.append((free, mea + ["compress", src, str(free), *args, "--recover", "none", "--no-eval"]))
+        steps.append((fit, mea + ["compress", src, str(fit), *args, "--fit-mode", "teacher", "--fit-steps",
+                                  str(fit_steps), "--no-eval"]))
+        steps.append((rec, mea + ["recover", str(fit), str(rec), "--teacher", src, "--tokens", str(tokens),
+                                  "--lr", "2e-4", "--no-eval"]))
+        models[f"{level}-free"], models[f"{level}-rec"] = str(free), str(rec)
+    for name, model in models.items():
+        target = out / "evals" / name
+        steps.append((Path(f"{target}.json"), mea + ["eval", "tasks", model, "--tasks", *CATEGORIES, "--limit",
+                                                     str(limit), "--out", str(target)]))
+    return steps
+
+
+def run_compression_study(out: str | Path, *, src: str = "smollm2", levels: list[str] | None = None, limit: int = 100,
+                          tokens: int = 150_000, fit_steps: int = 60, log=print) -> dict:
+    out = Path(out)
+    levels = levels or list(LEVELS)
+    unknown = sorted(set(levels) - set(LEVELS))
+    if unknown:
+        raise ValueError(f"unknown level(s) {unknown}; choose from {', '.join(LEVELS)}")
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    steps = plan_steps(src, out, levels=levels, limit=limit, tokens=tokens, fit_steps=fit_steps)
+    for i, (target, cmd) in enumerate(steps, 1):
+        if target.exists():
+            continue
+        log(f"[{i}/{len(steps)}] {' '.join(cmd[2:])}")
+        with open(out / "logs" / f"{target.name}.log", "a") as f:
+            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+        if code != 0:
+            raise ValueError(f"step failed (exit {code}): {' '.join(cmd[2:])}; see {out / 'logs' / (target.name + '.log')}")
+    return write_report(out, levels=levels)
+
+
+def write_report(out: Path, *, levels: list[str]) -> dict:
+    rows = []
+    for name in ["original"] + [f"{lv}-{k}" for lv in levels for k in ("free", "rec")]:
+        path = out / "evals" / f"{name}.json"
+        if not path.is_file():
+            continue
+        tasks = json.loads(path.read_text())["tasks"]
+        level = name.split("-")[0]
+        kv = 1.0 if level == "original" else LEVELS[level][1]
+        cats = {c: _mean([t["value"] for t in tasks if t["category"] == c]) for c in CATEGORIES}
+        rows.append({"model": name, "kv_fraction": kv, "categories": cats, "tasks": {t["task"]: t for t in tasks}})
+    base = rows[0]["categories"] if rows and rows[0]["model"] == "original" else None
+    lines = ["| model | KV kept | " + " | ".join(CATEGORIES) + " | tasks (acc, n) |", "|---|---|" + "---|" * (len(CATEGORIES) + 1)]
+    for r in rows:
+        cells = []
+        for c in CATEGORIES:
+            v = r["categories"][c]
+            delta = f" ({v - base[c]:+.3f})" if base and v is not None and base[c] is not None and r["model"] != "original" else ""
+            cells.append("—" if v is None else f"{v:.3f}{delta}")
+        detail = ", ".join(f"{k} {t['value']:.2f}" for k, t in r["tasks"].items())
+        n = max((t["n"] for t in r["tasks"].values()), default=0)
+        lines.append(f"| {r['model']} | {r['kv_fraction']:.2f} | " + " | ".join(cells) + f" | {detail} (n≤{n}) |")
+    md = "\n".join(lines) + "\n"
+    write_text_atomic(out / "report.md", md)
+    summary = {"rows": rows}
+    write_json_atomic(out / "summary.json", summary)
+    if rows:
+        _plot(out / "sensitivity.png", rows)
+    return {"report": str(out / "report.md"), "models": [r["model"] for r in rows]}
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+def _plot(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for c, color in zip(CATEGORIES, ("tab:blue", "tab:orange", "tab:green")):
+        for kind, style in (("free", "--"), ("rec", "-")):
+            pts = sorted((r["kv_fraction"], r["categories"][c]) for r in rows
+                         if (r["model"] == "original" or r["model"].endswith(kind)) and r["categories"][c] is not None)
+            if len(pts) > 1:
+                ax.plot(*zip(*pts), style, marker="o", color=color, label=f"{c} ({'recovered' if kind == 'rec' else 'training-free'})")
+    ax.invert_xaxis()
+    ax.set_xlabel("fraction of the KV cache kept")
+    ax.set_ylabel("mean accuracy in category")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

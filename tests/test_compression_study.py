@@ -1,0 +1,35 @@
+"""The compression sensitivity study: its plan of commands, and its report from evaluation files."""
+
+import json
+
+import pytest
+
+from mea.experiments.compression_study import plan_steps, run_compression_study, write_report
+
+
+def test_plan_has_free_and_recovered_models_and_evaluations(tmp_path):
+    steps = plan_steps("smollm2", tmp_path, levels=["kv33", "kv67"], limit=10, tokens=1000, fit_steps=5)
+    targets = [t.name for t, _ in steps]
+    assert targets[:3] == ["kv33-free", "kv33-fit", "kv33-rec"]
+    assert [t for t in targets if t.endswith(".json")] == ["original.json", "kv33-free.json", "kv33-rec.json",
+                                                           "kv67-free.json", "kv67-rec.json"]
+    rec = dict((t.name, c) for t, c in steps)["kv67-rec"]
+    assert rec[3:6] == ["recover", str(tmp_path / "models" / "kv67-fit"), str(tmp_path / "models" / "kv67-rec")]
+    with pytest.raises(ValueError, match="unknown level"):
+        run_compression_study(tmp_path, levels=["kv90"])
+
+
+def test_report_from_evaluations(tmp_path):
+    (tmp_path / "evals").mkdir()
+
+    def tasks(k, r):
+        return {"tasks": [{"task": "mmlu", "category": "knowledge", "value": k, "n": 10},
+                          {"task": "piqa", "category": "reasoning", "value": r, "n": 10}]}
+
+    for name, k, r in (("original", 0.30, 0.60), ("kv33-free", 0.25, 0.55), ("kv33-rec", 0.28, 0.59)):
+        (tmp_path / "evals" / f"{name}.json").write_text(json.dumps(tasks(k, r)))
+    result = write_report(tmp_path, levels=["kv33"])
+    assert result["models"] == ["original", "kv33-free", "kv33-rec"]
+    md = (tmp_path / "report.md").read_text()
+    assert "| kv33-free | 0.67 | 0.250 (-0.050) | 0.550 (-0.050) | — |" in md
+    assert (tmp_path / "sensitivity.png").stat().st_size > 0

@@ -268,6 +268,10 @@ def _plot_curves(path: Path, runs: list[dict], s: dict) -> None:
                 xs, ys = zip(*r["train_curve"])
                 ax.plot(xs, ys, color=colors[v], lw=1, alpha=0.8, ls="-" if r["state"] == "finished" else ":",
                         label=v if r["seed"] == min(x["seed"] for x in runs) else None)
+        early = sum(r["state"] == "diverged" and not r["train_curve"] for r in runs if r["lr"] == lr)
+        if early:
+            ax.text(0.5, 0.5, f"{early} runs diverged\nbefore the first log", transform=ax.transAxes, ha="center",
+                    fontsize=8)
         ax.set_title(f"lr {lr:g}")
         ax.set_xlabel("tokens")
         ax.grid(alpha=0.3)

@@ -28,7 +28,7 @@ def test_info_prints_versions_and_registry(capsys):
     data = json.loads(out)
     assert code == 0 and data["versions"]["mea"] == mea.__version__
     assert {"tiny", "smollm2-135m", "llama3.2-1b"} <= set(data["registry"]["presets"])
-    assert set(data["registry"]["variants"]) == {"baseline", "groupnorm", "mea-no-groupnorm", "mea"}
+    assert set(data["registry"]["variants"]) == {"baseline", "groupnorm", "diff", "mea-no-groupnorm", "mea"}
 
 
 def test_info_reports_kv_bytes_of_a_checkpoint(capsys, tmp_path):
@@ -84,4 +84,8 @@ def test_bench_runs_end_to_end_and_writes_json(capsys, tmp_path):
     assert data["results"][1]["kv_bytes"] * 3 == data["results"][0]["kv_bytes"]
     code, stdout, _ = run_cli(capsys, "bench", "train", "--preset", "tiny", "--batch", "2", "--seq", "16",
                               "--steps", "1", "--repeats", "1")
-    assert set(json.loads(stdout)["ratios"]) == {"mea/baseline", "baseline/transformers-llama"}
+    data = json.loads(stdout)
+    assert set(data["ratios"]) == {"groupnorm/baseline", "mea-no-groupnorm/baseline", "mea/baseline",
+                                   "baseline/transformers-llama"}
+    assert "diff" in data["skipped"]  # tiny has 3 KV heads: Differential attention needs an even count
+    assert all(b > 0 for b in data["peak_step_memory_bytes"].values())

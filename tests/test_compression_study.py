@@ -10,7 +10,7 @@ from mea.experiments.compression_study import plan_steps, run_compression_study,
 def test_plan_has_free_and_recovered_models_and_evaluations(tmp_path):
     steps = plan_steps("smollm2", tmp_path, levels=["kv33", "kv67"], limit=10, tokens=1000, fit_steps=5)
     targets = [t.name for t, _ in steps]
-    assert targets[:3] == ["kv33-free", "kv33-fit", "kv33-rec"]
+    assert targets[:6] == ["original.json", "kv33-free", "kv33-free.json", "kv33-fit", "kv33-rec", "kv33-rec.json"]
     assert [t for t in targets if t.endswith(".json")] == ["original.json", "kv33-free.json", "kv33-rec.json",
                                                            "kv67-free.json", "kv67-rec.json"]
     rec = dict((t.name, c) for t, c in steps)["kv67-rec"]

@@ -31,20 +31,23 @@ CATEGORIES = ("knowledge", "reasoning", "math")
 def plan_steps(src: str, out: Path, *, levels: list[str], limit: int, tokens: int, fit_steps: int) -> list[tuple]:
     """(output path, command) in order; a step whose output exists is done."""
     mea = [sys.executable, "-m", "mea"]
-    steps, models = [], {"original": src}
+
+    def evaluate(name: str, model: str) -> tuple:
+        target = out / "evals" / name
+        return (Path(f"{target}.json"), mea + ["eval", "tasks", model, "--tasks", *CATEGORIES, "--limit", str(limit),
+                                               "--out", str(target)])
+
+    steps = [evaluate("original", src)]  # each evaluation right after its model, so partial runs report
     for level in levels:
         args, _ = LEVELS[level]
         free, fit, rec = (out / "models" / f"{level}-{k}" for k in ("free", "fit", "rec"))
         steps.append((free, mea + ["compress", src, str(free), *args, "--recover", "none", "--no-eval"]))
+        steps.append(evaluate(f"{level}-free", str(free)))
         steps.append((fit, mea + ["compress", src, str(fit), *args, "--fit-mode", "teacher", "--fit-steps",
                                   str(fit_steps), "--no-eval"]))
         steps.append((rec, mea + ["recover", str(fit), str(rec), "--teacher", src, "--tokens", str(tokens),
                                   "--lr", "2e-4", "--no-eval"]))
-        models[f"{level}-free"], models[f"{level}-rec"] = str(free), str(rec)
-    for name, model in models.items():
-        target = out / "evals" / name
-        steps.append((Path(f"{target}.json"), mea + ["eval", "tasks", model, "--tasks", *CATEGORIES, "--limit",
-                                                     str(limit), "--out", str(target)]))
+        steps.append(evaluate(f"{level}-rec", str(rec)))
     return steps
 
 

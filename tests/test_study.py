@@ -7,7 +7,7 @@ import pytest
 
 from mea.experiments.lr_report import write_report
 from mea.experiments.lr_study import make_plan, run_name, run_study
-from mea.experiments.stats import fisher_exact, t_sf_two_sided, welch
+from mea.experiments.stats import fisher_exact, t_sf_two_sided, two_proportions, welch
 
 
 def test_statistics_against_tables():
@@ -17,6 +17,7 @@ def test_statistics_against_tables():
     assert welch([1.0, 2.0, 3.0], [4.0, 5.0, 6.5])["p"] == pytest.approx(0.02915, abs=1e-4)
     assert fisher_exact(0, 3, 3, 3) == pytest.approx(0.1)
     assert fisher_exact(0, 10, 10, 10) == pytest.approx(2 / 184756)
+    assert two_proportions(0.6, 100, 0.5, 100) == pytest.approx(0.1556, abs=1e-3)  # z = 1.42
 
 
 def _fake_study(out, results):

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from ..atomic import write_json_atomic, write_text_atomic
+from .stats import two_proportions
 
 LEVELS = {  # name -> (compress arguments, KV fraction kept)
     "kv33": (["--virtual-heads", "2"], 2 / 3),
@@ -93,6 +94,15 @@ def write_report(out: Path, *, levels: list[str]) -> dict:
         detail = ", ".join(f"{k} {t['value']:.2f}" for k, t in r["tasks"].items())
         n = max((t["n"] for t in r["tasks"].values()), default=0)
         lines.append(f"| {r['model']} | {r['kv_fraction']:.2f} | " + " | ".join(cells) + f" | {detail} (n≤{n}) |")
+    significant = []
+    if rows and rows[0]["model"] == "original":
+        for r in rows[1:]:
+            for task, t in r["tasks"].items():
+                o = rows[0]["tasks"].get(task)
+                if o and (p := two_proportions(t["value"], t["n"], o["value"], o["n"])) < 0.05:
+                    significant.append(f"{r['model']} {task}: {t['value']:.2f} vs {o['value']:.2f} (p={p:.3g})")
+    lines += ["", "Differences from the original that are significant at p < 0.05 (two-proportion z-test per task): "
+              + ("; ".join(significant) if significant else "none") + "."]
     md = "\n".join(lines) + "\n"
     write_text_atomic(out / "report.md", md)
     summary = {"rows": rows}

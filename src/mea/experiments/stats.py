@@ -46,3 +46,13 @@ def fisher_exact(k1: int, n1: int, k2: int, n2: int) -> float:
     observed = prob(k1)
     lo, hi = max(0, total_k - n2), min(n1, total_k)
     return float(min(1.0, sum(p for k in range(lo, hi + 1) if (p := prob(k)) <= observed * (1 + 1e-9))))
+
+
+def two_proportions(p1: float, n1: int, p2: float, n2: int) -> float:
+    """Two-sided p-value that two accuracies (proportions over n1 and n2 examples) are equal, by the pooled
+    two-proportion z-test (unpaired, so conservative when both were scored on the same examples)."""
+    pooled = (p1 * n1 + p2 * n2) / (n1 + n2)
+    var = pooled * (1 - pooled) * (1 / n1 + 1 / n2)
+    if var == 0:
+        return 1.0 if p1 == p2 else 0.0
+    return math.erfc(abs(p1 - p2) / math.sqrt(var) / math.sqrt(2))

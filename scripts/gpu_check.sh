@@ -15,8 +15,5 @@ python3 -c "import torch, transformers; print(torch.__version__, transformers.__
 python3 scripts/gpu_correctness.py 2>&1 | tee "$OUT/correctness.txt"
 python3 -m mea bench train --device cuda --dtype bfloat16 --preset llama3.2-1b --batch 4 --seq 1024 --steps 5 \
   --repeats 3 --out "$OUT/train_llama1b.json" > /dev/null && python3 -c "import json; d=json.load(open('$OUT/train_llama1b.json')); print('train', d['tokens_per_s'], d['ratios'])"
-for B in 1 8; do
-  python3 -m mea bench decode --device cuda --dtype bfloat16 --preset llama3.2-1b --contexts 4096 16384 32768 \
-    --component-heads 8 4 2 --batch $B --steps 20 --out "$OUT/decode_llama1b_b$B.json" > /dev/null && \
-    python3 -c "import json; d=json.load(open('$OUT/decode_llama1b_b$B.json')); [print(r['system'], r['context'], r['batch'], round(r['ms_per_token'],3), 'bound', round(r['bound_ms'],3)) for r in d['results']]; print(d['speedups'], d['machine']['read_bandwidth_GBps'])"
-done
+python3 -m mea bench decode --device cuda --dtype bfloat16 --preset llama3.2-1b --contexts 1024 4096 16384 32768 \
+  --component-heads 4 2 --batches 1 8 --steps 20 --out "$OUT/decode_llama1b.json" > /dev/null && cat "$OUT/decode_llama1b.md"

@@ -78,10 +78,13 @@ def test_fold_cli_bad_inputs(capsys, tmp_path):
 def test_bench_runs_end_to_end_and_writes_json(capsys, tmp_path):
     out = tmp_path / "d.json"
     code, stdout, _ = run_cli(capsys, "bench", "decode", "--preset", "tiny", "--contexts", "64", "--steps", "2",
-                              "--component-heads", "3", "1", "--out", str(out))
+                              "--component-heads", "1", "--batches", "2", "--out", str(out))
     data = json.loads(out.read_text())
-    assert code == 0 and data["benchmark"] == "decode" and len(data["results"]) == 2
-    assert data["results"][1]["kv_bytes"] * 3 == data["results"][0]["kv_bytes"]
+    kv = {r["system"]: r["kv_bytes"] for r in data["results"]}
+    assert code == 0 and data["benchmark"] == "decode" and list(kv) == ["transformers-llama", "mea h'=3", "mea folded",
+                                                                         "mea h'=1"]
+    assert kv["transformers-llama"] == kv["mea h'=3"] == kv["mea folded"] == 3 * kv["mea h'=1"]
+    assert (tmp_path / "d.md").read_text().count("| 2 | 64 |") == 4 and (tmp_path / "d.png").stat().st_size > 0
     code, stdout, _ = run_cli(capsys, "bench", "train", "--preset", "tiny", "--batch", "2", "--seq", "16",
                               "--steps", "1", "--repeats", "1")
     data = json.loads(stdout)

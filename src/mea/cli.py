@@ -186,9 +186,15 @@ def cmd_bench(what: str, out: str | None = None, **kwargs) -> dict:
 
     result = {"train": bench_train, "decode": bench_decode}[what](**kwargs)
     if out:
-        from .atomic import write_json_atomic
+        from .atomic import write_json_atomic, write_text_atomic
 
         write_json_atomic(out, result)
+        if what == "decode":
+            from .bench.decode import markdown, plot
+
+            stem = out.removesuffix(".json")
+            write_text_atomic(stem + ".md", markdown(result))
+            plot(result, stem + ".png")
     return result
 
 
@@ -422,11 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=5)
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
-    b = bench.add_parser("decode", help="time per token from a long cache: h' = h vs compressed h'")
+    b = bench.add_parser("decode", help="time per token from a long cache: transformers Llama vs ours (h'=h, "
+                         "folded, compressed) vs the bandwidth bound")
     b.add_argument("--preset", default="smollm2-135m")
-    b.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384])
-    b.add_argument("--component-heads", type=int, nargs="+", default=[3, 1])
-    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
+    b.add_argument("--component-heads", type=int, nargs="+", default=[2, 1], help="compressed h' values")
+    b.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     b.add_argument("--steps", type=int, default=10)
     for b in bench.choices.values():
         b.add_argument("--device", default="cpu")

@@ -19,6 +19,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from ..cache import MEACache
 from ..convert.fold import fold_hlc, plain_config_fields
 from ..models import MEAForCausalLM, make_config
+from ..plotting import pyplot, save_figure
 from .machine import machine_header, memory_bandwidth, synchronize
 
 
@@ -123,10 +124,7 @@ def markdown(result: dict) -> str:
 
 def plot(result: dict, path) -> None:
     """Time per token and KV bytes vs context, one panel pair per batch size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     batches = result["settings"]["batches"]
     fig, axes = plt.subplots(2, len(batches), figsize=(5 * len(batches), 7), squeeze=False)
@@ -147,6 +145,4 @@ def plot(result: dict, path) -> None:
             ax.set_xlabel("context (tokens)")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..atomic import write_json_atomic, write_text_atomic
 from ..convert import load_source, to_mea
 from ..data import calibration_windows, probe_windows
+from ..plotting import pyplot, save_figure
 from .calibrate import input_moments
 from .probe import probe_layers
 
@@ -41,13 +42,7 @@ def run_probe(src: str, out: str, *, levels: list[int] | None = None, method: st
 
 
 def plot_probe(result: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plots are optional; the table is always written
-        return
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     layers = sorted(result["delta_loss"], key=int)
     for m in result["levels"]:
@@ -57,8 +52,4 @@ def plot_probe(result: dict, path: Path) -> None:
     ax.set_yscale("symlog", linthresh=1e-3)
     ax.legend()
     ax.set_title("Layer sensitivity to virtual-head compression")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)

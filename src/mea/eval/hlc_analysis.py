@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..layers import MEAAttention, init_hlc
+from ..plotting import pyplot, save_figure
 from .perplexity import perplexity
 
 
@@ -90,10 +91,7 @@ def analyze_hlc(model, windows: torch.Tensor, *, reference=None) -> dict:
 
 
 def plot_hlc(result: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     layers = result["layers"]
     fig, axes = plt.subplots(1, 3, figsize=(11, max(3.0, 0.22 * sum(l["h_prime"] for l in layers) + 1.5)),
@@ -118,6 +116,4 @@ def plot_hlc(result: dict, path) -> None:
     axes[2].set_title(f"head importance vs movement (Spearman, per head: {rho if rho is None else round(rho, 2)})",
                       fontsize=8)
     axes[2].grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

@@ -14,6 +14,7 @@ import random
 import torch
 
 from ..data import embedded_documents
+from ..plotting import pyplot, save_figure
 
 NEEDLE = "\nThe secret number of the magician is {number}.\n"
 QUESTION = "\n\nQuestion: what is the secret number of the magician?\nAnswer: The secret number of the magician is"
@@ -85,10 +86,7 @@ def needle_grid(model, tokenizer, *, lengths: list[int], depths: list[float], tr
 
 
 def plot_heatmap(result: dict, path, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     lengths, depths = result["lengths"], result["depths"]
@@ -106,6 +104,4 @@ def plot_heatmap(result: dict, path, title: str = "") -> None:
     ax.set_ylabel("needle depth")
     ax.set_title(title or f"needle retrieval ({result['trials']} trials per cell)", fontsize=9)
     fig.colorbar(im, ax=ax, label="retrieved")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from ..atomic import write_json_atomic, write_text_atomic
+from ..plotting import pyplot, save_figure
 from .stats import two_proportions
 
 LEVELS = {  # name -> (compress arguments, KV fraction kept)
@@ -117,10 +118,7 @@ def _mean(xs):
 
 
 def _plot(path: Path, rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for c, color in zip(CATEGORIES, ("tab:blue", "tab:orange", "tab:green")):
@@ -134,6 +132,4 @@ def _plot(path: Path, rows: list[dict]) -> None:
     ax.set_ylabel("mean accuracy in category")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import write_json_atomic, write_text_atomic
+from ..plotting import pyplot, save_figure
 from .lr_study import VARIANT_ORDER, run_name
 from .stats import fisher_exact, welch
 
@@ -221,10 +222,7 @@ def _colors(variants):
 
 
 def _plot_sweep(path: Path, s: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     colors = _colors(s["variants"])
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -248,16 +246,11 @@ def _plot_sweep(path: Path, s: dict) -> None:
     ax.set_title("Learning-rate sweep (mean ± std over seeds; x = diverged, with count)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def _plot_curves(path: Path, runs: list[dict], s: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     colors = _colors(s["variants"])
     lrs = s["lrs"]
@@ -278,9 +271,7 @@ def _plot_curves(path: Path, runs: list[dict], s: dict) -> None:
     axes[0][0].set_ylabel("training loss (moving average)")
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Training loss per rate, every seed (dotted: diverged, stops where detected)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def _read_json(path: Path):

@@ -92,8 +92,10 @@ def load_config_file(path: str | Path) -> dict:
         raise ValueError(f"config file {p} does not exist")
     try:
         if p.suffix == ".toml":
-            import tomllib
-
+            try:
+                import tomllib
+            except ImportError as e:  # Python 3.10
+                raise ValueError(f"{p}: TOML config files need Python 3.11+; use a .json file") from e
             return tomllib.loads(p.read_text())
         return json.loads(p.read_text())
     except ValueError as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors

@@ -1,5 +1,6 @@
 """Refresh the generated parts of README.md (between `<!-- NAME:begin -->` / `<!-- NAME:end -->` markers)
 from results/: the compression table and the learning-rate study's report."""
+import json
 import re
 import subprocess
 import sys
@@ -21,4 +22,14 @@ study = Path("results/lr-study-quick")
 if (study / "report.md").is_file():
     text = fill(text, "lr-study", (study / "report.md").read_text()
                 + f"\n![learning-rate sweep]({study}/lr_sweep.png)\n\n![training curves]({study}/curves.png)\n")
+needles = sorted(Path("results/needle").glob("*.json"), key=lambda p: (p.stem != "smollm2", p.stem))  # original first
+if needles:
+    runs = [json.loads(p.read_text()) for p in needles]
+    cells = [(c["length"], c["depth"]) for c in runs[0]["cells"]]
+    rows = ["| model | " + " | ".join(f"{n} @ {d:.0%}" for n, d in cells) + " |", "|---|" + "---|" * len(cells)]
+    for r in runs:
+        acc = {(c["length"], c["depth"]): c for c in r["cells"]}
+        rows.append(f"| {r['model']} | " + " | ".join(
+            f"{acc[k]['accuracy']:.1f} ({acc[k]['answer_logprob']:.1f})" if k in acc else "—" for k in cells) + " |")
+    text = fill(text, "needle-table", "\n".join(rows) + "\n")
 readme.write_text(text)

@@ -8,11 +8,14 @@ from mea.experiments.compression_study import plan_steps, run_compression_study,
 
 
 def test_plan_has_free_and_recovered_models_and_evaluations(tmp_path):
-    steps = plan_steps("smollm2", tmp_path, levels=["kv33", "kv67"], limit=10, tokens=1000, fit_steps=5)
+    steps = plan_steps("smollm2", tmp_path, levels=["kv33", "kv67"], limit=10, math_limit=3, tokens=1000,
+                       fit_steps=5)
     targets = [t.name for t, _ in steps]
-    assert targets[:6] == ["original.json", "kv33-free", "kv33-free.json", "kv33-fit", "kv33-rec", "kv33-rec.json"]
-    assert [t for t in targets if t.endswith(".json")] == ["original.json", "kv33-free.json", "kv33-rec.json",
-                                                           "kv67-free.json", "kv67-rec.json"]
+    assert targets[:8] == ["original.mc.json", "original.math.json", "kv33-free", "kv33-free.mc.json",
+                           "kv33-free.math.json", "kv33-fit", "kv33-rec", "kv33-rec.mc.json"]
+    assert len([t for t in targets if t.endswith(".math.json")]) == 5
+    math = dict((t.name, c) for t, c in steps)["kv67-rec.math.json"]
+    assert math[-6:] == ["--tasks", "math", "--limit", "3", "--out", str(tmp_path / "evals" / "kv67-rec.math")]
     rec = dict((t.name, c) for t, c in steps)["kv67-rec"]
     assert rec[3:6] == ["recover", str(tmp_path / "models" / "kv67-fit"), str(tmp_path / "models" / "kv67-rec")]
     with pytest.raises(ValueError, match="unknown level"):
@@ -27,7 +30,7 @@ def test_report_from_evaluations(tmp_path):
                           {"task": "piqa", "category": "reasoning", "value": r, "n": 10}]}
 
     for name, k, r in (("original", 0.30, 0.60), ("kv33-free", 0.25, 0.55), ("kv33-rec", 0.28, 0.59)):
-        (tmp_path / "evals" / f"{name}.json").write_text(json.dumps(tasks(k, r)))
+        (tmp_path / "evals" / f"{name}.mc.json").write_text(json.dumps(tasks(k, r)))
     result = write_report(tmp_path, levels=["kv33"])
     assert result["models"] == ["original", "kv33-free", "kv33-rec"]
     md = (tmp_path / "report.md").read_text()

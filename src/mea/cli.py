@@ -168,10 +168,11 @@ def cmd_eval_mqar(variants: list[str], seeds: list[int], out: str | None = None,
 
 
 def cmd_study_compression(out: str, src: str = "smollm2", levels: list[str] | None = None, limit: int = 100,
-                          tokens: int = 150_000, fit_steps: int = 60) -> dict:
+                          math_limit: int = 30, tokens: int = 150_000, fit_steps: int = 60) -> dict:
     from .experiments.compression_study import run_compression_study
 
-    return run_compression_study(out, src=src, levels=levels, limit=limit, tokens=tokens, fit_steps=fit_steps,
+    return run_compression_study(out, src=src, levels=levels, limit=limit, math_limit=math_limit, tokens=tokens,
+                                 fit_steps=fit_steps,
                                  log=lambda m: print(m, file=sys.stderr, flush=True))
 
 
@@ -302,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out")
     e.add_argument("--src", default="smollm2")
     e.add_argument("--levels", nargs="+", help="kv33 kv50 kv67 (default: all)")
-    e.add_argument("--limit", type=int, default=100, help="examples per task")
+    e.add_argument("--limit", type=int, default=100, help="examples per multiple-choice task")
+    e.add_argument("--math-limit", type=int, default=30, help="GSM8K examples (generation is slow on CPU)")
     e.add_argument("--tokens", type=int, default=150_000, help="recovery distillation tokens per level")
     e.add_argument("--fit-steps", type=int, default=60)
     e = study.add_parser("report", help="(re)write the report of a study folder from its runs")

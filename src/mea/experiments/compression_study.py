@@ -7,7 +7,8 @@ resumes where it stopped:
     OUT/models/kv33-free     mea compress SRC ... --virtual-heads 2 --recover none          (training-free)
     OUT/models/kv33-fit      mea compress SRC ... --virtual-heads 2 --fit-mode teacher      (start of recovery)
     OUT/models/kv33-rec      mea recover OUT/models/kv33-fit ... --teacher SRC --tokens T   (after recovery)
-    OUT/evals/NAME.json      mea eval tasks MODEL --tasks knowledge reasoning math --limit N
+    OUT/evals/NAME.mc.json   mea eval tasks MODEL --tasks knowledge reasoning --limit N
+    OUT/evals/NAME.math.json mea eval tasks MODEL --tasks math --limit M      (generation: the slow part)
     OUT/report.md, summary.json, sensitivity.png
 """
 
@@ -30,38 +31,43 @@ LEVELS = {  # name -> (compress arguments, KV fraction kept)
 CATEGORIES = ("knowledge", "reasoning", "math")
 
 
-def plan_steps(src: str, out: Path, *, levels: list[str], limit: int, tokens: int, fit_steps: int) -> list[tuple]:
+def plan_steps(src: str, out: Path, *, levels: list[str], limit: int, math_limit: int, tokens: int,
+               fit_steps: int) -> list[tuple]:
     """(output path, command) in order; a step whose output exists is done."""
     mea = [sys.executable, "-m", "mea"]
 
-    def evaluate(name: str, model: str) -> tuple:
-        target = out / "evals" / name
-        return (Path(f"{target}.json"), mea + ["eval", "tasks", model, "--tasks", *CATEGORIES, "--limit", str(limit),
-                                               "--out", str(target)])
+    def evaluate(name: str, model: str) -> list[tuple]:
+        """Multiple-choice categories at `limit` examples per task, math (generation, the slow part) at
+        `math_limit`."""
+        mc, math = out / "evals" / f"{name}.mc", out / "evals" / f"{name}.math"
+        return [(Path(f"{mc}.json"), mea + ["eval", "tasks", model, "--tasks", "knowledge", "reasoning", "--limit",
+                                            str(limit), "--out", str(mc)]),
+                (Path(f"{math}.json"), mea + ["eval", "tasks", model, "--tasks", "math", "--limit", str(math_limit),
+                                              "--out", str(math)])]
 
-    steps = [evaluate("original", src)]  # each evaluation right after its model, so partial runs report
+    steps = evaluate("original", src)  # each evaluation right after its model, so partial runs report
     for level in levels:
         args, _ = LEVELS[level]
         free, fit, rec = (out / "models" / f"{level}-{k}" for k in ("free", "fit", "rec"))
         steps.append((free, mea + ["compress", src, str(free), *args, "--recover", "none", "--no-eval"]))
-        steps.append(evaluate(f"{level}-free", str(free)))
+        steps += evaluate(f"{level}-free", str(free))
         steps.append((fit, mea + ["compress", src, str(fit), *args, "--fit-mode", "teacher", "--fit-steps",
                                   str(fit_steps), "--no-eval"]))
         steps.append((rec, mea + ["recover", str(fit), str(rec), "--teacher", src, "--tokens", str(tokens),
                                   "--lr", "2e-4", "--no-eval"]))
-        steps.append(evaluate(f"{level}-rec", str(rec)))
+        steps += evaluate(f"{level}-rec", str(rec))
     return steps
 
 
 def run_compression_study(out: str | Path, *, src: str = "smollm2", levels: list[str] | None = None, limit: int = 100,
-                          tokens: int = 150_000, fit_steps: int = 60, log=print) -> dict:
+                          math_limit: int = 30, tokens: int = 150_000, fit_steps: int = 60, log=print) -> dict:
     out = Path(out)
     levels = levels or list(LEVELS)
     unknown = sorted(set(levels) - set(LEVELS))
     if unknown:
         raise ValueError(f"unknown level(s) {unknown}; choose from {', '.join(LEVELS)}")
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    steps = plan_steps(src, out, levels=levels, limit=limit, tokens=tokens, fit_steps=fit_steps)
+    steps = plan_steps(src, out, levels=levels, limit=limit, math_limit=math_limit, tokens=tokens, fit_steps=fit_steps)
     for i, (target, cmd) in enumerate(steps, 1):
         if target.exists():
             continue
@@ -76,10 +82,10 @@ def run_compression_study(out: str | Path, *, src: str = "smollm2", levels: list
 def write_report(out: Path, *, levels: list[str]) -> dict:
     rows = []
     for name in ["original"] + [f"{lv}-{k}" for lv in levels for k in ("free", "rec")]:
-        path = out / "evals" / f"{name}.json"
-        if not path.is_file():
+        parts = [out / "evals" / f"{name}.{kind}.json" for kind in ("mc", "math")]
+        tasks = [t for p in parts if p.is_file() for t in json.loads(p.read_text())["tasks"]]
+        if not tasks:
             continue
-        tasks = json.loads(path.read_text())["tasks"]
         level = name.split("-")[0]
         kv = 1.0 if level == "original" else LEVELS[level][1]
         cats = {c: _mean([t["value"] for t in tasks if t["category"] == c]) for c in CATEGORIES}

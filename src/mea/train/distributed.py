@@ -72,10 +72,6 @@ def wrap(model: nn.Module, d: Dist, *, fsdp: bool) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
-
-
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Unsharded model and optimizer state dicts keyed by parameter names, the same for one process, DDP and
     FSDP2 (so a run can resume under another layout). Collective under FSDP: every process calls it."""

@@ -49,13 +49,16 @@ def train(cfg: TrainConfig | None, run: str | Path, *, resume: bool = False, ove
 def _train(cfg, run: Path, d: Dist, *, resume: bool, overwrite: bool, progress: bool) -> dict:
     cfg = _resolve_run_dir(cfg, run, d, resume=resume, overwrite=overwrite)
     mcfg = cfg.model_config()
-    if d.main:  # build the token cache once; the other processes read it
-        data = prepare_data(cfg.data, vocab_size=mcfg.vocab_size, tokenizer_dir=cfg.tokenizer,
+
+    def load_data():
+        return prepare_data(cfg.data, vocab_size=mcfg.vocab_size, tokenizer_dir=cfg.tokenizer,
                             val_fraction=cfg.val_fraction)
+
+    if d.main:  # build the token cache once; the other processes read it
+        data = load_data()
     barrier(d)
     if not d.main:
-        data = prepare_data(cfg.data, vocab_size=mcfg.vocab_size, tokenizer_dir=cfg.tokenizer,
-                            val_fraction=cfg.val_fraction)
+        data = load_data()
     mcfg.eos_token_id = mcfg.bos_token_id = data.tokenizer.eos_token_id
     val = val_windows(data.val, seq_len=cfg.seq_len, count=cfg.eval_windows)
 
@@ -158,8 +161,9 @@ def _train(cfg, run: Path, d: Dist, *, resume: bool, overwrite: bool, progress: 
     elif d.main:
         metrics.write({"step": at, "diverged": reason})
     if d.main:
+        last = latest_checkpoint(run)
         _status(run, state, result["step"], reason=reason, final_val_loss=result["final_val_loss"],
-                last_checkpoint=str(latest_checkpoint(run)) if latest_checkpoint(run) else None)
+                last_checkpoint=str(last) if last else None)
     barrier(d)
     return result
 

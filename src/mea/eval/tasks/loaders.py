@@ -57,8 +57,7 @@ def piqa(**kw):
 
 
 def openbookqa(**kw):
-    return _validation(_arrow("openbookqa", "main", "validation").map(
-        lambda d: {"options": d["choices"]["text"], "gold": d["choices"]["label"].index(d["answerKey"])}))
+    return _validation(_lettered(_arrow("openbookqa", "main", "validation")))
 
 
 def arc_easy(**kw):
@@ -70,8 +69,12 @@ def arc_challenge(**kw):
 
 
 def _arc(name):
-    return _arrow("ai2_arc", name, "validation").map(
-        lambda d: {"options": d["choices"]["text"], "gold": d["choices"]["label"].index(d["answerKey"])})
+    return _lettered(_arrow("ai2_arc", name, "validation"))
+
+
+def _lettered(ds):
+    """Choices as {"text": [...], "label": ["A", ...]} with the answer's label in answerKey -> options, gold."""
+    return ds.map(lambda d: {"options": d["choices"]["text"], "gold": d["choices"]["label"].index(d["answerKey"])})
 
 
 def hellaswag(**kw):

@@ -40,7 +40,7 @@ def test_random_model_fails_and_cli_writes_heatmap(smollm2, tmp_path, monkeypatc
 
     from mea import cli
 
-    monkeypatch.setattr("mea.convert.load_source", lambda src: smollm2)
+    monkeypatch.setattr("mea.convert.load_source", lambda src, **kw: smollm2)
     assert cli.main(["eval", "needle", "smollm2", str(tmp_path / "n"), "--lengths", "128", "--depths", "0", "1",
                      "--trials", "1"]) == 0
     saved = json.loads((tmp_path / "n" / "needle.json").read_text())

@@ -34,8 +34,9 @@ def test_identity_hlc_without_groupnorm_equals_llama():
     dict(),  # h' = h, MEA
     dict(mea_num_component_heads=[1, 2]),  # h' < h, per layer
     dict(mea_num_component_heads=1, use_qk_norm=True, attention_bias=True),  # Qwen3/Qwen2 features, compressed
+    dict(use_qk_norm=True),  # h' = h with QK-norm: composite heads cached, mixed and normed at write time
     dict(mea_hlc=False, mea_head_norm=False, use_qk_norm=True),  # baseline GQA decode path
-], ids=["h'=h", "h'<h", "qknorm+bias", "baseline"])
+], ids=["h'=h", "h'<h", "qknorm+bias", "h'=h+qknorm", "baseline"])
 def test_cached_decoding_equals_full_forward_left_padded_batch3(overrides):
     cfg = tiny_config(**overrides)
     model = randomize_mea(mea.MEAForCausalLM(cfg)).eval()
@@ -71,10 +72,25 @@ def test_cache_holds_only_component_heads():
         with torch.no_grad():
             cache = model(ids, use_cache=True).cache
         for layer in cache.layers:
-            assert layer.keys.shape[2] == m and layer.values.shape[2] == m
+            assert layer.num_heads == m and layer.values.shape == layer.keys.shape
         held[m] = cache.bytes_used()
         assert held[m] == 10 * 2 * model.config.kv_cache_bytes_per_token(bytes_per_element=4)
     assert held[1] * 3 == held[3] and held[2] * 3 == held[3] * 2
+
+
+@pytest.mark.parametrize("heads_first", [False, True])
+def test_cache_layer_grows_in_blocks_and_keeps_its_contents(heads_first):
+    from mea.cache import GROWTH_BLOCK, MEACacheLayer
+
+    layer, chunks = MEACacheLayer(), []
+    for t in (3, GROWTH_BLOCK - 2, 5):  # the third update crosses a block boundary: one reallocation
+        k = torch.randn(2, t, 2, 4)
+        chunks.append(k)
+        keys, values = layer.update(k, k + 1, heads_first=heads_first)
+    assert keys.shape == (2, GROWTH_BLOCK + 6, 2, 4) and layer.num_heads == 2
+    assert torch.equal(keys, torch.cat(chunks, dim=1)) and torch.equal(values, keys + 1)
+    assert layer.bytes_held() == 2 * 2 * (2 * GROWTH_BLOCK) * 2 * 4 * 4
+    assert layer.bytes_used() == 2 * 2 * (GROWTH_BLOCK + 6) * 2 * 4 * 4
 
 
 def test_generate_preallocates_exactly_the_generation_length():

@@ -1,8 +1,10 @@
 """The KV cache of MEA: each layer holds only its h' component heads (after RoPE), never h heads.
 
 It plugs into Hugging Face's Cache API, so `generate` (greedy, sampling, beam search) drives it.
-Layout per layer: keys and values (B, capacity, h', D), so that the h' heads of one token are
-contiguous and the absorbed decode reads them as one (h'*D)-wide multi-query head. Storage is
+Layout per layer, chosen by the attention layer on its first update: token-major (B, capacity, h', D)
+for HLC layers, so that the h' heads of one token are contiguous and the absorbed decode reads them as
+one (h'*D)-wide multi-query head; head-major (B, h', capacity, D) for plain GQA layers (no HLC, or HLC
+folded away), so that each KV head is one contiguous block for the attention kernel. Storage is
 preallocated (to the generation length when `generate` tells it) and grows in blocks, so appending a
 token writes one slot instead of re-copying the whole cache.
 
@@ -27,13 +29,21 @@ class MEACacheLayer(CacheLayerMixin):
         self.capacity_hint = capacity
         self.length = 0
         self.k_scale: torch.Tensor | None = None
+        self.heads_first = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
         self.is_initialized = True
 
+    def _tokens(self, x: torch.Tensor, start: int, end: int | None) -> torch.Tensor:
+        """Tokens [start, end) of a stored tensor: keys/values (4-D) in the layer's layout, k_scale (3-D)
+        always token-major."""
+        if self.heads_first and x.dim() == 4:
+            return x[:, :, start:end]
+        return x[:, start:end]
+
     def _reserve(self, needed: int, like_k: torch.Tensor, like_v: torch.Tensor, like_scale: torch.Tensor | None):
-        capacity = 0 if self.keys is None else self.keys.shape[1]
+        capacity = 0 if self.keys is None else self.keys.shape[2 if self.heads_first else 1]
         if needed <= capacity:
             return
         if needed <= self.capacity_hint:
@@ -42,29 +52,42 @@ class MEACacheLayer(CacheLayerMixin):
             new_capacity = -(-needed // GROWTH_BLOCK) * GROWTH_BLOCK
         b = like_k.shape[0]
 
-        def grow(old: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-            new = like.new_empty((b, new_capacity, *like.shape[2:]))
+        def grow(old: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:  # like: (B, T, heads, D) or (B, T, h)
+            if self.heads_first and like.dim() == 4:
+                new = like.new_empty((b, like.shape[2], new_capacity, like.shape[3]))
+            else:
+                new = like.new_empty((b, new_capacity, *like.shape[2:]))
             if old is not None and self.length:
-                new[:, : self.length] = old[:, : self.length]
+                self._tokens(new, 0, self.length).copy_(self._tokens(old, 0, self.length))
             return new
 
         self.keys, self.values = grow(self.keys, like_k), grow(self.values, like_v)
         if like_scale is not None:
             self.k_scale = grow(self.k_scale, like_scale)
 
-    def update(self, key_states, value_states, *args, k_scale: torch.Tensor | None = None, **kwargs):
-        """Append (B, T, h', D) component keys/values (and (B, T, h) k_scale); return the cached views."""
+    def update(self, key_states, value_states, *args, k_scale: torch.Tensor | None = None, heads_first: bool = False,
+               **kwargs):
+        """Append (B, T, h', D) component keys/values (and (B, T, h) k_scale); return the cached keys and
+        values as (B, S, h', D) views of the storage (`heads_first`, fixed by the first update: store
+        head-major)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+            self.heads_first = heads_first
         t = key_states.shape[1]
         self._reserve(self.length + t, key_states, value_states, k_scale)
         end = self.length + t
-        self.keys[:, self.length : end] = key_states
-        self.values[:, self.length : end] = value_states
-        if k_scale is not None:
-            self.k_scale[:, self.length : end] = k_scale
+        for store, new in ((self.keys, key_states), (self.values, value_states), (self.k_scale, k_scale)):
+            if new is not None:
+                self._tokens(store, self.length, end).copy_(new.transpose(1, 2) if self.heads_first and new.dim() == 4
+                                                            else new)
         self.length = end
-        return self.keys[:, :end], self.values[:, :end]
+        k, v = self._tokens(self.keys, 0, end), self._tokens(self.values, 0, end)
+        return (k.transpose(1, 2), v.transpose(1, 2)) if self.heads_first else (k, v)
+
+    @property
+    def num_heads(self) -> int:
+        """h': the number of (component) heads stored per token."""
+        return self.keys.shape[1 if self.heads_first else 2]
 
     def cached_k_scale(self) -> torch.Tensor | None:
         return None if self.k_scale is None else self.k_scale[:, : self.length]
@@ -80,6 +103,9 @@ class MEACacheLayer(CacheLayerMixin):
 
     def _buffers(self) -> list[str]:
         return ["keys", "values"] + (["k_scale"] if self.k_scale is not None else [])
+
+    def _stored(self) -> list[torch.Tensor]:
+        return [getattr(self, name) for name in self._buffers()]
 
     def _apply_batch(self, fn) -> None:
         for name in self._buffers():
@@ -108,7 +134,7 @@ class MEACacheLayer(CacheLayerMixin):
     def _bytes(self, tokens: int | None) -> int:
         if self.keys is None:
             return 0
-        return sum(getattr(self, n)[:, :tokens].numel() * getattr(self, n).element_size() for n in self._buffers())
+        return sum(self._tokens(x, 0, tokens).numel() * x.element_size() for x in self._stored())
 
     def bytes_held(self) -> int:
         """Bytes of the tensors this layer holds (its whole allocation)."""

@@ -30,12 +30,13 @@ def fill_cache(model, batch: int, context: int, capacity: int):
     p = next(model.parameters())
     if isinstance(model, MEAForCausalLM):
         cache = MEACache(cfg.num_hidden_layers, capacity=capacity)
-        for layer, m in zip(cache.layers, cfg.component_heads()):
-            kv = torch.randn(batch, context, m, cfg.head_dim, device=p.device, dtype=p.dtype)
+        for layer, block in zip(cache.layers, model.model.layers):
+            attn = block.self_attn
+            kv = torch.randn(batch, context, attn.num_component_heads, cfg.head_dim, device=p.device, dtype=p.dtype)
             scale = None
-            if cfg.use_qk_norm and cfg.mea_hlc:
+            if cfg.use_qk_norm and attn.caches_components:
                 scale = torch.ones(batch, context, cfg.num_key_value_heads, device=p.device)
-            layer.update(kv, kv.clone(), k_scale=scale)
+            layer.update(kv, kv.clone(), k_scale=scale, heads_first=not attn.caches_components)
         return cache
     cache = DynamicCache(config=cfg)
     for i in range(cfg.num_hidden_layers):

@@ -149,28 +149,39 @@ class MEAAttention(nn.Module):
             k = self.k_norm(k)
         return self._attend(q, apply_rope(k, cos, sin), v, mask)
 
+    @property
+    def caches_components(self) -> bool:
+        """Whether the cache holds the h' < h component heads (read by the absorbed decode). With h' = h (or
+        no HLC) it holds the h composite heads instead: the same bytes, read by plain GQA."""
+        return self.hlc and self.num_component_heads < self.num_kv_heads
+
     def _attend_cached(self, x, q, cos, sin, mask, cache: MEACache):
         b, t, _ = x.shape
         k = self.k_proj(x).view(b, t, self.num_component_heads, self.head_dim)  # (B, T, h', D)
         v = self.v_proj(x).view(b, t, self.num_component_heads, self.head_dim)  # (B, T, h', D)
+        past = cache.get_seq_length(self.layer_idx)
+        if not self.caches_components:  # cache the h composite heads, head-major (one block per KV head)
+            if self.hlc:
+                k, v = mix_heads(k, self.hlc_k), mix_heads(v, self.hlc_v)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
+            k = apply_rope(k, cos, sin)
+            k_cached, v_cached = cache.update(k, v, self.layer_idx, heads_first=True)
+            return self._attend(q, k, v, mask) if past == 0 else self._attend(q, k_cached, v_cached, mask, decode=True)
         k_scale = None  # (B, T, h): 1/RMS of each composite key, when QK-norm follows mixing
-        if self.k_norm is not None and self.hlc:
+        if self.k_norm is not None:
             k_scale = inverse_rms(mix_heads(k, self.hlc_k), self.k_norm.eps)
             k = k * self.k_norm.weight
-        elif self.k_norm is not None:
-            k = self.k_norm(k)
         k = apply_rope(k, cos, sin)
-        past = cache.get_seq_length(self.layer_idx)
-        k_cached, v_cached = cache.update(k, v, self.layer_idx, k_scale=k_scale)
+        k_cached, v_cached = cache.update(k, v, self.layer_idx, k_scale=k_scale)  # token-major
         if past == 0:  # prefill: expand to h heads over the new tokens only
-            k_h, v_h = (mix_heads(k, self.hlc_k), mix_heads(v, self.hlc_v)) if self.hlc else (k, v)
+            k_h, v_h = mix_heads(k, self.hlc_k), mix_heads(v, self.hlc_v)
             if k_scale is not None:
                 k_h = k_h * k_scale[..., None].to(k_h.dtype)
             return self._attend(q, k_h, v_h, mask)
-        if self.hlc:  # decoding from the compressed cache, read once
-            return absorbed_attention(q, k_cached, v_cached, self.hlc_k, self.hlc_v, mask=mask, scale=self.scale,
-                                      k_scale_BSH=cache.layers[self.layer_idx].cached_k_scale())
-        return self._attend(q, k_cached, v_cached, mask, decode=True)
+        # decoding from the compressed cache, read once
+        return absorbed_attention(q, k_cached, v_cached, self.hlc_k, self.hlc_v, mask=mask, scale=self.scale,
+                                  k_scale_BSH=cache.layers[self.layer_idx].cached_k_scale())
 
     def _attend(self, q, k, v, mask, *, decode: bool = False):
         """Plain (no HLC) attention over h KV heads; the hook where variants change the attention map."""

@@ -101,12 +101,11 @@ class MEAConfig(PreTrainedConfig):
         return list(m)
 
     def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
-        """Bytes the compressed cache holds per token, all layers: 2 h' D per layer (+ h k-scales in float32
-        per layer with QK-norm and HLC)."""
-        per_layer = [2 * m * self.head_dim * bytes_per_element for m in self.component_heads()]
-        if self.use_qk_norm and self.mea_hlc:
-            per_layer = [p + 4 * self.num_key_value_heads for p in per_layer]
-        return sum(per_layer)
+        """Bytes the cache holds per token, all layers: 2 h' D per layer (+ h float32 k-scales per compressed
+        layer, h' < h, with QK-norm: see MEAAttention.caches_components)."""
+        h = self.num_key_value_heads
+        k_scales = 4 * h if self.use_qk_norm and self.mea_hlc else 0
+        return sum(2 * m * self.head_dim * bytes_per_element + k_scales * (m < h) for m in self.component_heads())
 
 
 def _mea_fields() -> list[str]:

@@ -1,7 +1,6 @@
-"""Attention kernels. Training, prefill and GQA decoding go through `scaled_dot_product_attention`
-(FlashAttention / efficient kernels where the hardware has them); a single-token decode step from the
-compressed cache, and the QK-norm path whose per-token logit scale SDPA cannot take, use two plain
-matmuls over the cache (`_single_head_attention`).
+"""Attention kernels. Training, prefill and decoding go through `scaled_dot_product_attention`
+(FlashAttention / efficient kernels where the hardware has them); only the QK-norm path of the
+compressed cache, whose per-token logit scale SDPA cannot take, uses two plain matmuls.
 
 Shapes: B batch, T query length, S key length, N query heads (n_q), H composite KV heads (h),
 M component heads (h'), D head size. Query head i reads composite head G(i) = i // (N / H).
@@ -84,36 +83,23 @@ def absorbed_attention(
     b, t, n, d = q_BTND.shape
     s, m = k_BSMD.shape[1], k_BSMD.shape[2]
     h = w_k_MH.shape[1]
-    group = torch.arange(n, device=q_BTND.device) // (n // h)  # G(i)
-    wq_NM = w_k_MH[:, group].T.to(q_BTND.dtype)  # (N, M): W^K[m, G(i)]
+    wq_NM = w_k_MH.repeat_interleave(n // h, dim=1).T.to(q_BTND.dtype)  # (N, M): W^K[m, G(i)]
     q = (q_BTND[:, :, :, None, :] * wq_NM[:, :, None]).reshape(b, 1, t * n, m * d)  # rows (t, i)
     k = k_BSMD.reshape(b, 1, s, m * d)  # concatenated component heads, a view of the cache
     v = v_BSMD.reshape(b, 1, s, m * d)
     rows_mask = _rows_mask(mask, n)
-    if t == 1 or k_scale_BSH is not None:  # decode step: explicit matmuls (see `_single_head_attention`)
-        factor = None
-        if k_scale_BSH is not None:
-            factor = k_scale_BSH[:, :, group].transpose(1, 2).to(q.dtype)  # (B, N, S)
-            factor = factor[:, None, None].expand(b, 1, t, n, s).reshape(b, 1, t * n, s)
-        u = _single_head_attention(q, k, v, rows_mask, scale, factor)
-    else:
+    if k_scale_BSH is None:
         u = F.scaled_dot_product_attention(q, k, v, attn_mask=rows_mask, scale=scale)
-    wv_NM = w_v_MH[:, group].T.to(u.dtype)  # (N, M): W^V[m, G(i)]
+    else:  # a per-(key, head) logit factor, which SDPA cannot take: two matmuls, each reading the cache once
+        factor = k_scale_BSH.repeat_interleave(n // h, dim=2).transpose(1, 2).to(q.dtype)  # (B, N, S)
+        factor = factor[:, None, None].expand(b, 1, t, n, s).reshape(b, 1, t * n, s)
+        scores = (q @ k.transpose(-1, -2)) * (factor * scale)  # (B, 1, T*N, S)
+        if rows_mask is not None:
+            scores = scores.masked_fill(~rows_mask, float("-inf"))
+        u = torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
+    wv_NM = w_v_MH.repeat_interleave(n // h, dim=1).T.to(u.dtype)  # (N, M): W^V[m, G(i)]
     u = u.view(b, t, n, m, d)
     return (u * wv_NM[:, :, None]).sum(dim=3)  # (B, T, N, D)
-
-
-def _single_head_attention(q, k, v, rows_mask, scale, factor=None):
-    """Softmax attention of R query rows over one wide head, (B, 1, R, E) x (B, 1, S, E), as two matmuls
-    that each read the cache once. Used for decode steps: fused SDPA kernels are built for many
-    queries and small heads, and here there are few rows over a wide (h'*D) head. Scores are laid out
-    (S, R) so that both products stream the cache contiguously. factor: optional logit multiplier."""
-    scores = (k @ q.transpose(-1, -2)).transpose(-1, -2)  # (B, 1, R, S)
-    scores = scores * (scale if factor is None else factor * scale)
-    if rows_mask is not None:
-        scores = scores.masked_fill(~rows_mask, float("-inf"))
-    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-    return probs @ v  # (B, 1, R, E)
 
 
 def attention_reference(q_BTND, k_BSHD, v_BSHD, *, mask, scale, causal_offset: int = 0):

@@ -177,19 +177,18 @@ def cmd_demo(preset: str = "tiny", new_tokens: int = 32, context: int = 48, seed
 
 
 def cmd_bench(what: str, out: str | None = None, **kwargs) -> dict:
-    from .bench import bench_decode, bench_train
+    """Run one benchmark; with --out X.json also write X.md (table) and X.png (plot, where there is one)."""
+    from .bench import BENCHES, RUNNERS
 
-    result = {"train": bench_train, "decode": bench_decode}[what](**kwargs)
+    result = RUNNERS[what](**kwargs)
     if out:
         from .atomic import write_json_atomic, write_text_atomic
 
+        module, stem = BENCHES[what], out.removesuffix(".json")
         write_json_atomic(out, result)
-        if what == "decode":
-            from .bench.decode import markdown, plot
-
-            stem = out.removesuffix(".json")
-            write_text_atomic(stem + ".md", markdown(result))
-            plot(result, stem + ".png")
+        write_text_atomic(stem + ".md", module.markdown(result))
+        if hasattr(module, "plot"):
+            module.plot(result, stem + ".png")
     return result
 
 
@@ -424,13 +423,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=5)
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
+    budgets = dict(type=float, nargs="+", default=[0.67, 0.5, 0.33],
+                   help="compressed systems: fractions of the KV cache kept (component heads spread over layers)")
+    b = bench.add_parser("prefill", help="prompt processing time: transformers Llama vs ours (h'=h, folded, compressed)")
+    b.add_argument("--preset", default="smollm2-135m")
+    b.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
+    b.add_argument("--budgets", **budgets)
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--repeats", type=int, default=3)
     b = bench.add_parser("decode", help="time per token from a long cache: transformers Llama vs ours (h'=h, "
-                         "folded, compressed) vs the bandwidth bound")
+                         "folded, compressed) vs the bandwidth bound; KV bytes held vs predicted")
     b.add_argument("--preset", default="smollm2-135m")
     b.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
-    b.add_argument("--component-heads", type=int, nargs="+", default=[2, 1], help="compressed h' values")
+    b.add_argument("--budgets", **budgets)
     b.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     b.add_argument("--steps", type=int, default=10)
+    b = bench.add_parser("memory", help="peak memory of decoding and KV bytes held vs context, a fresh process per "
+                         "point")
+    b.add_argument("--preset", default="smollm2-135m")
+    b.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
+    b.add_argument("--budgets", **budgets)
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--steps", type=int, default=4)
     for b in bench.choices.values():
         b.add_argument("--device", default="cpu")
         b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

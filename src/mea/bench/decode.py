@@ -1,59 +1,25 @@
-"""Decoding speed from a long cache, side by side in one run: transformers' `LlamaForCausalLM` with its
-own cache, our model with h' = h, our folded model (HLC folded into k/v: plain GQA through our code), and
-compressed models with fewer component heads; time per token and the cache bytes actually held, against
-the memory-bandwidth bound (weights + cache bytes read per token) / measured bandwidth.
-
-Systems share one set of weights (the h' = h model with identity HLC), so they compute the same
-function where the cache is not compressed. Caches are filled with random keys/values of the right
-shape (decode cost does not depend on the values), so long contexts need no prefill compute.
+"""Decoding speed from a long cache, side by side in one run (see `systems`): time per token and the
+cache bytes actually held, against the memory-bandwidth bound (weights + cache bytes read per token) /
+measured bandwidth. Caches are filled with random keys/values of the right shape (decode cost does not
+depend on the values), so long contexts need no prefill compute.
 """
 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from ..cache import MEACache
-from ..convert.fold import fold_hlc, plain_config_fields
-from ..models import MEAForCausalLM, make_config
-from ..plotting import pyplot, save_figure
+from .charts import plot_vs_context
 from .machine import machine_header, memory_bandwidth, synchronize
-
-
-def fill_cache(model, batch: int, context: int, capacity: int):
-    """A cache holding `context` random tokens: an MEACache (preallocated to `capacity`) for our models,
-    transformers' DynamicCache (which grows by concatenation, as in its generate) for Llama."""
-    cfg = model.config
-    p = next(model.parameters())
-    if isinstance(model, MEAForCausalLM):
-        cache = MEACache(cfg.num_hidden_layers, capacity=capacity)
-        for layer, block in zip(cache.layers, model.model.layers):
-            attn = block.self_attn
-            kv = torch.randn(batch, context, attn.num_component_heads, cfg.head_dim, device=p.device, dtype=p.dtype)
-            scale = None
-            if cfg.use_qk_norm and attn.caches_components:
-                scale = torch.ones(batch, context, cfg.num_key_value_heads, device=p.device)
-            layer.update(kv, kv.clone(), k_scale=scale, heads_first=not attn.caches_components)
-        return cache
-    cache = DynamicCache(config=cfg)
-    for i in range(cfg.num_hidden_layers):
-        kv = torch.randn(batch, cfg.num_key_value_heads, context, cfg.head_dim, device=p.device, dtype=p.dtype)
-        cache.update(kv, kv.clone(), i)
-    return cache
-
-
-def cache_bytes(cache) -> int:
-    if isinstance(cache, MEACache):
-        return cache.bytes_used()
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+from .systems import LLAMA, available_memory, build_systems, cache_bytes, fill_cache, predicted_kv_bytes, weight_bytes
 
 
 @torch.no_grad()
-def time_per_token(model, *, batch: int, context: int, steps: int) -> tuple[float, int]:
-    """Median seconds per decode step at `context` cached tokens, and the cache bytes held."""
+def time_per_token(model, *, batch: int, context: int, steps: int) -> tuple[float, object]:
+    """Median seconds per decode step at `context` cached tokens, and the cache after the steps."""
     dev = next(model.parameters()).device
     cache = fill_cache(model, batch, context, context + steps + 1)
     token = torch.zeros(batch, 1, dtype=torch.long, device=dev)
@@ -65,85 +31,82 @@ def time_per_token(model, *, batch: int, context: int, steps: int) -> tuple[floa
         model(input_ids=token, cache=cache, use_cache=True)
         synchronize(dev)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), cache_bytes(cache)
+    return statistics.median(times), cache
 
 
-def decode_systems(preset: str, component_heads, *, max_len: int, device, dtype) -> dict:
-    """name -> model. The compressed models keep the first h' component heads of the same weights
-    (their outputs differ; their cost is what is measured)."""
-    cfg = make_config(preset, "mea-no-groupnorm", max_position_embeddings=max_len)
-    full = MEAForCausalLM(cfg).eval()
-    llama = LlamaForCausalLM(LlamaConfig(**plain_config_fields(cfg), attn_implementation="sdpa")).eval()
-    llama.load_state_dict(fold_hlc(full).state_dict(), strict=True)
-    systems = {"transformers-llama": llama, f"mea h'={cfg.num_key_value_heads}": full, "mea folded": fold_hlc(full)}
-    for m in component_heads:
-        if m < cfg.num_key_value_heads:
-            systems[f"mea h'={m}"] = MEAForCausalLM(make_config(preset, "mea-no-groupnorm", max_position_embeddings=max_len,
-                                                                mea_num_component_heads=m)).eval()
-    return {name: model.to(device, dtype) for name, model in systems.items()}
-
-
-def bench_decode(*, preset: str = "smollm2-135m", contexts=(1024, 4096, 16384, 32768), component_heads=(2, 1),
+def bench_decode(*, preset: str = "smollm2-135m", contexts=(1024, 4096, 16384, 32768), budgets=(0.67, 0.5, 0.33),
                  batches=(1, 8), steps: int = 10, device: str = "cpu", dtype: str = "float32", seed: int = 0) -> dict:
     torch.manual_seed(seed)
     dev, dt = torch.device(device), getattr(torch, dtype)
     bandwidth = memory_bandwidth(dev)
-    systems = decode_systems(preset, component_heads, max_len=max(contexts) + steps + 8, device=dev, dtype=dt)
-    results = []
+    systems = build_systems(preset, budgets, max_len=max(contexts) + steps + 8, device=dev, dtype=dt)
+    results, skipped = [], []
     for batch in batches:
         for context in contexts:
+            tokens = context + steps + 1
+            # the largest cache, twice over: transformers' cache grows by concatenation (old + new alive at once)
+            need = 2 * predicted_kv_bytes(systems[LLAMA], batch, tokens)
+            if need > 0.8 * available_memory(dev):
+                skipped.append(dict(batch=batch, context=context, reason=f"needs ~{need / 2**30:.1f} GiB for the "
+                                    f"cache, more than 80% of the {available_memory(dev) / 2**30:.1f} GiB available"))
+                print(f"skipping batch {batch} x context {context}: {skipped[-1]['reason']}", file=sys.stderr)
+                continue
             for name, model in systems.items():  # interleaved: every system at each point in turn
-                seconds, kv_bytes = time_per_token(model, batch=batch, context=context, steps=steps)
-                # every weight is read once per step (a tied embedding is one parameter, read by lm_head)
-                weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-                bound = (weight_bytes + kv_bytes) / bandwidth
+                seconds, cache = time_per_token(model, batch=batch, context=context, steps=steps)
+                held, predicted = cache_bytes(cache), predicted_kv_bytes(model, batch, tokens)
+                del cache
+                weights = weight_bytes(model)
+                bound = (weights + held) / bandwidth
                 results.append(dict(system=name, context=context, batch=batch, ms_per_token=seconds * 1e3,
-                                    tokens_per_s=batch / seconds, kv_bytes=kv_bytes, weight_bytes=weight_bytes,
-                                    bound_ms=bound * 1e3, of_bound=seconds / bound))
-    by = {(r["system"], r["context"], r["batch"]): r for r in results}
-    names = list(systems)
-    speedups = {f"{n} vs transformers-llama @ {c} x{b}": by[("transformers-llama", c, b)]["ms_per_token"]
-                / by[(n, c, b)]["ms_per_token"] for n in names[1:] for c in contexts for b in batches}
+                                    tokens_per_s=batch / seconds, kv_bytes=held, kv_bytes_predicted=predicted,
+                                    kv_error=held / predicted - 1, weight_bytes=weights, bound_ms=bound * 1e3,
+                                    of_bound=seconds / bound))
     return {
         "benchmark": "decode",
         "machine": {**machine_header(dev), "read_bandwidth_GBps": bandwidth / 1e9},
         "settings": dict(preset=preset, contexts=list(contexts), batches=list(batches), steps=steps, dtype=dtype,
-                         component_heads=list(component_heads)),
+                         budgets=list(budgets), seed=seed),
         "results": results,
-        "speedups": speedups,
+        "speedups": speedups(results, list(systems)),
+        "skipped": skipped,
     }
 
 
+def speedups(results: list[dict], names: list[str]) -> dict:
+    """Time-per-token ratios at each point: every system vs transformers' Llama, and every compressed
+    system vs the folded (uncompressed, plain GQA) model."""
+    by = {(r["system"], r["context"], r["batch"]): r["ms_per_token"] for r in results}
+    out = {}
+    for (name, context, batch), ms in by.items():
+        if name != LLAMA:
+            out[f"{name} vs {LLAMA} @ {context} x{batch}"] = by[(LLAMA, context, batch)] / ms
+        if name.startswith("mea KV"):
+            out[f"{name} vs mea folded @ {context} x{batch}"] = by[("mea folded", context, batch)] / ms
+    return out
+
+
 def markdown(result: dict) -> str:
-    lines = ["| batch | context | system | ms/token | tokens/s | KV bytes held | bound ms | × bound |",
-             "|---|---|---|---|---|---|---|---|"]
+    ratio = result["speedups"]
+    lines = ["| batch | context | system | ms/token | tokens/s | vs Llama | KV MiB held | KV vs predicted | bound ms "
+             "| × bound |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["results"]:
-        lines.append(f"| {r['batch']} | {r['context']} | {r['system']} | {r['ms_per_token']:.2f} | "
-                     f"{r['tokens_per_s']:.1f} | {r['kv_bytes']:,} | {r['bound_ms']:.2f} | {r['of_bound']:.2f} |")
+        vs = ratio.get(f"{r['system']} vs {LLAMA} @ {r['context']} x{r['batch']}")
+        lines.append(f"| {r['batch']} | {r['context']} | {r['system']} | {r['ms_per_token']:.1f} | "
+                     f"{r['tokens_per_s']:.1f} | {'' if vs is None else f'{vs:.2f}×'} | {r['kv_bytes'] / 2**20:.1f} | "
+                     f"{r['kv_error']:+.2%} | {r['bound_ms']:.1f} | {r['of_bound']:.2f} |")
+    for s in result.get("skipped", []):
+        lines.append(f"\nSkipped batch {s['batch']} x context {s['context']}: {s['reason']}.")
     return "\n".join(lines) + "\n"
 
 
 def plot(result: dict, path) -> None:
-    """Time per token and KV bytes vs context, one panel pair per batch size."""
-    plt = pyplot()
-
-    batches = result["settings"]["batches"]
-    fig, axes = plt.subplots(2, len(batches), figsize=(5 * len(batches), 7), squeeze=False)
-    systems = list(dict.fromkeys(r["system"] for r in result["results"]))
-    for col, b in enumerate(batches):
-        for name in systems:
-            rs = sorted((r for r in result["results"] if r["system"] == name and r["batch"] == b),
-                        key=lambda r: r["context"])
-            ctx = [r["context"] for r in rs]
-            axes[0][col].plot(ctx, [r["ms_per_token"] for r in rs], marker="o", label=name)
-            axes[1][col].plot(ctx, [r["kv_bytes"] / 2**20 for r in rs], marker="o", label=name)
-        axes[0][col].set_title(f"batch {b}: time per token", fontsize=9)
-        axes[1][col].set_title(f"batch {b}: KV cache held", fontsize=9)
-        axes[0][col].set_ylabel("ms / token")
-        axes[1][col].set_ylabel("MiB")
-        for ax in (axes[0][col], axes[1][col]):
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("context (tokens)")
-            ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    save_figure(fig, path, dpi=110)
+    """Per batch size: time per token, and how far each system is from the bandwidth bound; KV bytes held."""
+    panels = []
+    for b in result["settings"]["batches"]:
+        panels.append((f"batch {b}: time per token", lambda r: r["ms_per_token"], "ms / token",
+                       lambda r, b=b: r["batch"] == b))
+        panels.append((f"batch {b}: time / bandwidth bound", lambda r: r["of_bound"], "× bound",
+                       lambda r, b=b: r["batch"] == b))
+    b0 = result["settings"]["batches"][0]
+    panels.append((f"batch {b0}: KV cache held", lambda r: r["kv_bytes"] / 2**20, "MiB", lambda r: r["batch"] == b0))
+    plot_vs_context(result["results"], panels, path)

@@ -114,3 +114,12 @@ def _step_peak_child(preset: str, name: str, batch: int, seq: int, dtype: str) -
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+
+
+def markdown(result: dict) -> str:
+    lines = ["| system | tokens/s (median) | vs baseline | peak step memory MiB |", "|---|---|---|---|"]
+    base = result["tokens_per_s"]["baseline"]
+    for name, rate in result["tokens_per_s"].items():
+        peak = result["peak_step_memory_bytes"].get(name)
+        lines.append(f"| {name} | {rate:,.0f} | {rate / base:.2f}× | {'' if peak is None else f'{peak / 2**20:.0f}'} |")
+    return "\n".join(lines) + "\n"

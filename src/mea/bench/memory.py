@@ -1,0 +1,104 @@
+"""Memory actually used while decoding, vs context: for each system (see `systems`) and context, a fresh
+process builds the model, fills its cache to the context and decodes a few tokens; the result is the peak
+memory those steps add on top of the weights, next to the KV bytes the cache holds and the bytes its
+configuration predicts. On CPU the peak is the process's resident-set high-water mark (reset after the
+model is built, Linux `clear_refs`); on CUDA it is `max_memory_allocated`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import multiprocessing
+
+import torch
+
+from .charts import plot_vs_context
+from .machine import machine_header
+from .systems import available_memory, build_systems, cache_bytes, fill_cache, predicted_kv_bytes, system_specs
+
+
+def _rss_peak_reset() -> int:
+    """Return freed heap memory to the system (so the cache cannot reuse it unseen), reset the resident-set
+    high-water mark to the current RSS, and return that RSS in bytes."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the measurement may then undercount reused memory
+        pass
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kb("VmRSS") * 1024
+
+
+def _status_kb(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+@torch.no_grad()
+def measure_point(preset: str, budgets, name: str, batch: int, context: int, steps: int, device: str, dtype: str,
+                  seed: int) -> dict:
+    """Peak bytes that filling the cache and `steps` decode steps add to the built model (one system)."""
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    model = build_systems(preset, budgets, max_len=context + steps + 8, device=dev, dtype=getattr(torch, dtype),
+                          only=[name])[name]
+    token = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+    else:
+        before = _rss_peak_reset()
+    cache = fill_cache(model, batch, context, context + steps)
+    for _ in range(steps):
+        model(input_ids=token, cache=cache, use_cache=True)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - before
+    else:
+        peak = _status_kb("VmHWM") * 1024 - before
+    held = cache_bytes(cache)
+    predicted = predicted_kv_bytes(model, batch, context + steps)
+    return dict(system=name, context=context, batch=batch, peak_bytes=peak, kv_bytes=held,
+                kv_bytes_predicted=predicted, kv_error=held / predicted - 1, peak_over_kv=peak / held)
+
+
+def bench_memory(*, preset: str = "smollm2-135m", contexts=(1024, 4096, 16384), budgets=(0.67, 0.5, 0.33),
+                 batch: int = 1, steps: int = 4, device: str = "cpu", dtype: str = "float32", seed: int = 0) -> dict:
+    names = list(system_specs(preset, budgets))
+    results = []
+    ctx = multiprocessing.get_context("spawn")  # a fresh process per point: peaks of earlier points cannot leak in
+    for context in contexts:
+        for name in names:
+            with ctx.Pool(1) as pool:
+                results.append(pool.apply(measure_point, (preset, list(budgets), name, batch, context, steps, device,
+                                                          dtype, seed)))
+    return {
+        "benchmark": "memory",
+        "machine": {**machine_header(torch.device(device)), "available_bytes": available_memory(torch.device(device))},
+        "settings": dict(preset=preset, contexts=list(contexts), budgets=list(budgets), batch=batch, steps=steps,
+                         dtype=dtype, seed=seed),
+        "results": results,
+        "note": ("peak: memory that filling the cache to the context and decoding `steps` tokens adds on top of the "
+                 "built model (" + ("CUDA max_memory_allocated" if device.startswith("cuda") else
+                                    "CPU resident-set high-water mark") + ")"),
+    }
+
+
+def markdown(result: dict) -> str:
+    lines = ["| context | system | peak MiB added | KV MiB held | KV vs predicted | peak / KV |", "|---|---|---|---|---|---|"]
+    for r in result["results"]:
+        lines.append(f"| {r['context']} | {r['system']} | {r['peak_bytes'] / 2**20:.1f} | {r['kv_bytes'] / 2**20:.1f} | "
+                     f"{r['kv_error']:+.2%} | {r['peak_over_kv']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path) -> None:
+    keep = lambda r: True  # noqa: E731
+    plot_vs_context(result["results"], [("peak memory added by the cache and decoding", lambda r: r["peak_bytes"] / 2**20,
+                                         "MiB", keep),
+                                        ("KV cache held", lambda r: r["kv_bytes"] / 2**20, "MiB", keep)], path)

@@ -1,0 +1,127 @@
+"""The systems every inference benchmark compares, built from one set of weights: transformers'
+`LlamaForCausalLM` with its own cache, our model with h' = h, our folded model (HLC folded into k/v:
+plain GQA through our code) and compressed models at KV budgets. Also: caches filled to a context
+length without prefill compute, and the KV bytes a system should hold.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+from ..cache import MEACache
+from ..convert.fold import fold_hlc, plain_config_fields
+from ..models import MEAForCausalLM, make_config
+
+LLAMA = "transformers-llama"
+FILL_CHUNK = 256  # tokens per cache write when filling an MEACache
+
+
+def heads_for_budget(num_kv_heads: int, num_layers: int, budget: float) -> list[int]:
+    """Per-layer h' keeping `budget` of the KV cache: round(budget h L) component heads in all, spread evenly
+    over the layers (which layers get the extra head does not change speed or bytes)."""
+    if not 0 < budget <= 1:
+        raise ValueError(f"a KV budget is the fraction of the cache kept, in (0, 1]; got {budget}")
+    total = max(num_layers, round(budget * num_kv_heads * num_layers))
+    base, extra = divmod(total, num_layers)
+    return [base + ((i + 1) * extra // num_layers - i * extra // num_layers) for i in range(num_layers)]
+
+
+def system_specs(preset: str, budgets) -> dict[str, list[int] | None]:
+    """name -> per-layer h' of each compressed system (None for the uncompressed ones), in benchmark order."""
+    cfg = make_config(preset, "mea-no-groupnorm")
+    h, layers = cfg.num_key_value_heads, cfg.num_hidden_layers
+    specs: dict[str, list[int] | None] = {LLAMA: None, f"mea h'={h}": None, "mea folded": None}
+    for budget in budgets:
+        heads = heads_for_budget(h, layers, budget)
+        kept = sum(heads) / (h * layers)
+        if kept < 1:
+            specs[f"mea KV -{1 - kept:.0%}"] = heads
+    return specs
+
+
+def build_systems(preset: str, budgets, *, max_len: int, device, dtype, only: list[str] | None = None) -> dict:
+    """name -> model (`only`: build just these). The reference model has random weights (seeded by the
+    caller); Llama and the folded model compute the same function. Compressed models keep fewer component
+    heads of the same shape (their outputs differ; their cost is what is measured)."""
+    cfg = make_config(preset, "mea-no-groupnorm", max_position_embeddings=max_len)
+    full = MEAForCausalLM(cfg).eval()
+    systems = {}
+    for name, heads in system_specs(preset, budgets).items():
+        if only is not None and name not in only:
+            continue
+        if name == LLAMA:
+            model = LlamaForCausalLM(LlamaConfig(**plain_config_fields(cfg), attn_implementation="sdpa")).eval()
+            model.load_state_dict(fold_hlc(full).state_dict(), strict=True)
+        elif name == "mea folded":
+            model = fold_hlc(full)
+        elif heads is not None:
+            model = MEAForCausalLM(make_config(preset, "mea-no-groupnorm", max_position_embeddings=max_len,
+                                               mea_num_component_heads=heads)).eval()
+        else:
+            model = full
+        systems[name] = model.to(device, dtype)
+    return systems
+
+
+def fill_cache(model, batch: int, context: int, capacity: int):
+    """A cache holding `context` random tokens (decode cost does not depend on the values): an MEACache
+    preallocated to `capacity` for our models, as `generate` makes it; transformers' DynamicCache for
+    Llama, holding the context as one tensor per layer (as after its prefill) and growing by concatenation,
+    as in its `generate`."""
+    cfg = model.config
+    p = next(model.parameters())
+    if isinstance(model, MEAForCausalLM):
+        cache = MEACache(cfg.num_hidden_layers, capacity=capacity)
+        for layer, block in zip(cache.layers, model.model.layers):
+            attn = block.self_attn
+            for start in range(0, context, FILL_CHUNK):  # small temporaries: the memory benchmark sees the cache
+                t = min(FILL_CHUNK, context - start)
+                kv = torch.randn(batch, t, attn.num_component_heads, cfg.head_dim, device=p.device, dtype=p.dtype)
+                scale = None
+                if cfg.use_qk_norm and attn.caches_components:
+                    scale = torch.ones(batch, t, cfg.num_key_value_heads, device=p.device)
+                layer.update(kv, kv, k_scale=scale, heads_first=not attn.caches_components)  # copied into the cache
+        return cache
+    cache = DynamicCache(config=cfg)
+    for i in range(cfg.num_hidden_layers):
+        kv = torch.randn(batch, cfg.num_key_value_heads, context, cfg.head_dim, device=p.device, dtype=p.dtype)
+        cache.update(kv, kv.clone(), i)
+    return cache
+
+
+def cache_bytes(cache) -> int:
+    """Bytes of the tensors the cache holds (its whole allocation)."""
+    if isinstance(cache, MEACache):
+        return cache.bytes_held()
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def predicted_kv_bytes(model, batch: int, tokens: int) -> int:
+    """What the configuration says a cache of `tokens` tokens should hold: sum over layers of 2 h' D per
+    token (h' = h for Llama), plus MEA's k-scales where they apply."""
+    cfg = model.config
+    elem = next(model.parameters()).element_size()
+    if isinstance(model, MEAForCausalLM):
+        return batch * tokens * cfg.kv_cache_bytes_per_token(bytes_per_element=elem)
+    return batch * tokens * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * elem
+
+
+def weight_bytes(model) -> int:
+    """Bytes of weights read per decode step: every parameter once (a tied embedding is one parameter)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new tensors: CUDA free memory, or the kernel's MemAvailable on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

@@ -28,9 +28,7 @@ test-all: setup
 	$(PY) -m pytest -q -m ''
 
 bench: setup
-	mkdir -p results
-	$(MEA) bench train --out results/bench_train.json
-	$(MEA) bench decode --out results/bench_decode.json
+	MEA=$(MEA) bash scripts/bench_cpu.sh results/bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -16,4 +16,4 @@ python3 scripts/gpu_correctness.py 2>&1 | tee "$OUT/correctness.txt"
 python3 -m mea bench train --device cuda --dtype bfloat16 --preset llama3.2-1b --batch 4 --seq 1024 --steps 5 \
   --repeats 3 --out "$OUT/train_llama1b.json" > /dev/null && python3 -c "import json; d=json.load(open('$OUT/train_llama1b.json')); print('train', d['tokens_per_s'], d['ratios'])"
 python3 -m mea bench decode --device cuda --dtype bfloat16 --preset llama3.2-1b --contexts 1024 4096 16384 32768 \
-  --component-heads 4 2 --batches 1 8 --steps 20 --out "$OUT/decode_llama1b.json" > /dev/null && cat "$OUT/decode_llama1b.md"
+  --budgets 0.5 0.25 --batches 1 8 --steps 20 --out "$OUT/decode_llama1b.json" > /dev/null && cat "$OUT/decode_llama1b.md"

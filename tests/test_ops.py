@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -122,3 +123,15 @@ def test_grouped_and_expanded_attention_match_reference():
     m2 = _padding_mask(b, 2, s, [7, 3])
     ref = attention_reference(q1, k, v, mask=m2, scale=0.3)
     assert rel_err(grouped_attention(q1, k, v, mask=m2, scale=0.3), ref) < 1e-5
+
+
+@pytest.mark.parametrize("batch,heads,keys", [(1, 1, 4100), (1, 3, 2500), (2, 1, 3000)])
+def test_split_decode_equals_sdpa(batch, heads, keys):
+    """The flash-decoding split (chunks of the cache merged by log-sum-exp, with a tail chunk) is exact."""
+    from mea.ops.attention import decode_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, n, 32, generator=g) for n in (6, keys, keys))
+    with torch.no_grad():
+        out = decode_sdpa(q, k, v, mask=None, scale=0.2)
+    assert rel_err(out, F.scaled_dot_product_attention(q, k, v, scale=0.2)) < 1e-5

@@ -52,7 +52,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def memory_bandwidth(device: torch.device, *, mbytes: int = 512, repeats: int = 5) -> float:
+def memory_bandwidth(device: torch.device, *, mbytes: int = 512, repeats: int = 10) -> float:
     """Read bandwidth in bytes/s: best time to sum a buffer much larger than the caches."""
     x = torch.ones(mbytes * 2**20 // 4, device=device)
     best = float("inf")

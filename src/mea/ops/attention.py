@@ -47,6 +47,39 @@ def _rows_mask(mask: torch.Tensor | None, rows_per_query: int) -> torch.Tensor |
     return mask[:, :, :, None, :].expand(b, 1, t, rows_per_query, s).reshape(b, 1, t * rows_per_query, s)
 
 
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+SPLIT_MIN_KEYS = 1024  # keys per chunk, at least, when a decode step is split over the context
+
+
+def decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None,
+                scale: float) -> torch.Tensor:
+    """SDPA of a few query rows over a long cache, (B, G, R, E) x (B, G, S, E) -> (B, G, R, E).
+
+    The fused CPU kernel parallelises over batch x heads only, so a decode step at batch 1 over one wide
+    head (the compressed cache) or a few KV heads leaves cores idle. Without a mask and gradients, on CPU,
+    the keys are split into chunks that run in parallel and the partial results are merged by their
+    log-sum-exp ("flash-decoding"): out = sum_j softmax_j(lse_j) out_j, exact up to rounding."""
+    b, g, r, e = q.shape
+    s = k.shape[2]
+    threads = torch.get_num_threads()
+    splits = min(-(-4 * threads // (b * g)), s // SPLIT_MIN_KEYS)
+    if (_FLASH_CPU is None or q.device.type != "cpu" or mask is not None or splits < 2 or v.shape[-1] != e
+            or (torch.is_grad_enabled() and q.requires_grad)):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    chunk = s // splits
+    main = chunk * splits
+    out = []
+    for i in range(b):  # b * g < 4 * threads here: a short loop
+        kk, vv = (x[i, :, :main].unflatten(1, (splits, chunk)) for x in (k, v))  # (G, splits, chunk, E) views
+        o, lse = _FLASH_CPU(q[i, :, None].expand(g, splits, r, e), kk, vv, scale=scale)[:2]  # (G, splits, R, *)
+        if main < s:  # the last s - main keys
+            ot, lt = _FLASH_CPU(q[i, :, None], k[i, :, None, main:], v[i, :, None, main:], scale=scale)[:2]
+            o, lse = torch.cat([o, ot], dim=1), torch.cat([lse, lt], dim=1)
+        weights = torch.softmax(lse, dim=1).to(o.dtype)  # (G, splits, R)
+        out.append((o * weights[..., None]).sum(dim=1))
+    return torch.stack(out)
+
+
 def grouped_attention(
     q_BTND: torch.Tensor,
     k_BSHD: torch.Tensor,
@@ -60,9 +93,7 @@ def grouped_attention(
     h, e = k_BSHD.shape[2], v_BSHD.shape[3]  # values may be wider than keys (differential attention)
     g = n // h
     q = q_BTND.reshape(b, t, h, g, d).permute(0, 2, 1, 3, 4).reshape(b, h, t * g, d)  # (B, H, T*g, D)
-    out = F.scaled_dot_product_attention(
-        q, k_BSHD.transpose(1, 2), v_BSHD.transpose(1, 2), attn_mask=_rows_mask(mask, g), scale=scale
-    )
+    out = decode_sdpa(q, k_BSHD.transpose(1, 2), v_BSHD.transpose(1, 2), mask=_rows_mask(mask, g), scale=scale)
     return out.view(b, h, t, g, e).permute(0, 2, 1, 3, 4).reshape(b, t, n, e)
 
 
@@ -89,7 +120,7 @@ def absorbed_attention(
     v = v_BSMD.reshape(b, 1, s, m * d)
     rows_mask = _rows_mask(mask, n)
     if k_scale_BSH is None:
-        u = F.scaled_dot_product_attention(q, k, v, attn_mask=rows_mask, scale=scale)
+        u = decode_sdpa(q, k, v, mask=rows_mask, scale=scale)
     else:  # a per-(key, head) logit factor, which SDPA cannot take: two matmuls, each reading the cache once
         factor = k_scale_BSH.repeat_interleave(n // h, dim=2).transpose(1, 2).to(q.dtype)  # (B, N, S)
         factor = factor[:, None, None].expand(b, 1, t, n, s).reshape(b, 1, t * n, s)

@@ -1,5 +1,6 @@
 """Refresh the generated parts of README.md (between `<!-- NAME:begin -->` / `<!-- NAME:end -->` markers)
-from results/: the compression table and the learning-rate study's report."""
+from results/: the compression table, the learning-rate study's report, the needle table, the compression
+sensitivity map and the benchmark tables."""
 import json
 import re
 import subprocess
@@ -32,4 +33,11 @@ if needles:
         rows.append(f"| {r['model']} | " + " | ".join(
             f"{acc[k]['accuracy']:.1f} ({acc[k]['answer_logprob']:.1f})" if k in acc else "—" for k in cells) + " |")
     text = fill(text, "needle-table", "\n".join(rows) + "\n")
+bench = Path("results/bench")
+for name in ("train", "prefill", "decode", "decode_bf16", "memory"):
+    if (bench / f"{name}.md").is_file():
+        text = fill(text, f"bench-{name}", (bench / f"{name}.md").read_text())
+sensitivity = Path("results/sensitivity")
+if (sensitivity / "report.md").is_file():
+    text = fill(text, "sensitivity", (sensitivity / "report.md").read_text())
 readme.write_text(text)

@@ -78,14 +78,14 @@ def test_fold_cli_bad_inputs(capsys, tmp_path):
 def test_bench_runs_end_to_end_and_writes_json(capsys, tmp_path):
     out = tmp_path / "d.json"
     code, stdout, _ = run_cli(capsys, "bench", "decode", "--preset", "tiny", "--contexts", "64", "--steps", "2",
-                              "--budgets", "0.5", "0.33", "--batches", "2", "--out", str(out))
+                              "--rounds", "2", "--budgets", "0.5", "0.33", "--batches", "2", "--out", str(out))
     data = json.loads(out.read_text())
     kv = {r["system"]: r["kv_bytes"] for r in data["results"]}
     assert code == 0 and data["benchmark"] == "decode" and data["machine"]["read_bandwidth_GBps"] > 0
     # tiny: 2 layers x 3 KV heads; budget 0.5 keeps 3 of 6 heads (h' = 1 and 2), 0.33 keeps 2 (h' = 1, 1)
     assert list(kv) == ["transformers-llama", "mea h'=3", "mea folded", "mea KV -50%", "mea KV -67%"]
     assert kv["transformers-llama"] == kv["mea h'=3"] == kv["mea folded"] == 2 * kv["mea KV -50%"] == 3 * kv["mea KV -67%"]
-    assert all(r["kv_error"] == 0 and r["of_bound"] > 0 for r in data["results"])
+    assert all(r["kv_error"] == 0 and r["of_bound"] > 0 and len(r["all_ms"]) == 4 for r in data["results"])
     assert (tmp_path / "d.md").read_text().count("| 2 | 64 |") == 5 and (tmp_path / "d.png").stat().st_size > 0
     for what, extra in (("prefill", ["--contexts", "32", "--repeats", "1"]),
                         ("memory", ["--contexts", "64", "--steps", "1"])):

@@ -26,13 +26,17 @@ def test_report_from_evaluations(tmp_path):
     (tmp_path / "evals").mkdir()
 
     def tasks(k, r):
-        return {"tasks": [{"task": "mmlu", "category": "knowledge", "value": k, "n": 10},
-                          {"task": "piqa", "category": "reasoning", "value": r, "n": 10}]}
+        return {"tasks": [{"task": "mmlu", "category": "knowledge", "value": k, "n": 200, "ci95": [0, 1]},
+                          {"task": "piqa", "category": "reasoning", "value": r, "n": 200, "ci95": [0, 1]}]}
 
-    for name, k, r in (("original", 0.30, 0.60), ("kv33-free", 0.25, 0.55), ("kv33-rec", 0.28, 0.59)):
+    for name, k, r in (("original", 0.60, 0.60), ("kv33-free", 0.30, 0.55), ("kv33-rec", 0.58, 0.59)):
         (tmp_path / "evals" / f"{name}.mc.json").write_text(json.dumps(tasks(k, r)))
     result = write_report(tmp_path, levels=["kv33"])
     assert result["models"] == ["original", "kv33-free", "kv33-rec"]
     md = (tmp_path / "report.md").read_text()
-    assert "| kv33-free | 0.67 | 0.250 (-0.050) | 0.550 (-0.050) | — |" in md
+    # pooled category accuracy with its Wilson interval; * only where the drop is significant (0.60 -> 0.30, n=200)
+    assert "| kv33-free | 0.67 | 0.300* [0.24, 0.37] (200) | 0.550 [0.48, 0.62] (200) | — |" in md
+    assert "| mmlu | knowledge | 200 | 0.60 | 0.30* | 0.58 |" in md
+    assert "knowledge training-free: first significant drop at kv33-free (KV kept 0.67)" in md
+    assert "knowledge recovered: no significant drop" in md and "reasoning training-free: no significant drop" in md
     assert (tmp_path / "sensitivity.png").stat().st_size > 0

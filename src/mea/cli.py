@@ -437,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
     b.add_argument("--budgets", **budgets)
     b.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    b.add_argument("--steps", type=int, default=10)
+    b.add_argument("--steps", type=int, default=5, help="timed decode steps per round")
+    b.add_argument("--rounds", type=int, default=3, help="rounds in which the systems take turns")
     b = bench.add_parser("memory", help="peak memory of decoding and KV bytes held vs context, a fresh process per "
                          "point")
     b.add_argument("--preset", default="smollm2-135m")

@@ -18,12 +18,11 @@ from .systems import LLAMA, available_memory, build_systems, cache_bytes, fill_c
 
 
 @torch.no_grad()
-def time_per_token(model, *, batch: int, context: int, steps: int) -> tuple[float, object]:
-    """Median seconds per decode step at `context` cached tokens, and the cache after the steps."""
+def timed_steps(model, cache, *, batch: int, steps: int) -> list[float]:
+    """Seconds of each of `steps` decode steps (after one untimed warm-up step)."""
     dev = next(model.parameters()).device
-    cache = fill_cache(model, batch, context, context + steps + 1)
     token = torch.zeros(batch, 1, dtype=torch.long, device=dev)
-    model(input_ids=token, cache=cache, use_cache=True)  # warm-up step
+    model(input_ids=token, cache=cache, use_cache=True)
     times = []
     for _ in range(steps):
         synchronize(dev)
@@ -31,48 +30,72 @@ def time_per_token(model, *, batch: int, context: int, steps: int) -> tuple[floa
         model(input_ids=token, cache=cache, use_cache=True)
         synchronize(dev)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), cache
+    return times
 
 
 def bench_decode(*, preset: str = "smollm2-135m", contexts=(1024, 4096, 16384, 32768), budgets=(0.67, 0.5, 0.33),
-                 batches=(1, 8), steps: int = 10, device: str = "cpu", dtype: str = "float32", seed: int = 0) -> dict:
+                 batches=(1, 8), steps: int = 5, rounds: int = 3, device: str = "cpu", dtype: str = "float32",
+                 seed: int = 0) -> dict:
+    """Median time per token at each (batch, context) point for every system. Where memory allows, every
+    system's cache is held at once and the systems take turns for `rounds` rounds of `steps` steps (the
+    order rotating), so slow drifts of the machine hit all of them alike; otherwise each system runs its
+    rounds in turn with only its own cache alive."""
     torch.manual_seed(seed)
     dev, dt = torch.device(device), getattr(torch, dtype)
     bandwidth = memory_bandwidth(dev)
-    systems = build_systems(preset, budgets, max_len=max(contexts) + steps + 8, device=dev, dtype=dt)
+    tokens = rounds * (steps + 1)  # generated per point: the caches end at context + tokens
+    systems = build_systems(preset, budgets, max_len=max(contexts) + tokens + 8, device=dev, dtype=dt)
+    names = list(systems)
     results, skipped = [], []
     for batch in batches:
         for context in contexts:
-            tokens = context + steps + 1
-            # the largest cache, twice over: transformers' cache grows by concatenation (old + new alive at once)
-            need = 2 * predicted_kv_bytes(systems[LLAMA], batch, tokens)
-            if need > 0.8 * available_memory(dev):
+            final = context + tokens
+            # the largest cache twice over (transformers' cache grows by concatenation: old and new alive at once)
+            need = 2 * predicted_kv_bytes(systems[LLAMA], batch, final)
+            free = available_memory(dev)
+            if need > 0.8 * free:
                 skipped.append(dict(batch=batch, context=context, reason=f"needs ~{need / 2**30:.1f} GiB for the "
-                                    f"cache, more than 80% of the {available_memory(dev) / 2**30:.1f} GiB available"))
+                                    f"cache, more than 80% of the {free / 2**30:.1f} GiB available"))
                 print(f"skipping batch {batch} x context {context}: {skipped[-1]['reason']}", file=sys.stderr)
                 continue
-            for name, model in systems.items():  # interleaved: every system at each point in turn
-                seconds, cache = time_per_token(model, batch=batch, context=context, steps=steps)
-                held, predicted = cache_bytes(cache), predicted_kv_bytes(model, batch, tokens)
-                del cache
-                weights = weight_bytes(model)
-                bound = (weights + held) / bandwidth
+            all_at_once = need + sum(predicted_kv_bytes(m, batch, final) for m in systems.values()) < 0.8 * free
+            times: dict[str, list[float]] = {name: [] for name in names}
+            held = {}
+            if all_at_once:
+                caches = {name: fill_cache(m, batch, context, final) for name, m in systems.items()}
+                for r in range(rounds):
+                    for name in names[r % len(names):] + names[: r % len(names)]:
+                        times[name] += timed_steps(systems[name], caches[name], batch=batch, steps=steps)
+                held = {name: cache_bytes(c) for name, c in caches.items()}
+                del caches
+            else:
+                for name, model in systems.items():
+                    cache = fill_cache(model, batch, context, final)
+                    for _ in range(rounds):
+                        times[name] += timed_steps(model, cache, batch=batch, steps=steps)
+                    held[name] = cache_bytes(cache)
+                    del cache
+            for name, model in systems.items():
+                seconds = statistics.median(times[name])
+                predicted, weights = predicted_kv_bytes(model, batch, final), weight_bytes(model)
+                bound = (weights + held[name]) / bandwidth
                 results.append(dict(system=name, context=context, batch=batch, ms_per_token=seconds * 1e3,
-                                    tokens_per_s=batch / seconds, kv_bytes=held, kv_bytes_predicted=predicted,
-                                    kv_error=held / predicted - 1, weight_bytes=weights, bound_ms=bound * 1e3,
-                                    of_bound=seconds / bound))
+                                    tokens_per_s=batch / seconds, kv_bytes=held[name], kv_bytes_predicted=predicted,
+                                    kv_error=held[name] / predicted - 1, weight_bytes=weights, bound_ms=bound * 1e3,
+                                    of_bound=seconds / bound, interleaved=all_at_once,
+                                    all_ms=[t * 1e3 for t in times[name]]))
     return {
         "benchmark": "decode",
         "machine": {**machine_header(dev), "read_bandwidth_GBps": bandwidth / 1e9},
-        "settings": dict(preset=preset, contexts=list(contexts), batches=list(batches), steps=steps, dtype=dtype,
-                         budgets=list(budgets), seed=seed),
+        "settings": dict(preset=preset, contexts=list(contexts), batches=list(batches), steps=steps, rounds=rounds,
+                         dtype=dtype, budgets=list(budgets), seed=seed),
         "results": results,
-        "speedups": speedups(results, list(systems)),
+        "speedups": speedups(results),
         "skipped": skipped,
     }
 
 
-def speedups(results: list[dict], names: list[str]) -> dict:
+def speedups(results: list[dict]) -> dict:
     """Time-per-token ratios at each point: every system vs transformers' Llama, and every compressed
     system vs the folded (uncompressed, plain GQA) model."""
     by = {(r["system"], r["context"], r["batch"]): r["ms_per_token"] for r in results}

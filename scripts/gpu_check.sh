@@ -17,3 +17,8 @@ python3 -m mea bench train --device cuda --dtype bfloat16 --preset llama3.2-1b -
   --repeats 3 --out "$OUT/train_llama1b.json" > /dev/null && python3 -c "import json; d=json.load(open('$OUT/train_llama1b.json')); print('train', d['tokens_per_s'], d['ratios'])"
 python3 -m mea bench decode --device cuda --dtype bfloat16 --preset llama3.2-1b --contexts 1024 4096 16384 32768 \
   --budgets 0.5 0.25 --batches 1 8 --steps 20 --out "$OUT/decode_llama1b.json" > /dev/null && cat "$OUT/decode_llama1b.md"
+python3 -m mea bench prefill --device cuda --dtype bfloat16 --preset llama3.2-1b --contexts 1024 4096 16384 \
+  --budgets 0.5 0.25 --out "$OUT/prefill_llama1b.json" > /dev/null && cat "$OUT/prefill_llama1b.md"
+python3 -m mea bench memory --device cuda --dtype bfloat16 --preset llama3.2-1b --contexts 4096 32768 \
+  --budgets 0.5 0.25 --out "$OUT/memory_llama1b.json" > /dev/null && cat "$OUT/memory_llama1b.md"
+python3 scripts/decode_kernels.py | tee "$OUT/decode_kernels_cpu.md"

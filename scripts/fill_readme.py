@@ -63,7 +63,8 @@ def targets(bench: Path) -> str:
             rows.append(f"| decoding ≥ 16k, {system} ({d['settings']['dtype']}): ≥ 1.5× faster than uncompressed "
                         f"(folded) | {lo:.2f}×-{hi:.2f}× over {len(pts)} points | "
                         f"{'yes' if lo >= 1.5 else 'at some points' if hi >= 1.5 else 'no'} |")
-            rows.append(f"| ... and within 1.25× of the bandwidth bound | {min(bound):.1f}×-{max(bound):.1f}× the bound "
+            rows.append(f"| ... and within 1.25× of the bandwidth bound | {min(bound):.1f}×-{max(bound):.1f}× "
+                        "the bound "
                         f"| {'yes' if max(bound) <= 1.25 else 'no'} |")
     err = [abs(r["kv_error"]) for n in ("decode", "decode_bf16", "memory") for r in load[n]["results"]]
     rows.append(f"| KV bytes held = prediction within 2% | largest deviation {max(err):.2%} over {len(err)} points | "

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from .charts import plot_vs_context
+from .charts import markdown_table, plot_vs_context
 from .machine import machine_header, memory_bandwidth, synchronize
 from .systems import LLAMA, available_memory, build_systems, cache_bytes, fill_cache, predicted_kv_bytes, weight_bytes
 
@@ -110,16 +110,16 @@ def speedups(results: list[dict]) -> dict:
 
 def markdown(result: dict) -> str:
     ratio = result["speedups"]
-    lines = ["| batch | context | system | ms/token | tokens/s | vs Llama | KV MiB held | KV vs predicted | bound ms "
-             "| × bound |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for r in result["results"]:
         vs = ratio.get(f"{r['system']} vs {LLAMA} @ {r['context']} x{r['batch']}")
-        lines.append(f"| {r['batch']} | {r['context']} | {r['system']} | {r['ms_per_token']:.1f} | "
-                     f"{r['tokens_per_s']:.1f} | {'' if vs is None else f'{vs:.2f}×'} | {r['kv_bytes'] / 2**20:.1f} | "
-                     f"{r['kv_error']:+.2%} | {r['bound_ms']:.1f} | {r['of_bound']:.2f} |")
-    for s in result.get("skipped", []):
-        lines.append(f"\nSkipped batch {s['batch']} x context {s['context']}: {s['reason']}.")
-    return "\n".join(lines) + "\n"
+        rows.append([r["batch"], r["context"], r["system"], f"{r['ms_per_token']:.1f}", f"{r['tokens_per_s']:.1f}",
+                     "" if vs is None else f"{vs:.2f}×", f"{r['kv_bytes'] / 2**20:.1f}", f"{r['kv_error']:+.2%}",
+                     f"{r['bound_ms']:.1f}", f"{r['of_bound']:.2f}"])
+    table = markdown_table(["batch", "context", "system", "ms/token", "tokens/s", "vs Llama", "KV MiB held",
+                            "KV vs predicted", "bound ms", "× bound"], rows)
+    return table + "".join(f"\nSkipped batch {s['batch']} x context {s['context']}: {s['reason']}.\n"
+                           for s in result.get("skipped", []))
 
 
 def plot(result: dict, path) -> None:

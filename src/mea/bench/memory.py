@@ -13,7 +13,7 @@ import multiprocessing
 
 import torch
 
-from .charts import plot_vs_context
+from .charts import markdown_table, plot_vs_context
 from .machine import machine_header
 from .systems import available_memory, build_systems, cache_bytes, fill_cache, predicted_kv_bytes, system_specs
 
@@ -90,15 +90,15 @@ def bench_memory(*, preset: str = "smollm2-135m", contexts=(1024, 4096, 16384), 
 
 
 def markdown(result: dict) -> str:
-    lines = ["| context | system | peak MiB added | KV MiB held | KV vs predicted | peak / KV |", "|---|---|---|---|---|---|"]
-    for r in result["results"]:
-        lines.append(f"| {r['context']} | {r['system']} | {r['peak_bytes'] / 2**20:.1f} | {r['kv_bytes'] / 2**20:.1f} | "
-                     f"{r['kv_error']:+.2%} | {r['peak_over_kv']:.2f} |")
-    return "\n".join(lines) + "\n"
+    return markdown_table(["context", "system", "peak MiB added", "KV MiB held", "KV vs predicted", "peak / KV"],
+                          [[r["context"], r["system"], f"{r['peak_bytes'] / 2**20:.1f}", f"{r['kv_bytes'] / 2**20:.1f}",
+                            f"{r['kv_error']:+.2%}", f"{r['peak_over_kv']:.2f}"] for r in result["results"]])
 
 
 def plot(result: dict, path) -> None:
-    keep = lambda r: True  # noqa: E731
-    plot_vs_context(result["results"], [("peak memory added by the cache and decoding", lambda r: r["peak_bytes"] / 2**20,
-                                         "MiB", keep),
-                                        ("KV cache held", lambda r: r["kv_bytes"] / 2**20, "MiB", keep)], path)
+    def keep(r):
+        return True
+
+    plot_vs_context(result["results"], [
+        ("peak memory added by the cache and decoding", lambda r: r["peak_bytes"] / 2**20, "MiB", keep),
+        ("KV cache held", lambda r: r["kv_bytes"] / 2**20, "MiB", keep)], path)

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from .charts import plot_vs_context
+from .charts import markdown_table, plot_vs_context
 from .machine import machine_header, synchronize
 from .systems import LLAMA, build_systems
 
@@ -50,11 +50,9 @@ def bench_prefill(*, preset: str = "smollm2-135m", contexts=(512, 2048), budgets
 
 
 def markdown(result: dict) -> str:
-    lines = ["| context | system | ms (median) | tokens/s | vs Llama |", "|---|---|---|---|---|"]
-    for r in result["results"]:
-        lines.append(f"| {r['context']} | {r['system']} | {r['ms']:.0f} | {r['tokens_per_s']:.0f} | "
-                     f"{r['vs_llama']:.2f}× |")
-    return "\n".join(lines) + "\n"
+    return markdown_table(["context", "system", "ms (median)", "tokens/s", "vs Llama"],
+                          [[r["context"], r["system"], f"{r['ms']:.0f}", f"{r['tokens_per_s']:.0f}",
+                            f"{r['vs_llama']:.2f}×"] for r in result["results"]])
 
 
 def plot(result: dict, path) -> None:

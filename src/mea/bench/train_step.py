@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ..convert.fold import plain_config_fields
 from ..models import VARIANTS, MEAForCausalLM, make_config
+from .charts import markdown_table
 from .machine import machine_header, synchronize
 
 
@@ -117,9 +118,8 @@ def _step_peak_child(preset: str, name: str, batch: int, seq: int, dtype: str) -
 
 
 def markdown(result: dict) -> str:
-    lines = ["| system | tokens/s (median) | vs baseline | peak step memory MiB |", "|---|---|---|---|"]
-    base = result["tokens_per_s"]["baseline"]
-    for name, rate in result["tokens_per_s"].items():
-        peak = result["peak_step_memory_bytes"].get(name)
-        lines.append(f"| {name} | {rate:,.0f} | {rate / base:.2f}× | {'' if peak is None else f'{peak / 2**20:.0f}'} |")
-    return "\n".join(lines) + "\n"
+    base, peak = result["tokens_per_s"]["baseline"], result["peak_step_memory_bytes"]
+    return markdown_table(["system", "tokens/s (median)", "vs baseline", "peak step memory MiB"],
+                          [[name, f"{rate:,.0f}", f"{rate / base:.2f}×",
+                            f"{peak[name] / 2**20:.0f}" if name in peak else ""]
+                           for name, rate in result["tokens_per_s"].items()])

@@ -144,7 +144,8 @@ def _category_table(rows: list[dict], original: dict | None) -> list[str]:
 
 def _task_table(rows: list[dict], original: dict | None) -> list[str]:
     names = list(dict.fromkeys(t for r in rows for t in r["tasks"]))
-    lines = ["| task | category | n | " + " | ".join(r["model"] for r in rows) + " |", "|---|---|---|" + "---|" * len(rows)]
+    lines = ["| task | category | n | " + " | ".join(r["model"] for r in rows) + " |",
+             "|---|---|---|" + "---|" * len(rows)]
     for task in names:
         first = next(r["tasks"][task] for r in rows if task in r["tasks"])
         cells = []
@@ -182,7 +183,8 @@ def _plot(path: Path, rows: list[dict]) -> None:
             pts = sorted((r["kv_fraction"], r["categories"][c]["value"]) for r in rows
                          if (r["model"] == "original" or r["model"].endswith(kind)) and r["categories"][c] is not None)
             if len(pts) > 1:
-                ax.plot(*zip(*pts), style, marker="o", color=color, label=f"{c} ({'recovered' if kind == 'rec' else 'training-free'})")
+                label = f"{c} ({'recovered' if kind == 'rec' else 'training-free'})"
+                ax.plot(*zip(*pts), style, marker="o", color=color, label=label)
     ax.invert_xaxis()
     ax.set_xlabel("fraction of the KV cache kept")
     ax.set_ylabel("accuracy in category (pooled)")

@@ -103,3 +103,13 @@ def test_bench_runs_end_to_end_and_writes_json(capsys, tmp_path):
                                    "baseline/transformers-llama"}
     assert "diff" in data["skipped"]  # tiny has 3 KV heads: Differential attention needs an even count
     assert all(b > 0 for b in data["peak_step_memory_bytes"].values())
+
+
+def test_kv_budget_spreads_component_heads_over_layers():
+    from mea.bench.systems import heads_for_budget
+
+    heads = heads_for_budget(3, 30, 0.5)  # 45 of 90 component heads: 15 layers at h'=2, 15 at h'=1
+    assert sum(heads) == 45 and sorted(set(heads)) == [1, 2] and heads.count(2) == 15
+    assert heads_for_budget(3, 30, 0.67) == [2] * 30 and heads_for_budget(3, 30, 0.1) == [1] * 30  # h' >= 1
+    with pytest.raises(ValueError, match="fraction of the cache kept"):
+        heads_for_budget(3, 30, 1.5)

@@ -2,9 +2,10 @@
 
 It plugs into Hugging Face's Cache API, so `generate` (greedy, sampling, beam search) drives it.
 Layout per layer, chosen by the attention layer on its first update: token-major (B, capacity, h', D)
-for HLC layers, so that the h' heads of one token are contiguous and the absorbed decode reads them as
-one (h'*D)-wide multi-query head; head-major (B, h', capacity, D) for plain GQA layers (no HLC, or HLC
-folded away), so that each KV head is one contiguous block for the attention kernel. Storage is
+for compressed layers (h' < h), so that the h' heads of one token are contiguous and the absorbed
+decode reads them as one (h'*D)-wide multi-query head; head-major (B, h, capacity, D) for layers that
+cache their h composite heads (no HLC, or h' = h: see `MEAAttention.caches_components`), so that each
+KV head is one contiguous block for the plain GQA kernel. Storage is
 preallocated (to the generation length when `generate` tells it) and grows in blocks, so appending a
 token writes one slot instead of re-copying the whole cache.
 

@@ -13,7 +13,7 @@ import time
 import torch
 
 from .charts import markdown_table, plot_vs_context
-from .machine import machine_header, memory_bandwidth, synchronize
+from .machine import machine_header, memory_bandwidth, rotated, synchronize
 from .systems import LLAMA, available_memory, build_systems, cache_bytes, fill_cache, predicted_kv_bytes, weight_bytes
 
 
@@ -61,20 +61,13 @@ def bench_decode(*, preset: str = "smollm2-135m", contexts=(1024, 4096, 16384, 3
             all_at_once = need + sum(predicted_kv_bytes(m, batch, final) for m in systems.values()) < 0.8 * free
             times: dict[str, list[float]] = {name: [] for name in names}
             held = {}
-            if all_at_once:
-                caches = {name: fill_cache(m, batch, context, final) for name, m in systems.items()}
+            for group in [names] if all_at_once else [[name] for name in names]:  # systems whose caches coexist
+                caches = {name: fill_cache(systems[name], batch, context, final) for name in group}
                 for r in range(rounds):
-                    for name in names[r % len(names):] + names[: r % len(names)]:
+                    for name in rotated(group, r):
                         times[name] += timed_steps(systems[name], caches[name], batch=batch, steps=steps)
-                held = {name: cache_bytes(c) for name, c in caches.items()}
+                held.update((name, cache_bytes(c)) for name, c in caches.items())
                 del caches
-            else:
-                for name, model in systems.items():
-                    cache = fill_cache(model, batch, context, final)
-                    for _ in range(rounds):
-                        times[name] += timed_steps(model, cache, batch=batch, steps=steps)
-                    held[name] = cache_bytes(cache)
-                    del cache
             for name, model in systems.items():
                 seconds = statistics.median(times[name])
                 predicted, weights = predicted_kv_bytes(model, batch, final), weight_bytes(model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import platform
 import subprocess
@@ -45,6 +46,18 @@ def machine_header(device: torch.device) -> dict:
     if device.type == "cuda":
         header["gpu"] = torch.cuda.get_device_name(device)
     return header
+
+
+def rotated(names: list, round_index: int) -> list:
+    """`names` starting at a different one each round, so no system always runs first."""
+    k = round_index % len(names)
+    return names[k:] + names[:k]
+
+
+def in_fresh_process(fn, *args):
+    """fn(*args) in a new (spawned) process: memory high-water marks there count only fn's work."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
 
 
 def synchronize(device: torch.device) -> None:

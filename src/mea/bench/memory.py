@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import multiprocessing
 
 import torch
 
 from .charts import markdown_table, plot_vs_context
-from .machine import machine_header
+from .machine import in_fresh_process, machine_header
 from .systems import available_memory, build_systems, cache_bytes, fill_cache, predicted_kv_bytes, system_specs
 
 
@@ -71,12 +70,10 @@ def bench_memory(*, preset: str = "smollm2-135m", contexts=(1024, 4096, 16384), 
                  batch: int = 1, steps: int = 4, device: str = "cpu", dtype: str = "float32", seed: int = 0) -> dict:
     names = list(system_specs(preset, budgets))
     results = []
-    ctx = multiprocessing.get_context("spawn")  # a fresh process per point: peaks of earlier points cannot leak in
     for context in contexts:
-        for name in names:
-            with ctx.Pool(1) as pool:
-                results.append(pool.apply(measure_point, (preset, list(budgets), name, batch, context, steps, device,
-                                                          dtype, seed)))
+        for name in names:  # a fresh process per point: peaks of earlier points cannot leak in
+            results.append(in_fresh_process(measure_point, preset, list(budgets), name, batch, context, steps, device,
+                                            dtype, seed))
     return {
         "benchmark": "memory",
         "machine": {**machine_header(torch.device(device)), "available_bytes": available_memory(torch.device(device))},

@@ -48,15 +48,15 @@ def build_systems(preset: str, budgets, *, max_len: int, device, dtype, only: li
     heads of the same shape (their outputs differ; their cost is what is measured)."""
     cfg = make_config(preset, "mea-no-groupnorm", max_position_embeddings=max_len)
     full = MEAForCausalLM(cfg).eval()
+    specs = {name: heads for name, heads in system_specs(preset, budgets).items() if only is None or name in only}
+    folded = fold_hlc(full) if {LLAMA, "mea folded"} & set(specs) else None
     systems = {}
-    for name, heads in system_specs(preset, budgets).items():
-        if only is not None and name not in only:
-            continue
+    for name, heads in specs.items():
         if name == LLAMA:
             model = LlamaForCausalLM(LlamaConfig(**plain_config_fields(cfg), attn_implementation="sdpa")).eval()
-            model.load_state_dict(fold_hlc(full).state_dict(), strict=True)
+            model.load_state_dict(folded.state_dict(), strict=True)
         elif name == "mea folded":
-            model = fold_hlc(full)
+            model = folded
         elif heads is not None:
             model = MEAForCausalLM(make_config(preset, "mea-no-groupnorm", max_position_embeddings=max_len,
                                                mea_num_component_heads=heads)).eval()

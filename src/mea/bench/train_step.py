@@ -4,7 +4,6 @@ same shape, measured interleaved in one run."""
 
 from __future__ import annotations
 
-import multiprocessing
 import resource
 import statistics
 import time
@@ -15,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from ..convert.fold import plain_config_fields
 from ..models import VARIANTS, MEAForCausalLM, make_config
 from .charts import markdown_table
-from .machine import machine_header, synchronize
+from .machine import in_fresh_process, machine_header, rotated, synchronize
 
 
 def llama_of(cfg) -> LlamaForCausalLM:
@@ -61,7 +60,7 @@ def bench_train(*, preset: str = "small", batch: int = 8, seq: int = 256, steps:
     rates: dict[str, list[float]] = {k: [] for k in systems}
     names = list(systems)
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first each round
+        for name in rotated(names, r):  # who goes first changes each round
             model = systems[name]
             synchronize(dev)
             t0 = time.perf_counter()
@@ -80,7 +79,7 @@ def bench_train(*, preset: str = "small", batch: int = 8, seq: int = 256, steps:
                 step(systems[name])
                 peak[name] = torch.cuda.max_memory_allocated(dev) - before
             else:
-                peak[name] = _cpu_step_peak(preset, name, batch, seq, dtype)
+                peak[name] = in_fresh_process(_step_peak_child, preset, name, batch, seq, dtype)
     return {
         "benchmark": "train_step",
         "machine": machine_header(dev),
@@ -96,12 +95,6 @@ def bench_train(*, preset: str = "small", batch: int = 8, seq: int = 256, steps:
                         "each system in a fresh process"),
         "skipped": skipped,
     }
-
-
-def _cpu_step_peak(preset: str, name: str, batch: int, seq: int, dtype: str) -> int:
-    ctx = multiprocessing.get_context("spawn")  # a fresh process: ru_maxrss is a per-process high-water mark
-    with ctx.Pool(1) as pool:
-        return pool.apply(_step_peak_child, (preset, name, batch, seq, dtype))
 
 
 def _step_peak_child(preset: str, name: str, batch: int, seq: int, dtype: str) -> int:

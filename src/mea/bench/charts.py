@@ -1,14 +1,8 @@
-"""Benchmark output: markdown tables, and plots with one line per system over context length."""
+"""Benchmark plots: one line per system over context length."""
 
 from __future__ import annotations
 
 from ..plotting import pyplot, save_figure
-
-
-def markdown_table(columns: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def plot_vs_context(results: list[dict], panels: list[tuple], path, *, columns: int = 2) -> None:

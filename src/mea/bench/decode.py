@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from .charts import markdown_table, plot_vs_context
+from ..markdown import markdown_table
+from .charts import plot_vs_context
 from .machine import machine_header, memory_bandwidth, rotated, synchronize
 from .systems import LLAMA, available_memory, build_systems, cache_bytes, fill_cache, predicted_kv_bytes, weight_bytes
 

@@ -12,7 +12,8 @@ import gc
 
 import torch
 
-from .charts import markdown_table, plot_vs_context
+from ..markdown import markdown_table
+from .charts import plot_vs_context
 from .machine import in_fresh_process, machine_header
 from .systems import available_memory, build_systems, cache_bytes, fill_cache, predicted_kv_bytes, system_specs
 

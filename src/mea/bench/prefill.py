@@ -10,7 +10,8 @@ import time
 
 import torch
 
-from .charts import markdown_table, plot_vs_context
+from ..markdown import markdown_table
+from .charts import plot_vs_context
 from .machine import machine_header, synchronize
 from .systems import LLAMA, build_systems
 

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ..convert.fold import plain_config_fields
 from ..models import VARIANTS, MEAForCausalLM, make_config
-from .charts import markdown_table
+from ..markdown import markdown_table
 from .machine import in_fresh_process, machine_header, rotated, synchronize
 
 

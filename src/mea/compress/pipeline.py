@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..checkpoint import check_output_dir, save_atomic
+from ..console import log
 from ..convert import load_source, to_mea
 from ..data import calibration_windows, heldout_text, probe_windows, read_texts, token_windows
 from ..eval import generate_and_measure, perplexity
@@ -15,36 +16,41 @@ from .calibrate import input_moments
 from .factor_model import METHODS, factor_model
 from .plan import LAYER_PRESETS, budget_plan, load_sensitivity, parse_layers, preset_layers, uniform_plan
 from .probe import probe_layers
-from .recover import layerwise_fit
+from .recover import FIT_MODES, layerwise_fit
 
 SAMPLE_PROMPT = "What is the capital of France? Answer in one sentence."
 
 
+RECOVER_MODES = ("layerwise", "none")
+
+
 @dataclass
 class CompressOptions:
-    method: str = "whitened"
-    virtual_heads: int | None = None
-    layers: str | None = None  # "0-5,10"; default: the preset
-    preset: str = "full"
-    kv_budget: float | None = None
-    sensitivity: str | None = None  # a `mea probe` result for --kv-budget (else a quick probe runs)
-    calib: list[str] = field(default_factory=list)  # user text files; default: the embedded corpus
-    calib_windows: int = 16
-    calib_window: int = 512
-    key_weighting: bool = True
-    value_weighting: bool = True
-    recover: str = "layerwise"  # or "none"
-    fit_steps: int = 20
-    fit_query_output: bool = True  # layer-wise fit also trains q_proj / o_proj (measured: much better)
-    fit_mode: str = "sequential"  # or "teacher" (teacher-forced inputs)
-    evaluate: bool = True
-    evaluate_original: bool = True  # also score the uncompressed model (skip when sweeping)
-    eval_windows: int = 8
-    eval_window: int = 1024
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    method: str = field(  # whitened: activation-aware; svd: the paper's data-free weight SVD
+        default="whitened", metadata={"choices": METHODS})
+    virtual_heads: int | None = None  # h' for the chosen layers
+    layers: str | None = None  # layer ranges, e.g. "0-5,10" (default: the --preset layers)
+    preset: str = field(  # layers compressed when --layers is not given
+        default="full", metadata={"choices": LAYER_PRESETS})
+    kv_budget: float | None = None  # fraction of the original KV bytes kept; h' per layer from sensitivity
+    sensitivity: str | None = None  # a `mea probe` probe.json for --kv-budget (else a quick probe runs)
+    calib: list[str] = field(default_factory=list)  # calibration text files / folders / .jsonl (none: embedded)
+    calib_windows: int = 16  # calibration windows
+    calib_window: int = 512  # tokens per calibration window
+    key_weighting: bool = True  # weigh key errors by query energy
+    value_weighting: bool = True  # weigh value errors through W_O
+    recover: str = field(  # layerwise fit after factorising, or none
+        default="layerwise", metadata={"choices": RECOVER_MODES})
+    fit_steps: int = 20  # layer-wise recovery steps per compressed layer
+    fit_query_output: bool = field(  # the layer-wise fit also trains q/o (measured: much better), not only k/v and HLC
+        default=True, metadata={"flag": "--fit-kv-only"})
+    fit_mode: str = field(  # sequential: student inputs, error-correcting targets; teacher: teacher-forced inputs
+        default="sequential", metadata={"choices": FIT_MODES})
+    evaluate: bool = field(default=True, metadata={"flag": "--no-eval"})  # report held-out perplexity
+    evaluate_original: bool = field(  # also score the uncompressed model (skip when sweeping)
+        default=True, metadata={"flag": "--skip-original-eval"})
+    eval_windows: int = 8  # held-out perplexity windows
+    eval_window: int = 1024  # tokens per held-out window
 
 
 def validate(opts: CompressOptions) -> None:
@@ -59,8 +65,8 @@ def validate(opts: CompressOptions) -> None:
         raise ValueError(f"--virtual-heads must be >= 1, got {opts.virtual_heads}")
     if opts.preset not in LAYER_PRESETS:
         raise ValueError(f"--preset must be one of {', '.join(LAYER_PRESETS)}, got {opts.preset!r}")
-    if opts.recover not in ("layerwise", "none"):
-        raise ValueError(f"--recover must be 'layerwise' or 'none', got {opts.recover!r}")
+    if opts.recover not in RECOVER_MODES:
+        raise ValueError(f"--recover must be one of {', '.join(RECOVER_MODES)}, got {opts.recover!r}")
     if opts.method == "svd" and opts.calib:
         raise ValueError("--method svd is data-free; drop --calib or use --method whitened")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -112,22 +112,24 @@ def layerwise_fit(student: MEAForCausalLM, teacher: MEAForCausalLM, windows: tor
     return report
 
 
+TRAIN_SETS = ("attention", "all")
+
+
 @dataclass
 class DistillConfig:
-    tokens: int = 100_000  # token budget (student tokens seen)
-    seq_len: int = 256
-    batch: int = 4
-    lr: float = 1e-4
-    warmup_steps: int = 5
-    train: str = "attention"  # "attention": attention parameters only; "all": every parameter
-    kl_weight: float = 1.0  # KL(teacher || student) on next-token distributions
-    lm_weight: float = 0.0  # plus the language-model loss on the text
+    tokens: int = 100_000  # distillation token budget (student tokens seen)
+    seq_len: int = 256  # tokens per training sequence
+    batch: int = 4  # sequences per step
+    lr: float = 1e-4  # peak learning rate (AdamW; linear warm-up, cosine decay to 10%)
+    warmup_steps: int = 5  # linear warm-up steps
+    train: str = field(  # attention: attention parameters only; all: every parameter
+        default="attention", metadata={"choices": TRAIN_SETS})
+    kl_weight: float = 1.0  # weight of KL(teacher || student) on next-token distributions
+    lm_weight: float = 0.0  # weight of the language-model loss on the text
     save_every: int = 25  # steps between checkpoints
     seed: int = 0
-    bf16: bool = True  # bfloat16 autocast for the forward passes (about 1.6x faster on CPU)
-
-
-TRAIN_SETS = ("attention", "all")
+    bf16: bool = field(  # bfloat16 autocast for the forward passes (about 1.6x faster on CPU)
+        default=True, metadata={"flag": "--fp32"})
 
 
 def _trainable(model: MEAForCausalLM, which: str) -> list[torch.nn.Parameter]:

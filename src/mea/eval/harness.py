@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..markdown import markdown_table
+
 TASKS_DIR = Path(__file__).parent / "tasks"
 
 # short names -> task names in tasks/; categories as in the paper's compression tables
@@ -79,9 +81,8 @@ def wilson_interval(p: float, n: int, z: float = 1.96) -> list[float] | None:
     return [max(0.0, center - half), min(1.0, center + half)]
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| task | category | n | metric | value | 95% CI |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        ci = f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" if r["ci95"] else "—"
-        lines.append(f"| {r['task']} | {r['category']} | {r['n']} | {r['metric']} | {r['value']:.3f} | {ci} |")
-    return "\n".join(lines) + "\n"
+def task_table(rows: list[dict]) -> str:
+    """The per-task results of `run_tasks` as a markdown table."""
+    return markdown_table(["task", "category", "n", "metric", "value", "95% CI"], [
+        [r["task"], r["category"], r["n"], r["metric"], f"{r['value']:.3f}",
+         f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" if r["ci95"] else "—"] for r in rows])

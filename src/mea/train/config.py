@@ -19,7 +19,7 @@ class TrainConfig:
     model: dict = field(default_factory=dict)
     # data: text files / folders / JSONL (empty: the embedded Shakespeare corpus); a tokenizer directory
     # (None: train a byte-level BPE with the model's vocab size on the training split)
-    data: list = field(default_factory=list)
+    data: list = field(default_factory=list)  # text files / folders / .jsonl (none: the embedded corpus)
     tokenizer: str | None = None
     val_fraction: float = 0.05  # the tail of every document, fixed for the corpus
     # batch: `batch_size` sequences of `seq_len` tokens per optimizer step, over all processes and

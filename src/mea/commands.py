@@ -1,0 +1,308 @@
+"""What each `mea` subcommand does: a typed function per subcommand, called by `mea.cli` with the parsed
+flags. A default lives in exactly one place: the option dataclass (`TrainConfig`, `CompressOptions`,
+`DistillConfig`), or else the signature of the function that uses it (here, or the library function an
+option is passed through to); the parser sets none."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .console import log
+
+
+def cmd_info(model: str | None = None, bytes_per_element: int = 2) -> dict:
+    from . import info
+
+    out = {"versions": info.versions()}
+    if model is None:
+        out["registry"] = info.registry()
+        return out
+    cfg = info.resolve_config(model)
+    out.update(model=model, model_type=cfg.model_type, parameters=info.count_parameters(cfg),
+               layers=cfg.num_hidden_layers, query_heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
+               **info.kv_report(cfg, bytes_per_element))
+    return out
+
+
+def cmd_fold(src: str, out: str, overwrite: bool = False) -> dict:
+    from .checkpoint import load_causal_lm, save_atomic
+    from .convert import export_plain
+    from .models import MEAForCausalLM
+
+    model = load_causal_lm(src)
+    if not isinstance(model, MEAForCausalLM):
+        raise ValueError(f"{src} is a {type(model).__name__}, not an MEA checkpoint; nothing to fold")
+    plain = export_plain(model)
+    save_atomic(plain, out, copy_from=src, overwrite=overwrite)
+    return {"src": src, "out": out, "architecture": type(plain).__name__}
+
+
+def cmd_convert(src: str, out: str, overwrite: bool = False) -> dict:
+    import torch
+
+    from .checkpoint import check_output_dir, save_atomic
+    from .convert import load_source, to_mea
+
+    check_output_dir(out, overwrite=overwrite)
+    source = load_source(src)
+    model = to_mea(source.model)
+    ids = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (model(ids).logits - source.model(ids).logits).abs().max().item()
+    save_atomic(model, out, tokenizer=source.tokenizer, copy_from=source.path, overwrite=overwrite,
+                extra_json={"mea_provenance.json": {"source": source.description, "converted_from":
+                                                    source.model.config.model_type, "max_abs_logit_diff": diff}})
+    return {"src": source.description, "out": out, "family": source.model.config.model_type,
+            "max_abs_logit_diff_on_check": diff}
+
+
+def cmd_compress(src: str, out: str, overwrite: bool = False, **options) -> dict:
+    """`options`: CompressOptions fields."""
+    from .compress.pipeline import CompressOptions, compress
+
+    return compress(src, out, CompressOptions(**options), overwrite=overwrite)
+
+
+def cmd_probe(src: str, out: str, levels: list[int] | None = None, method: str = "whitened", windows: int = 4,
+              window: int = 512) -> dict:
+    """Probe every layer at every h' in `levels` (default 1 .. h-1); write probe.json, probe.md, probe.png."""
+    from .atomic import write_json_atomic, write_text_atomic
+    from .compress.calibrate import input_moments
+    from .compress.probe import plot_probe, probe_layers, probe_markdown
+    from .convert import load_source, to_mea
+    from .data import calibration_windows, probe_windows
+
+    source = load_source(src)
+    model = to_mea(source.model)
+    h = model.config.num_key_value_heads
+    levels = levels or list(range(1, h))
+    if any(not 1 <= m < h for m in levels):
+        raise ValueError(f"--levels must be in [1, {h - 1}] (h' < h = {h}), got {levels}")
+    moments = None
+    if method == "whitened":
+        moments = input_moments(model, calibration_windows(source.tokenizer, window=512, count=16))
+    result = probe_layers(model, probe_windows(source.tokenizer, window=window, count=windows), moments,
+                          levels=levels, method=method, log=log)
+    result["source"] = source.description
+    out_dir = Path(out)
+    write_json_atomic(out_dir / "probe.json", result)
+    write_text_atomic(out_dir / "probe.md", probe_markdown(result))
+    plot_probe(result, out_dir / "probe.png")
+    delta = result["delta_loss"]
+    return {"out": str(out_dir), "base_loss": result["base_loss"],
+            "most_sensitive": sorted(delta, key=lambda l: -delta[l][levels[0]])[:5],
+            "least_sensitive": sorted(delta, key=lambda l: delta[l][levels[0]])[:5]}
+
+
+def cmd_recover(src: str, out: str, teacher: str, layerwise_steps: int = 0, text: list[str] | None = None,
+                evaluate: bool = True, overwrite: bool = False, **distill_options) -> dict:
+    """Recovery training of the compressed checkpoint `src` toward `teacher`; `distill_options`: DistillConfig
+    fields. Progress lives in `{out}.state` until the model is written, so a killed run resumes."""
+    import shutil
+    import time
+
+    from .checkpoint import check_output_dir, load_causal_lm, save_atomic
+    from .compress.recover import DistillConfig, distill, layerwise_fit
+    from .convert import load_source, to_mea
+    from .data import calibration_windows, heldout_text, read_texts, token_windows, training_tokens
+    from .eval import perplexity
+    from .models import MEAForCausalLM
+
+    cfg = DistillConfig(**distill_options)
+    check_output_dir(out, overwrite=overwrite)
+    if cfg.tokens < cfg.batch * cfg.seq_len and layerwise_steps == 0:
+        raise ValueError("nothing to do: --tokens is below one step and --layerwise-steps is 0")
+    t0 = time.perf_counter()
+    student = load_causal_lm(src)
+    if not isinstance(student, MEAForCausalLM):
+        raise ValueError(f"{src} is a {type(student).__name__}; recover expects a compressed MEA checkpoint")
+    teacher_source = load_source(teacher, tokenizer_for="recovery (training text)")
+    tok = teacher_source.tokenizer
+    teacher_model = to_mea(teacher_source.model)
+    if teacher_model.config.vocab_size != student.config.vocab_size:
+        raise ValueError(f"teacher vocabulary ({teacher_model.config.vocab_size}) differs from the student's "
+                         f"({student.config.vocab_size}); recover from the model it was compressed from")
+    report = {"src": src, "teacher": teacher_source.description}
+    held = token_windows(tok, heldout_text(), window=1024, count=8, what="held-out text") if evaluate else None
+    if evaluate:
+        report["ppl_before"] = perplexity(student, held)["ppl"]
+    if layerwise_steps:
+        report["layerwise"] = layerwise_fit(student, teacher_model, calibration_windows(tok, window=512, count=16),
+                                            steps=layerwise_steps, log=log)
+    if cfg.tokens >= cfg.batch * cfg.seq_len:
+        stream = (tok(read_texts(text), add_special_tokens=False, return_tensors="pt").input_ids[0] if text
+                  else training_tokens(tok))
+        report["distill"] = distill(student, teacher_model, stream, Path(f"{out}.state"), cfg, log=log)
+    provenance_file = Path(src) / "mea_provenance.json"
+    provenance = json.loads(provenance_file.read_text()) if provenance_file.exists() else {}
+    provenance["recovery"] = {**report, "config": vars(cfg), "layerwise_steps": layerwise_steps,
+                              "text": text or "embedded corpus", "command": " ".join(sys.argv)}
+    if evaluate:
+        report["ppl_after"] = perplexity(student, held)["ppl"]
+    save_atomic(student, out, tokenizer=tok, overwrite=overwrite, extra_json={"mea_provenance.json": provenance})
+    shutil.rmtree(f"{out}.state", ignore_errors=True)
+    report["out"] = out
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    return report
+
+
+def cmd_eval_ppl(model: str, text: list[str] | None = None, windows: int = 8, window: int = 1024) -> dict:
+    from .convert import load_source
+    from .data import heldout_text, read_texts, token_windows
+    from .eval import perplexity
+
+    source = load_source(model, tokenizer_for="perplexity")
+    body = read_texts(text) if text else heldout_text()
+    ids = token_windows(source.tokenizer, body, window=window, count=windows, what="evaluation text")
+    return {"model": source.description, "text": text or "held-out Hamlet (mea.data.heldout_text)",
+            **perplexity(source.model, ids)}
+
+
+def cmd_eval_tasks(model: str, tasks: Sequence[str] = ("table1",), limit: int | None = None, batch_size: int = 8,
+                   out: str | None = None) -> dict:
+    from .convert import load_source
+    from .eval.harness import resolve_tasks, run_tasks, task_table
+
+    tasks = list(tasks)
+    resolve_tasks(tasks)  # unknown names fail before the model loads
+    source = load_source(model, tokenizer_for="the harness")
+    result = {"model": source.description, **run_tasks(source.model, source.tokenizer, tasks, limit=limit,
+                                                       batch_size=batch_size)}
+    if out:
+        from .atomic import write_json_atomic, write_text_atomic
+
+        write_json_atomic(out + ".json", result)
+        write_text_atomic(out + ".md", f"Model: {source.description}\n\n" + task_table(result["tasks"]))
+    return result
+
+
+def cmd_eval_needle(model: str, out: str, lengths: Sequence[int] = (512, 1024, 2048, 4096, 8192),
+                    depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), trials: int = 3, seed: int = 0) -> dict:
+    from .atomic import write_json_atomic
+    from .convert import load_source
+    from .eval.needle import needle_grid, plot_heatmap
+
+    source = load_source(model, tokenizer_for="the needle test")
+    result = {"model": source.description, **needle_grid(
+        source.model, source.tokenizer, lengths=list(lengths), depths=list(depths), trials=trials, seed=seed,
+        log=log)}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(out) / "needle.json", result)
+    plot_heatmap(result, Path(out) / "needle.png", title=f"{source.description}: needle retrieval")
+    return {"out": out, "model": source.description,
+            "accuracy": {f"{c['length']}@{c['depth']:g}": c["accuracy"] for c in result["cells"]}}
+
+
+def cmd_eval_hlc(model: str, out: str, reference: str | None = None, windows: int = 4, window: int = 256) -> dict:
+    from .atomic import write_json_atomic
+    from .checkpoint import load_causal_lm, load_tokenizer
+    from .data import heldout_text, token_windows
+    from .eval.hlc_analysis import analyze_hlc, plot_hlc
+
+    m = load_causal_lm(model)
+    tok = load_tokenizer(model)
+    if tok is None:
+        raise ValueError(f"{model} has no tokenizer files")
+    ids = token_windows(tok, heldout_text(), window=window, count=windows, what="held-out text")
+    ref = load_causal_lm(reference) if reference else None
+    result = {"model": model, "reference_model": reference, **analyze_hlc(m, ids, reference=ref)}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(out) / "hlc.json", result)
+    plot_hlc(result, Path(out) / "hlc.png")
+    return {k: v for k, v in result.items() if k != "layers"} | {
+        "moved": [[round(l["moved_k"], 4), round(l["moved_v"], 4)] for l in result["layers"]],
+        "importance": [[round(x, 4) for x in l["importance"]] for l in result["layers"]]}
+
+
+def cmd_eval_mqar(variants: Sequence[str] = ("baseline", "mea"), seeds: Sequence[int] = (0, 1, 2),
+                  out: str | None = None, component_heads: int | None = None, **settings) -> dict:
+    """`settings`: keyword arguments of `mea.eval.mqar.train_mqar` (pairs, queries, steps, lr, ...)."""
+    from .eval.mqar import mqar_sweep
+
+    overrides = {"mea_num_component_heads": component_heads} if component_heads else {}
+    result = mqar_sweep(list(variants), list(seeds), log=log, **settings, **overrides)
+    if out:
+        from .atomic import write_json_atomic
+
+        write_json_atomic(out, result)
+    return result
+
+
+def cmd_study_compression(out: str, **options) -> dict:
+    """`options`: keyword arguments of `run_compression_study`."""
+    from .experiments.compression_study import run_compression_study
+
+    return run_compression_study(out, log=log, **options)
+
+
+def cmd_demo(**options) -> dict:
+    """`options`: keyword arguments of `mea.demo.run_demo`."""
+    from .demo import run_demo
+
+    return run_demo(**options)
+
+
+def cmd_bench(what: str, out: str | None = None, **options) -> dict:
+    """Run one benchmark (`options`: keyword arguments of its runner); with `out` X.json also write X.md (table)
+    and X.png (plot, where there is one)."""
+    from .bench import BENCHES, RUNNERS
+
+    result = RUNNERS[what](**options)
+    if out:
+        from .atomic import write_json_atomic, write_text_atomic
+
+        module, stem = BENCHES[what], out.removesuffix(".json")
+        write_json_atomic(out, result)
+        write_text_atomic(stem + ".md", module.markdown(result))
+        if hasattr(module, "plot"):
+            module.plot(result, stem + ".png")
+    return result
+
+
+def cmd_train(out: str, config: str | None = None, model_set: list[str] | None = None, resume: bool = False,
+              overwrite: bool = False, quiet: bool = False, **options) -> dict:
+    """`options`: TrainConfig fields given on the command line; they override the --config file."""
+    from .train import TrainConfig, load_config_file, train
+
+    if resume and config is None and not options and not model_set:
+        cfg = None  # continue with the run's saved config
+    else:
+        fields = load_config_file(config) if config else {}
+        fields.update(options)
+        if model_set:
+            fields["model"] = {**fields.get("model", {}), **parse_assignments(model_set)}
+        cfg = TrainConfig.from_dict(fields)
+    return train(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet)
+
+
+def cmd_study_lr(out: str, preset: str = "quick", jobs: int = 1, **overrides) -> dict:
+    """`overrides`: keyword arguments of `make_plan` (variants, lrs, seeds, steps, data)."""
+    from .experiments.lr_study import make_plan, run_study
+
+    return run_study(out, make_plan(preset, **overrides), jobs=jobs, log=log)
+
+
+def cmd_study_report(out: str) -> dict:
+    from .experiments.lr_report import write_report
+
+    if not (Path(out) / "study.json").is_file():
+        raise ValueError(f"{out} is not a study directory (no study.json); run `mea study lr {out}` first")
+    summary = write_report(out)
+    return {"report": str(Path(out) / "report.md"), "claims": summary["claims"]}
+
+
+def parse_assignments(items: list[str]) -> dict:
+    """["num_hidden_layers=4", "rope_parameters={...}"] -> dict; values parsed as JSON when they are JSON."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

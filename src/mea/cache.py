@@ -157,3 +157,19 @@ class MEACache(Cache):
 
     def bytes_used(self) -> int:
         return sum(layer.bytes_used() for layer in self.layers)
+
+
+def cache_bytes_held(cache: Cache) -> int:
+    """Bytes of the tensors a Hugging Face cache holds: its whole allocation, spare capacity included."""
+    return cache.bytes_held() if isinstance(cache, MEACache) else _key_value_bytes(cache)
+
+
+def cache_bytes_used(cache: Cache) -> int:
+    """Bytes of the tokens a Hugging Face cache has stored (an MEACache may hold spare capacity beyond them)."""
+    return cache.bytes_used() if isinstance(cache, MEACache) else _key_value_bytes(cache)
+
+
+def _key_value_bytes(cache: Cache) -> int:
+    """Key and value tensors of a cache whose layers hold exactly their tokens (DynamicCache and the like)."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if isinstance(t, torch.Tensor))

@@ -47,8 +47,8 @@ def _flag(name: str) -> str:
 
 
 def _with_default(help_text: str | None, value) -> str:
-    """The help text plus "(default X)"; nothing is added for None, an empty list or a switch's False."""
-    if value is None or value is False or (isinstance(value, (list, tuple)) and not value):
+    """The help text plus "(default X)"; nothing is added for None or an empty list."""
+    if value is None or (isinstance(value, (list, tuple)) and not value):
         return help_text or ""
     shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
     return f"{help_text or ''} (default {shown})".strip()
@@ -69,20 +69,19 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, *, skip: tuple[s
         default = f.default if f.default is not MISSING else f.default_factory()
         kind, nargs = _argument_type(hints[f.name], f"{cls.__name__}.{f.name}")
         comment = comments.get(f.name, "").replace("%", "%%")  # argparse formats help with %
-        kw = dict(dest=f.name, default=SUPPRESS, help=_with_default(comment, default))
         if kind is bool:
             switch = f.metadata.get("flag")
             state = "on" if default else "off"
             if switch:
                 state += f"; this flag turns it {'off' if default else 'on'}"
-            kw["help"] = f"{comment} (default {state})".strip()
+            kw = dict(dest=f.name, default=SUPPRESS, help=f"{comment} (default {state})".strip())
             if switch:
                 parser.add_argument(switch, action="store_false" if default else "store_true", **kw)
             else:
                 parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
-            continue
-        parser.add_argument(f.metadata.get("flag", _flag(f.name)), type=kind, nargs=nargs,
-                            choices=f.metadata.get("choices"), **kw)
+        else:
+            parser.add_argument(f.metadata.get("flag", _flag(f.name)), dest=f.name, default=SUPPRESS, type=kind,
+                                nargs=nargs, choices=f.metadata.get("choices"), help=_with_default(comment, default))
 
 
 def _argument_type(hint, where: str) -> tuple[type, str | None]:

@@ -12,10 +12,12 @@ import time
 
 import torch
 
+from ..cache import cache_bytes_held
+from ..machine import machine_header
 from ..markdown import markdown_table
 from .charts import plot_vs_context
-from .machine import machine_header, memory_bandwidth, rotated, synchronize
-from .systems import LLAMA, available_memory, build_systems, cache_bytes, fill_cache, predicted_kv_bytes, weight_bytes
+from .systems import LLAMA, available_memory, build_systems, fill_cache, predicted_kv_bytes, weight_bytes
+from .timing import memory_bandwidth, rotated, synchronize
 
 
 @torch.no_grad()
@@ -67,7 +69,7 @@ def bench_decode(*, preset: str = "smollm2-135m", contexts=(1024, 4096, 16384, 3
                 for r in range(rounds):
                     for name in rotated(group, r):
                         times[name] += timed_steps(systems[name], caches[name], batch=batch, steps=steps)
-                held.update((name, cache_bytes(c)) for name, c in caches.items())
+                held.update((name, cache_bytes_held(c)) for name, c in caches.items())
                 del caches
             for name, model in systems.items():
                 seconds = statistics.median(times[name])

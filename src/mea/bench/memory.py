@@ -12,10 +12,12 @@ import gc
 
 import torch
 
+from ..cache import cache_bytes_held
+from ..machine import machine_header
 from ..markdown import markdown_table
 from .charts import plot_vs_context
-from .machine import in_fresh_process, machine_header
-from .systems import available_memory, build_systems, cache_bytes, fill_cache, predicted_kv_bytes, system_specs
+from .systems import available_memory, build_systems, fill_cache, predicted_kv_bytes, system_specs
+from .timing import in_fresh_process
 
 
 def _rss_peak_reset() -> int:
@@ -61,7 +63,7 @@ def measure_point(preset: str, budgets, name: str, batch: int, context: int, ste
         peak = torch.cuda.max_memory_allocated(dev) - before
     else:
         peak = _status_kb("VmHWM") * 1024 - before
-    held = cache_bytes(cache)
+    held = cache_bytes_held(cache)
     predicted = predicted_kv_bytes(model, batch, context + steps)
     return dict(system=name, context=context, batch=batch, peak_bytes=peak, kv_bytes=held,
                 kv_bytes_predicted=predicted, kv_error=held / predicted - 1, peak_over_kv=peak / held)

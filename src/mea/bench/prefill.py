@@ -10,10 +10,11 @@ import time
 
 import torch
 
+from ..machine import machine_header
 from ..markdown import markdown_table
 from .charts import plot_vs_context
-from .machine import machine_header, synchronize
 from .systems import LLAMA, build_systems
+from .timing import synchronize
 
 
 @torch.no_grad()

@@ -92,13 +92,6 @@ def fill_cache(model, batch: int, context: int, capacity: int):
     return cache
 
 
-def cache_bytes(cache) -> int:
-    """Bytes of the tensors the cache holds (its whole allocation)."""
-    if isinstance(cache, MEACache):
-        return cache.bytes_held()
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-
-
 def predicted_kv_bytes(model, batch: int, tokens: int) -> int:
     """What the configuration says a cache of `tokens` tokens should hold: sum over layers of 2 h' D per
     token (h' = h for Llama), plus MEA's k-scales where they apply."""

@@ -12,27 +12,28 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ..convert.fold import plain_config_fields
-from ..models import VARIANTS, MEAForCausalLM, make_config
+from ..machine import machine_header
 from ..markdown import markdown_table
-from .machine import in_fresh_process, machine_header, rotated, synchronize
+from ..models import VARIANTS, MEAForCausalLM, make_config
+from .timing import in_fresh_process, rotated, synchronize
 
 
 def llama_of(cfg) -> LlamaForCausalLM:
     return LlamaForCausalLM(LlamaConfig(**plain_config_fields(cfg), attn_implementation="sdpa"))
 
 
-def build_system(preset: str, name: str):
+def training_system(preset: str, name: str):
     if name == "transformers-llama":
         return llama_of(make_config(preset, "baseline"))
     return MEAForCausalLM(make_config(preset, name))
 
 
-def build_systems(preset: str) -> tuple[dict, dict]:
+def training_systems(preset: str) -> tuple[dict, dict]:
     """Every variant the preset's head counts allow, plus transformers' Llama; and the variants skipped."""
     systems, skipped = {}, {}
     for name in [*VARIANTS, "transformers-llama"]:
         try:
-            systems[name] = build_system(preset, name)
+            systems[name] = training_system(preset, name)
         except ValueError as e:  # e.g. Differential attention needs even head counts
             skipped[name] = str(e)
     return systems, skipped
@@ -44,7 +45,7 @@ def bench_train(*, preset: str = "small", batch: int = 8, seq: int = 256, steps:
     peak memory one training step adds on top of the model."""
     torch.manual_seed(seed)
     dev, dt = torch.device(device), getattr(torch, dtype)
-    systems, skipped = build_systems(preset)
+    systems, skipped = training_systems(preset)
     systems = {k: m.to(dev).train() for k, m in systems.items()}
     ids = torch.randint(0, systems["baseline"].config.vocab_size, (batch, seq), device=dev)
     autocast = torch.autocast(dev.type, dtype=dt, enabled=dt != torch.float32)
@@ -99,7 +100,7 @@ def bench_train(*, preset: str = "small", batch: int = 8, seq: int = 256, steps:
 
 def _step_peak_child(preset: str, name: str, batch: int, seq: int, dtype: str) -> int:
     torch.manual_seed(0)
-    model = build_system(preset, name).train()
+    model = training_system(preset, name).train()
     ids = torch.randint(0, model.config.vocab_size, (batch, seq))
     dt = getattr(torch, dtype)
     with open("/proc/self/statm") as f:

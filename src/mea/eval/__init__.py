@@ -1,4 +1,4 @@
-from .generation import cache_bytes, generate_and_measure
+from .generation import generate_and_measure
 from .perplexity import perplexity
 
-__all__ = ["cache_bytes", "generate_and_measure", "perplexity"]
+__all__ = ["generate_and_measure", "perplexity"]

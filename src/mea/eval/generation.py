@@ -4,17 +4,7 @@ from __future__ import annotations
 
 import torch
 
-
-def cache_bytes(cache) -> int:
-    """Bytes of the cached tokens in a Hugging Face cache object (MEACache or key/value tensor layers)."""
-    if hasattr(cache, "bytes_used"):
-        return cache.bytes_used()
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+from ..cache import cache_bytes_held, cache_bytes_used
 
 
 def chat_prompt(tokenizer, text: str) -> torch.Tensor:
@@ -32,7 +22,7 @@ def generate_and_measure(model, tokenizer, prompt: str, *, max_new_tokens: int =
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                          return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     new = out.sequences[0, ids.shape[1] :]
-    used, tokens = cache_bytes(out.cache), out.cache.get_seq_length()
-    held = out.cache.bytes_held() if hasattr(out.cache, "bytes_held") else used
+    used, tokens = cache_bytes_used(out.cache), out.cache.get_seq_length()
+    held = cache_bytes_held(out.cache)
     return {"prompt": prompt, "text": tokenizer.decode(new, skip_special_tokens=True), "cache_tokens": tokens,
             "cache_bytes_held": held, "kv_bytes_per_token": used / max(tokens, 1)}

@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..layers import MEAAttention, init_hlc
+from ..layers import MEAAttention
+from ..ops import init_hlc
 from ..plotting import pyplot, save_figure
 from .perplexity import perplexity
 

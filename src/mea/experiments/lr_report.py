@@ -14,7 +14,7 @@ import numpy as np
 
 from ..atomic import write_json_atomic, write_text_atomic
 from ..plotting import pyplot, save_figure
-from .lr_study import VARIANT_ORDER, run_name
+from .lr_layout import VARIANT_ORDER, run_name
 from .stats import fisher_exact, welch
 
 ALPHA = 0.05

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from ..atomic import write_json_atomic
 from ..train.config import TrainConfig
-
-VARIANT_ORDER = ["baseline", "groupnorm", "diff", "mea-no-groupnorm", "mea"]
+from .lr_layout import VARIANT_ORDER, run_name
+from .lr_report import write_report
 
 
 @dataclass
@@ -50,10 +50,6 @@ STUDIES: dict[str, StudyPlan] = {
                       train=dict(seq_len=256, batch_size=32, steps=2000, warmup_steps=200, eval_every=100,
                                  eval_windows=128, log_every=20, save_every=250)),
 }
-
-
-def run_name(variant: str, lr: float, seed: int) -> str:
-    return f"{variant}__lr{lr:.0e}__s{seed}"
 
 
 def make_plan(study: str, *, variants=None, lrs=None, seeds=None, steps=None, data=None) -> StudyPlan:
@@ -107,8 +103,6 @@ def run_study(out: str | Path, plan: StudyPlan, *, jobs: int = 1, log=print) -> 
             done = len(configs) - len(pending) - len(running)
             log(f"[{done}/{len(configs)} {time.time() - t0:.0f}s] {name}: {state or 'failed'}"
                 + (f" (exit {proc.returncode}, see {out / 'logs' / (name + '.log')})" if proc.returncode else ""))
-    from .lr_report import write_report
-
     summary = write_report(out)
     return {"study": str(out), "runs": len(configs), "failed": failed, "report": str(out / "report.md"),
             "claims": [{k: c[k] for k in ("claim", "verdict")} for c in summary["claims"]]}
@@ -118,12 +112,12 @@ def _launch(out: Path, name: str, cfg: TrainConfig, threads: int) -> subprocess.
     cfg_path = out / "configs" / f"{name}.json"
     write_json_atomic(cfg_path, cfg.to_dict())
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    log = open(out / "logs" / f"{name}.log", "a")
+    log_file = open(out / "logs" / f"{name}.log", "a")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env.pop("RANK", None), env.pop("WORLD_SIZE", None)  # each run is one process, even under a launcher
     cmd = [sys.executable, "-m", "mea", "train", "--config", str(cfg_path), "--out", str(out / "runs" / name),
            "--resume", "--quiet"]
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
 
 
 def _state(run: Path) -> str | None:

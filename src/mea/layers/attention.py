@@ -29,27 +29,11 @@ from ..ops import (
     expanded_attention,
     fold_into_projection,
     grouped_attention,
+    init_hlc,
     inverse_rms,
     mix_heads,
 )
 from .norm import RMSNorm
-
-HLC_INITS = ("identity", "shared")
-
-
-def init_hlc(num_components: int, num_heads: int, how: str | None = None) -> torch.Tensor:
-    """(h', h) initial HLC matrix. identity: h' = h, no mixing. shared: composite head j starts as
-    component head j mod h' (a grouping of composite heads onto fewer components). None: identity
-    when h' = h, else shared."""
-    how = how or ("identity" if num_components == num_heads else "shared")
-    if how not in HLC_INITS:
-        raise ValueError(f"unknown HLC init {how!r}; choose one of {', '.join(HLC_INITS)} or pass matrices")
-    if how == "identity" and num_components != num_heads:
-        raise ValueError(f"HLC init 'identity' needs h' = h (got h'={num_components}, h={num_heads}); use 'shared'")
-    w = torch.zeros(num_components, num_heads)
-    w[torch.arange(num_heads) % num_components, torch.arange(num_heads)] = 1.0
-    return w
-
 
 class MEAAttention(nn.Module):
     def __init__(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-from ..layers.attention import HLC_INITS
+from ..ops.hlc import HLC_INITS
 from ..ops.rope import SUPPORTED_ROPE_TYPES
 
 

@@ -13,8 +13,8 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ..cache import MEACache
-from ..layers import DifferentialAttention, MEAAttention, MEADecoderLayer, RMSNorm, init_hlc
-from ..ops import rope_cos_sin, rope_inv_freq
+from ..layers import DifferentialAttention, MEAAttention, MEADecoderLayer, RMSNorm
+from ..ops import init_hlc, rope_cos_sin, rope_inv_freq
 from .configuration_mea import MEAConfig
 
 

@@ -7,11 +7,12 @@ from .attention import (
     expanded_attention,
     grouped_attention,
 )
-from .hlc import fold_into_projection, mix_heads, mix_heads_reference
+from .hlc import HLC_INITS, fold_into_projection, init_hlc, mix_heads, mix_heads_reference
 from .norm import inverse_rms, rms_norm, rms_norm_reference
 from .rope import SUPPORTED_ROPE_TYPES, apply_rope, apply_rope_reference, rope_cos_sin, rope_inv_freq
 
 __all__ = [
+    "HLC_INITS",
     "SUPPORTED_ROPE_TYPES",
     "absorbed_attention",
     "absorbed_attention_reference",
@@ -21,6 +22,7 @@ __all__ = [
     "expanded_attention",
     "fold_into_projection",
     "grouped_attention",
+    "init_hlc",
     "inverse_rms",
     "mix_heads",
     "mix_heads_reference",

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import write_json_atomic, write_text_atomic
-from ..bench.machine import machine_header
 from ..checkpoint import save_atomic
+from ..machine import machine_header
 from ..models import MEAForCausalLM
 from .config import TrainConfig
 from .data import prepare_data, train_batch, val_windows

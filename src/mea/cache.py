@@ -161,15 +161,38 @@ class MEACache(Cache):
 
 def cache_bytes_held(cache: Cache) -> int:
     """Bytes of the tensors a Hugging Face cache holds: its whole allocation, spare capacity included."""
-    return cache.bytes_held() if isinstance(cache, MEACache) else _key_value_bytes(cache)
+    return cache.bytes_held() if isinstance(cache, MEACache) else _layer_tensor_bytes(cache)
 
 
 def cache_bytes_used(cache: Cache) -> int:
     """Bytes of the tokens a Hugging Face cache has stored (an MEACache may hold spare capacity beyond them)."""
-    return cache.bytes_used() if isinstance(cache, MEACache) else _key_value_bytes(cache)
+    return cache.bytes_used() if isinstance(cache, MEACache) else _layer_tensor_bytes(cache)
 
 
-def _key_value_bytes(cache: Cache) -> int:
-    """Key and value tensors of a cache whose layers hold exactly their tokens (DynamicCache and the like)."""
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-               if isinstance(t, torch.Tensor))
+def _layer_tensor_bytes(cache: Cache) -> int:
+    """Every tensor the layers of a cache that holds exactly its tokens keep: keys/values (DynamicCache); for a
+    QuantizedCache the packed codes, scales and zero points and the full-precision residual; for a pruned
+    kvpress cache the kept tokens."""
+    seen: set[int] = set()
+    return sum(_tensor_bytes(v, seen) for layer in getattr(cache, "layers", []) for v in vars(layer).values())
+
+
+def _tensor_bytes(obj, seen: set[int]) -> int:
+    """Bytes of the tensors in `obj` (tensors, tensor subclasses such as quanto's QTensor, and lists, tuples
+    and dicts of them); a storage counted once."""
+    if isinstance(obj, torch.Tensor):
+        if type(obj) is not torch.Tensor and hasattr(obj, "__tensor_flatten__"):  # e.g. quanto's packed codes
+            names, _ = obj.__tensor_flatten__()
+            return sum(_tensor_bytes(getattr(obj, n), seen) for n in names)
+        if obj.numel() == 0:
+            return 0
+        key = obj.untyped_storage().data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(x, seen) for x in obj)
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(x, seen) for x in obj.values())
+    return 0

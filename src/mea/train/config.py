@@ -14,29 +14,29 @@ from ..models.presets import PRESETS, VARIANTS, make_config
 @dataclass
 class TrainConfig:
     # model: a named preset and variant plus config-field overrides (e.g. {"num_hidden_layers": 4})
-    preset: str = "small"
-    variant: str = "mea"
+    preset: str = field(default="small", metadata={"choices": tuple(PRESETS)})  # model size
+    variant: str = field(default="mea", metadata={"choices": tuple(VARIANTS)})  # attention variant
     model: dict = field(default_factory=dict)
     # data: text files / folders / JSONL (empty: the embedded Shakespeare corpus); a tokenizer directory
     # (None: train a byte-level BPE with the model's vocab size on the training split)
     data: list = field(default_factory=list)  # text files / folders / .jsonl (none: the embedded corpus)
-    tokenizer: str | None = None
+    tokenizer: str | None = None  # a tokenizer directory (none: a byte-level BPE trained on the training split)
     val_fraction: float = 0.05  # the tail of every document, fixed for the corpus
     # batch: `batch_size` sequences of `seq_len` tokens per optimizer step, over all processes and
     # `grad_accum` micro-steps
-    seq_len: int = 256
-    batch_size: int = 16
-    grad_accum: int = 1
-    steps: int = 1000
+    seq_len: int = 256  # tokens per sequence
+    batch_size: int = 16  # sequences per optimizer step, over all processes and micro-steps
+    grad_accum: int = 1  # micro-steps per optimizer step
+    steps: int = 1000  # optimizer steps
     # optimizer and schedule
-    lr: float = 1e-3
+    lr: float = 1e-3  # peak learning rate (AdamW)
     min_lr_ratio: float = 0.1  # cosine decay ends at 10% of the peak, as in the paper
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
+    warmup_steps: int = 100  # linear warm-up steps
+    weight_decay: float = 0.1  # AdamW weight decay
     decay_all: bool = False  # also decay norms, biases, embeddings and HLC/lambda vectors (off in the paper)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     seed: int = 0
     # execution: "auto" = bf16 autocast on CUDA with bf16, fp32 elsewhere
@@ -44,10 +44,10 @@ class TrainConfig:
     compile: bool = False
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block) instead of DDP
     # bookkeeping
-    log_every: int = 10
-    eval_every: int = 100
+    log_every: int = 10  # steps between metrics lines
+    eval_every: int = 100  # steps between validation losses
     eval_windows: int = 64  # validation windows of seq_len tokens (fixed; the same every evaluation)
-    save_every: int = 200
+    save_every: int = 200  # steps between checkpoints
     # divergence is a result: stop when the loss is not finite, or when its moving average rises more than
     # `divergence_delta` nats above the lowest it has been
     divergence_delta: float = 1.0

@@ -40,3 +40,13 @@ def test_report_from_evaluations(tmp_path):
     assert "knowledge training-free: first significant drop at kv33-free (KV kept 0.67)" in md
     assert "knowledge recovered: no significant drop" in md and "reasoning training-free: no significant drop" in md
     assert (tmp_path / "sensitivity.png").stat().st_size > 0
+
+
+def test_corrupt_evaluation_file_is_an_error_naming_it(tmp_path):
+    (tmp_path / "evals").mkdir()
+    (tmp_path / "evals" / "original.mc.json").write_text('{"tasks": [{"task": "mm')
+    with pytest.raises(ValueError, match=r"original\.mc\.json is corrupt.*rerun the study"):
+        write_report(tmp_path, levels=["kv33"])
+    (tmp_path / "evals" / "original.mc.json").write_text('{"results": []}')
+    with pytest.raises(ValueError, match=r"original\.mc\.json has no list of tasks"):
+        write_report(tmp_path, levels=["kv33"])

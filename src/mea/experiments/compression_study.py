@@ -22,6 +22,7 @@ from pathlib import Path
 from ..atomic import write_json_atomic, write_text_atomic
 from ..plotting import pyplot, save_figure
 from ..eval.harness import wilson_interval
+from .run_files import read_json
 from .stats import two_proportions
 
 LEVELS = {  # name -> (compress arguments, KV fraction kept)
@@ -86,8 +87,15 @@ def write_report(out: Path, *, levels: list[str]) -> dict:
     first compression level where it breaks; summary.json; sensitivity.png."""
     rows = []
     for name in ["original"] + [f"{lv}-{k}" for lv in levels for k in ("free", "rec")]:
-        parts = [out / "evals" / f"{name}.{kind}.json" for kind in ("mc", "math")]
-        tasks = [t for p in parts if p.is_file() for t in json.loads(p.read_text())["tasks"]]
+        tasks = []
+        for kind in ("mc", "math"):
+            path = out / "evals" / f"{name}.{kind}.json"
+            result = read_json(path, fix="delete it and rerun the study to redo that evaluation")
+            if result is not None:
+                if not isinstance(result.get("tasks"), list):
+                    raise ValueError(f"{path} has no list of tasks (not a `mea eval tasks` result); delete it and "
+                                     "rerun the study to redo that evaluation")
+                tasks += result["tasks"]
         if not tasks:
             continue
         level = name.split("-")[0]

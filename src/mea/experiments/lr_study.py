@@ -24,6 +24,7 @@ from pathlib import Path
 
 from ..atomic import write_json_atomic
 from ..train.config import TrainConfig
+from .run_files import read_json
 
 VARIANT_ORDER = ["baseline", "groupnorm", "diff", "mea-no-groupnorm", "mea"]
 
@@ -127,7 +128,5 @@ def _launch(out: Path, name: str, cfg: TrainConfig, threads: int) -> subprocess.
 
 
 def _state(run: Path) -> str | None:
-    try:
-        return json.loads((run / "status.json").read_text())["state"]
-    except (OSError, ValueError, KeyError):
-        return None
+    status = read_json(run / "status.json", fix=f"delete {run} and rerun the study to redo that run")
+    return None if status is None else status.get("state")

@@ -9,7 +9,7 @@ from ..atomic import write_json_atomic, write_text_atomic
 from ..convert import load_source, to_mea
 from ..data import calibration_windows, probe_windows
 from ..plotting import pyplot, save_figure
-from .calibrate import input_moments
+from .calibrate import input_moments, key_moments
 from .probe import probe_layers
 
 
@@ -21,10 +21,11 @@ def run_probe(src: str, out: str, *, levels: list[int] | None = None, method: st
     levels = levels or list(range(1, h))
     if any(not 1 <= m < h for m in levels):
         raise ValueError(f"--levels must be in [1, {h - 1}] (h' < h = {h}), got {levels}")
-    moments = None
+    moments = keys = None
     if method == "whitened":
-        moments = input_moments(model, calibration_windows(source.tokenizer, window=512, count=16))
-    result = probe_layers(model, probe_windows(source.tokenizer, window=window, count=windows), moments,
+        calib = calibration_windows(source.tokenizer, window=512, count=16)
+        moments, keys = input_moments(model, calib), key_moments(model, calib)
+    result = probe_layers(model, probe_windows(source.tokenizer, window=window, count=windows), moments, keys,
                           levels=levels, method=method, log=lambda m: print(m, file=sys.stderr, flush=True))
     result["source"] = source.description
     out_dir = Path(out)

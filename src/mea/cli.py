@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = study.add_parser("compression", help="accuracy by task category x KV compression, training-free and recovered")
     e.add_argument("out")
     e.add_argument("--src", default="smollm2")
-    e.add_argument("--levels", nargs="+", help="kv33 kv50 kv67 (default: all)")
+    e.add_argument("--levels", nargs="+", help="kept67 kept50 kept33: percent of the KV cache kept (default: all)")
     e.add_argument("--limit", type=int, default=100, help="examples per multiple-choice task")
     e.add_argument("--math-limit", type=int, default=30, help="GSM8K examples (generation is slow on CPU)")
     e.add_argument("--tokens", type=int, default=150_000, help="recovery distillation tokens per level")

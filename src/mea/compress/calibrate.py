@@ -20,20 +20,33 @@ def input_moments(model: MEAForCausalLM, windows: torch.Tensor, *, batch_size: i
 
     def hook(idx):
         def fn(module, args, kwargs):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            x1 = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+            x1 = _with_one(args[0])
             moments[idx] += x1.T @ x1
         return fn
 
-    handles = [layer.self_attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    _run_with_hooks(model, windows, {i: hook(i) for i in range(len(layers))}, batch_size)
+    return moments
+
+
+def _with_one(x: torch.Tensor) -> torch.Tensor:
+    """(..., C) attention inputs -> (N, C+1) float64 rows with the constant-1 feature appended."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    return torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+
+
+def _run_with_hooks(model: MEAForCausalLM, windows: torch.Tensor, hooks: dict, batch_size: int) -> None:
+    """Run the calibration windows through the model with forward pre-hooks on the attention of the layers
+    in `hooks` (layer index -> hook); nothing runs when there are none."""
+    handles = [model.model.layers[i].self_attn.register_forward_pre_hook(fn, with_kwargs=True)
+               for i, fn in hooks.items()]
     try:
-        model.eval()
-        for start in range(0, windows.shape[0], batch_size):
-            model(input_ids=windows[start : start + batch_size].to(model.device), use_cache=False)
+        if handles:
+            model.eval()
+            for start in range(0, windows.shape[0], batch_size):
+                model(input_ids=windows[start : start + batch_size].to(model.device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return moments
 
 
 @torch.no_grad()
@@ -52,8 +65,7 @@ def key_moments(model: MEAForCausalLM, windows: torch.Tensor, *,
             k, _ = module.composite_kv(args[0])  # (B, T, h, D), before the norm
             r = inverse_rms(k, module.k_norm.eps).double().pow(2).reshape(-1, k.shape[2])  # (B*T, h)
             s = r.mean(dim=1)
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            x1 = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+            x1 = _with_one(args[0])
             if sums[idx] is None:
                 sums[idx] = [torch.zeros(x1.shape[1], x1.shape[1], dtype=torch.float64),
                              torch.zeros(r.shape[1], dtype=torch.float64), torch.zeros((), dtype=torch.float64)]
@@ -62,14 +74,6 @@ def key_moments(model: MEAForCausalLM, windows: torch.Tensor, *,
             sums[idx][2] += s.sum()
         return fn
 
-    handles = [layer.self_attn.register_forward_pre_hook(hook(i), with_kwargs=True)
-               for i, layer in enumerate(layers) if layer.self_attn.k_norm is not None]
-    try:
-        if handles:
-            model.eval()
-            for start in range(0, windows.shape[0], batch_size):
-                model(input_ids=windows[start : start + batch_size].to(model.device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_with_hooks(model, windows, {i: hook(i) for i, layer in enumerate(layers) if layer.self_attn.k_norm is not None},
+                    batch_size)
     return [None if acc is None else (acc[0], acc[1] / acc[2]) for acc in sums]

@@ -36,7 +36,10 @@ class CompressOptions:
     recover: str = "layerwise"  # or "none"
     fit_steps: int = 20
     fit_query_output: bool = True  # layer-wise fit also trains q_proj / o_proj (measured: much better)
-    fit_mode: str = "sequential"  # or "teacher" (teacher-forced inputs)
+    # sequential: each layer is fitted on the student's own inputs to the teacher's residual state, so it also
+    # corrects the drift of the compressed layers before it (the error the output sees); teacher: each layer
+    # on the teacher's inputs, alone
+    fit_mode: str = "sequential"
     evaluate: bool = True
     evaluate_original: bool = True  # also score the uncompressed model (skip when sweeping)
     eval_windows: int = 8

@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(MEA) compress smollm2 out/smollm2-kv67 --virtual-heads 2 --overwrite
+	$(MEA) compress smollm2 out/smollm2-kept67 --virtual-heads 2 --overwrite
 
 test: setup
 	$(PY) -m pytest -q

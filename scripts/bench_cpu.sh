@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every performance number in the README: `bash scripts/bench_cpu.sh [OUTDIR]` (default results/bench).
+# Every performance number in docs/performance.md: `bash scripts/bench_cpu.sh [OUTDIR]` (default results/bench);
+# then `python3 scripts/render_docs.py`.
 # Run it on a quiet machine: each benchmark interleaves its systems, but other load still adds noise.
 set -euo pipefail
 OUT=${1:-results/bench}

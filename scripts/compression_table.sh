@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The README's compression table: every row is one `mea` command; JSON results land in results/compression/.
+# The compression table of docs/compression.md: every row is one `mea` command; JSON results land in
+# results/compression/ (then `python3 scripts/render_docs.py`).
 # Usage: bash scripts/compression_table.sh [SRC]   (SRC defaults to the embedded SmolLM2; converting it
 # once first, `mea convert smollm2 out/smollm2-mea`, and passing that directory is faster).
 set -euo pipefail

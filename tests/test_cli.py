@@ -75,6 +75,19 @@ def test_fold_cli_bad_inputs(capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def _check_generated_kv(checks: list[dict], systems: list[str]) -> None:
+    """Caches grown by generate(): the stored tokens take exactly the predicted bytes; our caches allocate at
+    most one growth block more, transformers' exactly what it stores."""
+    from mea.cache import GROWTH_BLOCK
+
+    assert [c["system"] for c in checks] == systems
+    for c in checks:
+        assert c["tokens"] == 64 + GROWTH_BLOCK - 1 and c["used_error"] == 0, c
+        slack = c["kv_bytes_held"] - c["kv_bytes_used"]
+        assert 0 <= slack < c["kv_bytes_predicted"] * GROWTH_BLOCK / c["tokens"], c
+    assert checks[0]["held_error"] == 0
+
+
 def test_bench_runs_end_to_end_and_writes_json(capsys, tmp_path):
     out = tmp_path / "d.json"
     code, stdout, _ = run_cli(capsys, "bench", "decode", "--preset", "tiny", "--contexts", "64", "--steps", "2",
@@ -86,7 +99,9 @@ def test_bench_runs_end_to_end_and_writes_json(capsys, tmp_path):
     assert list(kv) == ["transformers-llama", "mea h'=3", "mea folded", "mea KV -50%", "mea KV -67%"]
     full = kv["transformers-llama"]
     assert full == kv["mea h'=3"] == kv["mea folded"] == 2 * kv["mea KV -50%"] == 3 * kv["mea KV -67%"]
-    assert all(r["kv_error"] == 0 and r["of_bound"] > 0 and len(r["all_ms"]) == 4 for r in data["results"])
+    assert all(r["of_bound"] > 0 and len(r["all_ms"]) == 4 for r in data["results"])
+    _check_generated_kv(data["kv_generate"], ["transformers-llama", "mea h'=3", "mea folded", "mea KV -50%",
+                                              "mea KV -67%"])
     assert (tmp_path / "d.md").read_text().count("| 2 | 64 |") == 5 and (tmp_path / "d.png").stat().st_size > 0
     for what, extra in (("prefill", ["--contexts", "32", "--repeats", "1"]),
                         ("memory", ["--contexts", "64", "--steps", "1"])):
@@ -95,7 +110,8 @@ def test_bench_runs_end_to_end_and_writes_json(capsys, tmp_path):
         data = json.loads(out.read_text())
         assert code == 0 and data["benchmark"] == what and len(data["results"]) == 4
         assert (tmp_path / f"{what}.md").exists() and (tmp_path / f"{what}.png").stat().st_size > 0
-    assert all(r["kv_error"] == 0 and r["kv_bytes"] > 0 for r in data["results"])  # the memory results
+    assert all(r["kv_bytes"] > 0 for r in data["results"])  # the memory results
+    _check_generated_kv(data["kv_generate"], ["transformers-llama", "mea h'=3", "mea folded", "mea KV -67%"])
     code, stdout, _ = run_cli(capsys, "bench", "train", "--preset", "tiny", "--batch", "2", "--seq", "16",
                               "--steps", "1", "--repeats", "1")
     data = json.loads(stdout)

@@ -3,7 +3,7 @@ import torch
 from helpers import incremental_logits, left_padded_batch, randomize_mea, tiny_config
 
 import mea
-from mea.compress.calibrate import input_moments
+from mea.compress.calibrate import input_moments, key_moments
 from mea.compress.factor_model import factor_model
 from mea.compress.factorize import factorize_heads, weighted_error
 from mea.compress.plan import budget_plan, parse_layers, preset_layers, uniform_plan
@@ -110,3 +110,70 @@ def test_teacher_forced_fit_mode(calibrated):
     assert all(r["rel_error_after"] < r["rel_error_before"] for r in report)
     with pytest.raises(ValueError, match="fit mode"):
         layerwise_fit(student, model, torch.randint(0, 97, (4, 32)), mode="bogus")
+
+
+@pytest.fixture(scope="module")
+def qk_norm_model():
+    """A tiny QK-norm (Qwen3-like) model whose key norms have far-from-uniform per-feature scales."""
+    torch.manual_seed(0)
+    model = randomize_mea(mea.MEAForCausalLM(tiny_config(use_qk_norm=True, mea_head_norm=False))).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.k_norm.weight.copy_(torch.randn(layer.self_attn.head_dim).mul(0.8).exp())
+    windows = torch.randint(0, 97, (8, 32))
+    return model, windows, input_moments(model, windows), key_moments(model, windows)
+
+
+def _layer_inputs(model, ids) -> dict:
+    seen = {}
+    hooks = [layer.self_attn.register_forward_pre_hook(lambda m, a, kw, i=i: seen.__setitem__(i, a[0]),
+                                                       with_kwargs=True) for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def _seen_key_error(attn, new, x) -> float:
+    """Relative error of the composite keys as the attention sees them: g * k_j / RMS(k_j) of the original."""
+    from mea.ops import inverse_rms
+
+    k, kn = attn.composite_kv(x)[0], new.composite_kv(x)[0]
+    scale = attn.k_norm.weight * inverse_rms(k, attn.k_norm.eps)[..., None]
+    return ((kn - k) * scale).norm().item() / (k * scale).norm().item()
+
+
+def test_qk_norm_compression_is_exact_at_full_rank(qk_norm_model):
+    from mea.compress.factor_model import factor_attention
+    from mea.ops import rope_cos_sin
+
+    model, _, moments, keys = qk_norm_model
+    attn = model.model.layers[0].self_attn
+    new, row = factor_attention(attn, 3, sigma=moments[0], key_stats=keys[0])
+    assert row["k_error"] < 1e-10 and row["v_error"] < 1e-10
+    x = torch.randn(2, 5, 96)
+    cos, sin = rope_cos_sin(model.model.inv_freq, torch.arange(5)[None].expand(2, 5), 1.0, x.dtype)
+    with torch.no_grad():
+        assert (new(x, cos, sin) - attn(x, cos, sin)).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="QK-norm.*key moments"):
+        factor_attention(attn, 2, sigma=moments[0])
+
+
+@pytest.mark.parametrize("key_weighting", [False, True])
+def test_qk_norm_objective_lowers_the_key_error_the_attention_sees(qk_norm_model, monkeypatch, key_weighting):
+    """With the key norm's scale and 1/RMS in the objective, the normalised keys are closer to the original's
+    at every layer and h' than with the un-normalised objective (the previous behaviour)."""
+    import mea.compress.factor_model as fm
+
+    model, windows, moments, keys = qk_norm_model
+    inputs = _layer_inputs(model, windows)
+    fixed = {(i, m): fm.factor_attention(layer.self_attn, m, sigma=moments[i], key_stats=keys[i],
+                                         key_weighting=key_weighting)[0]
+             for i, layer in enumerate(model.model.layers) for m in (1, 2)}
+    monkeypatch.setattr(fm, "key_norm_objective", lambda attn, q_k, stats: (stats[0], q_k))
+    for (i, m), new in fixed.items():
+        attn = model.model.layers[i].self_attn
+        old = fm.factor_attention(attn, m, sigma=moments[i], key_stats=(moments[i], None), key_weighting=key_weighting)[0]
+        with torch.no_grad():
+            assert _seen_key_error(attn, new, inputs[i]) < _seen_key_error(attn, old, inputs[i]), (i, m)

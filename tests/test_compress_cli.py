@@ -58,7 +58,8 @@ def test_convert_compress_load_generate(capsys, tmp_path, tiny_llama_dir):
     # half the layers with the data-free SVD, from the MEA checkpoint
     code, res, err = run(capsys, "compress", tmp_path / "mea", tmp_path / "c2", "--method", "svd",
                          "--virtual-heads", "1", "--layers", "1", "--recover", "none", "--no-eval")
-    assert code == 0, err and res["plan"] == [3, 1, 3]
+    assert code == 0, err
+    assert res["plan"] == [3, 1, 3]
 
 
 def test_kv_budget_probe_and_recover(capsys, tmp_path, tiny_llama_dir):
@@ -72,7 +73,8 @@ def test_kv_budget_probe_and_recover(capsys, tmp_path, tiny_llama_dir):
     assert sum(res["plan"]) <= 0.5 * 9 and min(res["plan"]) >= 1
     code, res, err = run(capsys, "recover", tmp_path / "b", tmp_path / "r", "--teacher", tiny_llama_dir,
                          "--tokens", "512", "--seq-len", "64", "--batch", "2", "--save-every", "1", "--no-eval")
-    assert code == 0, err and res["distill"]["steps"] == 4
+    assert code == 0, err
+    assert res["distill"]["steps"] == 4
     assert not (tmp_path / "r.state").exists()
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "r").config.component_heads() == \
         AutoModelForCausalLM.from_pretrained(tmp_path / "b").config.component_heads()

@@ -70,8 +70,10 @@ def test_wrapper_agrees_with_plain_lm_eval(tiny_llama, tmp_path):
     result_file = next((tmp_path / "plain").rglob("results*.json"))
     plain = json.loads(result_file.read_text())["results"]
     for short in ("piqa", "arc_easy", "winogrande"):
-        assert plain[TASKS[short]]["acc,none"] == pytest.approx(ours[short]["value"], abs=1e-9)
+        assert plain[TASKS[short]]["acc,none"] == pytest.approx(ours[short]["acc"], abs=1e-9)
         assert plain[TASKS[short]]["acc_norm,none"] == pytest.approx(ours[short]["acc_norm"], abs=1e-9)
+    assert [ours[s]["metric"] for s in ("piqa", "arc_easy", "winogrande")] == ["acc_norm", "acc_norm", "acc"]
+    assert ours["piqa"]["value"] == ours["piqa"]["acc_norm"] and ours["winogrande"]["value"] == ours["winogrande"]["acc"]
 
 
 def test_bad_inputs(monkeypatch, tmp_path, capsys):
@@ -96,3 +98,20 @@ def test_bad_inputs(monkeypatch, tmp_path, capsys):
 def test_wilson_interval():
     lo, hi = wilson_interval(0.5, 100)
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+
+
+def test_rows_are_scored_by_acc_norm_where_lengths_differ():
+    from mea.eval.harness import scored, task_row, task_table
+
+    result = {"acc,none": 0.25, "acc_norm,none": 0.5, "acc_stderr,none": 0.1, "acc_norm_stderr,none": 0.1}
+    hs, mmlu = task_row("hellaswag", result, 40), task_row("mmlu", result, 40)
+    assert (hs["metric"], hs["value"], hs["acc"]) == ("acc_norm", 0.5, 0.25)
+    assert (mmlu["metric"], mmlu["value"], mmlu["acc_norm"]) == ("acc", 0.25, 0.5)
+    old = {**hs, "metric": "acc", "value": 0.25}  # written when acc was every task's score
+    del old["acc"]
+    assert scored(old)["value"] == 0.5 and scored(old)["acc"] == 0.25 and scored(mmlu) is mmlu
+    md = task_table([hs, mmlu])
+    assert "| hellaswag | reasoning | 40 | 0.250 | 0.500 | acc_norm | 0.500 |" in md
+    assert "| mmlu | knowledge | 40 | 0.250 | 0.500 | acc | 0.250 |" in md and "acc elsewhere" in md
+    with pytest.raises(ValueError, match="no acc_norm"):
+        scored({k: v for k, v in old.items() if k != "acc_norm"})

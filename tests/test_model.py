@@ -190,3 +190,19 @@ def test_unknown_preset_or_variant():
         mea.make_config("huge")
     with pytest.raises(ValueError, match="unknown variant"):
         mea.make_config("tiny", variant="mla")
+
+
+@pytest.mark.parametrize("overrides", [dict(mea_num_component_heads=1, use_qk_norm=True),
+                                       dict(mea_num_component_heads=[1, 2]), dict()])
+def test_cache_grown_by_generate_holds_the_predicted_bytes(overrides):
+    """The bytes a cache holds after generate() appended token by token from an empty cache (the model's own
+    attention layers choose heads, layout and k-scales), against the configuration's prediction."""
+    from mea.bench.kv_check import generated_kv
+    from mea.cache import GROWTH_BLOCK
+
+    model = mea.MEAForCausalLM(tiny_config(**overrides)).eval()
+    check = generated_kv(model, batch=2, prompt=10, new_tokens=GROWTH_BLOCK + 5)
+    per_token = model.config.kv_cache_bytes_per_token(bytes_per_element=4)
+    assert check["tokens"] == 10 + GROWTH_BLOCK + 4
+    assert check["kv_bytes_used"] == check["kv_bytes_predicted"] == 2 * check["tokens"] * per_token
+    assert check["kv_bytes_held"] == 2 * 2 * GROWTH_BLOCK * per_token  # grew once past its first block

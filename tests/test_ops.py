@@ -40,8 +40,23 @@ def test_mix_heads_matches_reference_forward_and_grad():
 def test_rms_norm_matches_reference():
     x, w = torch.randn(3, 4, 16), torch.randn(16)
     assert rel_err(rms_norm(x, w, 1e-5), rms_norm_reference(x, w, 1e-5)) < 1e-6
-    xb = x.bfloat16()
-    assert rms_norm(xb, w.bfloat16(), 1e-5).dtype == torch.bfloat16
+
+
+BF16_ULP = 2.0**-8  # bf16 unit roundoff (8 significant bits)
+
+
+def test_rms_norm_bf16_values():
+    """bf16 in, bf16 out: within two bf16 roundings (the normalised value, then the weight product) of the
+    exact result on the same bf16 inputs, element by element."""
+    g = torch.Generator().manual_seed(0)
+    xb = (3 * torch.randn(4, 7, 64, generator=g)).bfloat16()
+    wb = (1 + torch.randn(64, generator=g)).bfloat16()
+    out = rms_norm(xb, wb, 1e-6)
+    assert out.dtype == torch.bfloat16
+    x, w = xb.double(), wb.double()
+    exact = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+    assert ((out.double() - exact).abs() <= 2 * BF16_ULP * exact.abs() + 1e-30).all()
+    assert rel_err(rms_norm_reference(xb, wb, 1e-6), exact) < 2 * BF16_ULP
 
 
 ROPE_CASES = [
@@ -125,13 +140,43 @@ def test_grouped_and_expanded_attention_match_reference():
     assert rel_err(grouped_attention(q1, k, v, mask=m2, scale=0.3), ref) < 1e-5
 
 
+def test_absorbed_decode_with_k_scale_bf16_values():
+    """The QK-norm path of the absorbed decode (a per-key logit factor, two matmuls) in bf16: within 2% (five
+    bf16 roundings: query scaling, logits, logit factor, probabilities, values) of the float64 reference on
+    the same bf16 inputs (the float32 path on those inputs: within 1e-5)."""
+    g = torch.Generator().manual_seed(0)
+    b, t, s, n, h, m, d = 2, 1, 40, 6, 3, 2, 16
+    q, k, v = (torch.randn(b, x, c, d, generator=g).bfloat16() for x, c in ((t, n), (s, m), (s, m)))
+    wk, wv = torch.randn(m, h, generator=g).bfloat16(), torch.randn(m, h, generator=g).bfloat16()
+    ks = (torch.rand(b, s, h, generator=g) + 0.5).bfloat16()
+    mask = _padding_mask(b, t, s, [s, 25])
+    args = dict(mask=mask, scale=d**-0.5)
+    ref = absorbed_attention_reference(*(x.double() for x in (q, k, v, wk, wv)), **args, k_scale_BSH=ks.double())
+    out = absorbed_attention(q, k, v, wk, wv, **args, k_scale_BSH=ks)
+    assert out.dtype == torch.bfloat16
+    fp32 = absorbed_attention(*(x.float() for x in (q, k, v, wk, wv)), **args, k_scale_BSH=ks.float())
+    assert rel_err(fp32, ref) < 1e-5
+    assert rel_err(out, ref) < 5 * BF16_ULP
+    # masked keys stay masked in bf16: the padded sequence ignores its first 15 keys
+    shifted = absorbed_attention(q, k.clone().index_fill_(1, torch.arange(15), 100.0), v, wk, wv, **args,
+                                 k_scale_BSH=ks)
+    assert torch.equal(shifted[1], out[1])
+
+
 @pytest.mark.parametrize("batch,heads,keys", [(1, 1, 4100), (1, 3, 2500), (2, 1, 3000)])
 def test_split_decode_equals_sdpa(batch, heads, keys):
-    """The flash-decoding split (chunks of the cache merged by log-sum-exp, with a tail chunk) is exact."""
-    from mea.ops.attention import decode_sdpa
+    """The flash-decoding split (chunks of the cache merged by log-sum-exp, with a tail chunk) is exact,
+    and these inputs do take the split path (not SDPA compared with itself)."""
+    from mea.ops.attention import _FLASH_CPU, decode_sdpa, decode_splits
 
+    if _FLASH_CPU is None:
+        pytest.skip("this torch build has no CPU flash-attention op: decode_sdpa always calls SDPA")
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(batch, heads, n, 32, generator=g) for n in (6, keys, keys))
     with torch.no_grad():
+        assert decode_splits(q, k, v, mask=None) >= 2
         out = decode_sdpa(q, k, v, mask=None, scale=0.2)
-    assert rel_err(out, F.scaled_dot_product_attention(q, k, v, scale=0.2)) < 1e-5
+        assert rel_err(out, F.scaled_dot_product_attention(q, k, v, scale=0.2)) < 1e-5
+        mask = torch.ones(batch, 1, 6, keys, dtype=torch.bool)
+        assert decode_splits(q, k, v, mask=mask) == 1  # a mask: one SDPA call
+    assert decode_splits(q.requires_grad_(), k, v, mask=None) == 1  # gradients: one SDPA call

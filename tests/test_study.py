@@ -83,3 +83,27 @@ def test_tiny_study_end_to_end_and_resume(tmp_path, monkeypatch):
         run_study(tmp_path / "study", plan, jobs=1)
     with pytest.raises(ValueError, match="unknown variant"):
         make_plan("quick", variants=["transformer"])
+
+
+def test_corrupt_run_files_are_errors_naming_the_file(tmp_path):
+    results = {("baseline", 0.01): [3.00, 3.01], ("mea", 0.01): [2.90, 2.91]}
+    _fake_study(tmp_path, results)
+    run = tmp_path / "runs" / run_name("mea", 0.01, 1)
+    metrics = run / "metrics.jsonl"
+    good = metrics.read_text()
+    (run / "status.json").write_text('{"state": "fini')
+    with pytest.raises(ValueError, match=r"status\.json is corrupt.*delete .* and rerun"):
+        write_report(tmp_path)
+    (run / "status.json").write_text(json.dumps({"state": "running"}))
+    metrics.write_text(good + '{"step": 3, "tok')  # an append cut short while running: dropped
+    write_report(tmp_path)
+    (run / "status.json").write_text(json.dumps({"state": "finished"}))
+    with pytest.raises(ValueError, match=r"metrics\.jsonl ends in a cut line but the run is finished"):
+        write_report(tmp_path)
+    metrics.write_text('{"step": 1, "to\n' + good)
+    with pytest.raises(ValueError, match=r"metrics\.jsonl is corrupt at line 1"):
+        write_report(tmp_path)
+    metrics.unlink()  # missing is not corrupt: the run has no losses yet
+    (run / "status.json").unlink()
+    table = {(c["variant"], c["lr"]): c for c in write_report(tmp_path)["table"]}
+    assert table[("mea", 0.01)]["losses"] == [2.90]

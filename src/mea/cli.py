@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "accuracy by task category x KV compression, training-free and recovered", run_compression_study)
     e.add_argument("out")
     e.add_argument("--src")
-    e.add_argument("--levels", nargs="+", help="kv33 kv50 kv67 (default: all)")
+    e.add_argument("--levels", nargs="+", help="kept67 kept50 kept33: percent of the KV cache kept (default: all)")
     e.add_argument("--limit", type=int, help="examples per multiple-choice task")
     e.add_argument("--math-limit", type=int, help="GSM8K examples (generation is slow on CPU)")
     e.add_argument("--tokens", type=int, help="recovery distillation tokens per level")

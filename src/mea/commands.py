@@ -70,7 +70,7 @@ def cmd_probe(src: str, out: str, levels: list[int] | None = None, method: str =
               window: int = 512) -> dict:
     """Probe every layer at every h' in `levels` (default 1 .. h-1); write probe.json, probe.md, probe.png."""
     from .atomic import write_json_atomic, write_text_atomic
-    from .compress.calibrate import input_moments
+    from .compress.calibrate import input_moments, key_moments
     from .compress.probe import plot_probe, probe_layers, probe_markdown
     from .convert import load_source, to_mea
     from .data import calibration_windows, probe_windows
@@ -81,10 +81,11 @@ def cmd_probe(src: str, out: str, levels: list[int] | None = None, method: str =
     levels = levels or list(range(1, h))
     if any(not 1 <= m < h for m in levels):
         raise ValueError(f"--levels must be in [1, {h - 1}] (h' < h = {h}), got {levels}")
-    moments = None
+    moments = keys = None
     if method == "whitened":
-        moments = input_moments(model, calibration_windows(source.tokenizer, window=512, count=16))
-    result = probe_layers(model, probe_windows(source.tokenizer, window=window, count=windows), moments,
+        calib = calibration_windows(source.tokenizer, window=512, count=16)
+        moments, keys = input_moments(model, calib), key_moments(model, calib)
+    result = probe_layers(model, probe_windows(source.tokenizer, window=window, count=windows), moments, keys,
                           levels=levels, method=method, log=log)
     result["source"] = source.description
     out_dir = Path(out)

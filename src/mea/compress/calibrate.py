@@ -1,12 +1,14 @@
 """Calibration statistics: for each layer, the second moment of the attention input (after the
 input RMSNorm), accumulated in float64 over calibration windows, with a constant-1 feature appended
-so that projection biases are covered: Sigma = sum_t [x_t; 1][x_t; 1]^T, shape (C+1, C+1)."""
+so that projection biases are covered: Sigma = sum_t [x_t; 1][x_t; 1]^T, shape (C+1, C+1). For layers
+with QK-norm on the keys, also the moment the key error is measured on (`key_moments`)."""
 
 from __future__ import annotations
 
 import torch
 
 from ..models import MEAForCausalLM
+from ..ops import inverse_rms
 
 
 @torch.no_grad()
@@ -18,17 +20,60 @@ def input_moments(model: MEAForCausalLM, windows: torch.Tensor, *, batch_size: i
 
     def hook(idx):
         def fn(module, args, kwargs):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            x1 = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+            x1 = _with_one(args[0])
             moments[idx] += x1.T @ x1
         return fn
 
-    handles = [layer.self_attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    _run_with_hooks(model, windows, {i: hook(i) for i in range(len(layers))}, batch_size)
+    return moments
+
+
+def _with_one(x: torch.Tensor) -> torch.Tensor:
+    """(..., C) attention inputs -> (N, C+1) float64 rows with the constant-1 feature appended."""
+    x = x.reshape(-1, x.shape[-1]).double()
+    return torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+
+
+def _run_with_hooks(model: MEAForCausalLM, windows: torch.Tensor, hooks: dict, batch_size: int) -> None:
+    """Run the calibration windows through the model with forward pre-hooks on the attention of the layers
+    in `hooks` (layer index -> hook); nothing runs when there are none."""
+    handles = [model.model.layers[i].self_attn.register_forward_pre_hook(fn, with_kwargs=True)
+               for i, fn in hooks.items()]
     try:
-        model.eval()
-        for start in range(0, windows.shape[0], batch_size):
-            model(input_ids=windows[start : start + batch_size].to(model.device), use_cache=False)
+        if handles:
+            model.eval()
+            for start in range(0, windows.shape[0], batch_size):
+                model(input_ids=windows[start : start + batch_size].to(model.device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return moments
+
+
+@torch.no_grad()
+def key_moments(model: MEAForCausalLM, windows: torch.Tensor, *,
+                batch_size: int = 4) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Per layer with QK-norm on its keys (Qwen3): what the key error is measured on. The norm divides
+    composite key j of token t by its RMS, so its error counts with weight r_jt = 1/RMS(k_j(x_t))^2.
+    Approximated as separable, r_jt ~ c_j s_t with s_t = mean_j r_jt: returns (the input moment
+    weighted by s_t, (C+1, C+1); the per-head factors c_j = sum_t r_jt / sum_t s_t, (h,)). None for
+    layers without QK-norm."""
+    layers = model.model.layers
+    sums: list[list | None] = [None] * len(layers)
+
+    def hook(idx):
+        def fn(module, args, kwargs):
+            k, _ = module.composite_kv(args[0])  # (B, T, h, D), before the norm
+            r = inverse_rms(k, module.k_norm.eps).double().pow(2).reshape(-1, k.shape[2])  # (B*T, h)
+            s = r.mean(dim=1)
+            x1 = _with_one(args[0])
+            if sums[idx] is None:
+                sums[idx] = [torch.zeros(x1.shape[1], x1.shape[1], dtype=torch.float64),
+                             torch.zeros(r.shape[1], dtype=torch.float64), torch.zeros((), dtype=torch.float64)]
+            sums[idx][0] += (x1 * s[:, None]).T @ x1
+            sums[idx][1] += r.sum(dim=0)
+            sums[idx][2] += s.sum()
+        return fn
+
+    _run_with_hooks(model, windows, {i: hook(i) for i, layer in enumerate(layers) if layer.self_attn.k_norm is not None},
+                    batch_size)
+    return [None if acc is None else (acc[0], acc[1] / acc[2]) for acc in sums]

@@ -12,7 +12,7 @@ from ..console import log
 from ..convert import load_source, to_mea
 from ..data import calibration_windows, heldout_text, probe_windows, read_texts, token_windows
 from ..eval import generate_and_measure, perplexity
-from .calibrate import input_moments
+from .calibrate import input_moments, key_moments
 from .factor_model import METHODS, factor_model
 from .plan import LAYER_PRESETS, budget_plan, load_sensitivity, parse_layers, preset_layers, uniform_plan
 from .probe import probe_layers
@@ -44,7 +44,7 @@ class CompressOptions:
     fit_steps: int = 20  # layer-wise recovery steps per compressed layer
     fit_query_output: bool = field(  # the layer-wise fit also trains q/o (measured: much better), not only k/v and HLC
         default=True, metadata={"flag": "--fit-kv-only"})
-    fit_mode: str = field(  # sequential: student inputs, error-correcting targets; teacher: teacher-forced inputs
+    fit_mode: str = field(  # sequential: each layer on the student's own inputs (corrects the drift before it); teacher: on the teacher's inputs, alone
         default="sequential", metadata={"choices": FIT_MODES})
     evaluate: bool = field(default=True, metadata={"flag": "--no-eval"})  # report held-out perplexity
     evaluate_original: bool = field(  # also score the uncompressed model (skip when sweeping)
@@ -71,7 +71,7 @@ def validate(opts: CompressOptions) -> None:
         raise ValueError("--method svd is data-free; drop --calib or use --method whitened")
 
 
-def make_plan(model, opts: CompressOptions, tokenizer, moments) -> list[int]:
+def make_plan(model, opts: CompressOptions, tokenizer, moments, keys) -> list[int]:
     cfg = model.config
     h, num_layers = cfg.num_key_value_heads, cfg.num_hidden_layers
     if opts.virtual_heads is not None:
@@ -83,7 +83,7 @@ def make_plan(model, opts: CompressOptions, tokenizer, moments) -> list[int]:
         sens = load_sensitivity(opts.sensitivity)
     else:
         log("measuring per-layer sensitivity (quick probe; `mea probe` writes a fuller one)...")
-        sens = probe_layers(model, probe_windows(tokenizer, window=256, count=2), moments,
+        sens = probe_layers(model, probe_windows(tokenizer, window=256, count=2), moments, keys,
                             levels=list(range(1, h)), method=opts.method, log=log)["delta_loss"]
     return budget_plan(sens, num_layers, h, opts.kv_budget)
 
@@ -103,13 +103,14 @@ def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = Fal
                                 what="calibration text")
     else:
         windows = calibration_windows(tok, window=opts.calib_window, count=opts.calib_windows)
-    moments = None
+    moments = keys = None
     if opts.method == "whitened" or opts.recover == "layerwise" or opts.kv_budget is not None:
         log(f"calibrating on {windows.numel()} tokens ...")
         moments = input_moments(teacher, windows)
-    plan = make_plan(teacher, opts, tok, moments)
+        keys = key_moments(teacher, windows) if opts.method == "whitened" else None
+    plan = make_plan(teacher, opts, tok, moments, keys)
     log(f"virtual heads per layer: {plan}")
-    student, factor_report = factor_model(teacher, plan, method=opts.method, moments=moments,
+    student, factor_report = factor_model(teacher, plan, method=opts.method, moments=moments, key_moments=keys,
                                           key_weighting=opts.key_weighting, value_weighting=opts.value_weighting)
     fit_report = None
     if opts.recover == "layerwise":

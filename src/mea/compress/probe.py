@@ -8,10 +8,10 @@ from ..eval import perplexity
 from .factor_model import factor_attention
 
 
-def probe_layers(model, windows: torch.Tensor, moments, *, levels: list[int], method: str = "whitened",
-                 log=print) -> dict:
+def probe_layers(model, windows: torch.Tensor, moments, key_moments=None, *, levels: list[int],
+                 method: str = "whitened", log=print) -> dict:
     """delta_loss[layer][h'] = validation loss with only that layer at h' virtual heads, minus the
-    uncompressed loss (nats per token)."""
+    uncompressed loss (nats per token). moments / key_moments: from `calibrate` (see `factor_model`)."""
     cfg = model.config
     base = perplexity(model, windows)["nll"]
     delta: dict[int, dict[int, float]] = {}
@@ -22,7 +22,8 @@ def probe_layers(model, windows: torch.Tensor, moments, *, levels: list[int], me
         try:
             for m in levels:  # swap in the compressed attention of this one layer, measure, restore
                 block.self_attn, _ = factor_attention(original, m, method=method,
-                                                      sigma=moments[layer] if moments is not None else None)
+                                                      sigma=moments[layer] if moments is not None else None,
+                                                      key_stats=key_moments[layer] if key_moments else None)
                 delta[layer][m] = perplexity(model, windows)["nll"] - base
         finally:
             block.self_attn = original

@@ -22,7 +22,13 @@ GROUPS = {
     "reasoning": ["piqa", "hellaswag", "winogrande", "boolq", "lambada"],
     "math": ["gsm8k"],
 }
-PRIMARY_METRIC = {"gsm8k": "exact_match"}  # every other task reports accuracy
+# The metric each task is scored and averaged by: length-normalised accuracy (acc_norm) where the answer
+# choices are continuations of different lengths (HellaSwag, ARC, OpenBookQA, PIQA: the usual choice for
+# these tasks), exact match for GSM8K, plain accuracy (acc) elsewhere. acc and acc_norm are both reported.
+PRIMARY_METRIC = {"gsm8k": "exact_match", **{t: "acc_norm" for t in ("hellaswag", "arc_easy", "arc_challenge",
+                                                                       "openbookqa", "piqa")}}
+METRIC_NOTE = ("Scored (and averaged into categories) by acc_norm for HellaSwag, ARC-Easy, ARC-Challenge, "
+               "OpenBookQA and PIQA (answer choices of different lengths), exact match for GSM8K, acc elsewhere.")
 
 
 def resolve_tasks(names: list[str]) -> list[str]:
@@ -56,20 +62,35 @@ def run_tasks(model, tokenizer, tasks: list[str], *, limit: int | None = None, b
                                   task_manager=TaskManager(include_path=str(TASKS_DIR)), random_seed=seed,
                                   numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
     return {"tasks": [task_row(s, out["results"][TASKS[s]], out["n-samples"][TASKS[s]]["effective"]) for s in short],
-            "lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None, "limit": limit}
+            "lm_eval": lm_eval.__version__ if hasattr(lm_eval, "__version__") else None, "limit": limit,
+            "scoring": METRIC_NOTE}
 
 
 def task_row(short: str, result: dict, n: int) -> dict:
+    """One task's row: `metric` / `value` are what the task is scored by (PRIMARY_METRIC), with acc, acc_norm
+    and perplexity beside it where the harness gives them."""
     metric = PRIMARY_METRIC.get(short, "acc")
     value = result[f"{metric},none"]
     stderr = result.get(f"{metric}_stderr,none")
     stderr = stderr if isinstance(stderr, float) and math.isfinite(stderr) else None
     row = {"task": short, "category": next(c for c in ("knowledge", "reasoning", "math") if short in GROUPS[c]),
            "metric": metric, "value": value, "stderr": stderr, "n": n, "ci95": wilson_interval(value, n)}
-    for extra in ("acc_norm", "perplexity"):
+    for extra in ("acc", "acc_norm", "perplexity"):
         if f"{extra},none" in result:
             row[extra] = result[f"{extra},none"]
     return row
+
+
+def scored(row: dict) -> dict:
+    """A task row scored by its PRIMARY_METRIC, also for rows written before acc_norm was the primary metric of
+    some tasks (their `value` was acc, with acc_norm beside it)."""
+    metric = PRIMARY_METRIC.get(row["task"], "acc")
+    if row["metric"] == metric:
+        return row
+    if metric not in row:
+        raise ValueError(f"the result row of {row['task']} has no {metric}; rerun `mea eval tasks` for it")
+    return {**row, "metric": metric, "value": row[metric], row["metric"]: row["value"], "stderr": None,
+            "ci95": wilson_interval(row[metric], row["n"])}
 
 
 def wilson_interval(p: float, n: int, z: float = 1.96) -> list[float] | None:
@@ -82,7 +103,9 @@ def wilson_interval(p: float, n: int, z: float = 1.96) -> list[float] | None:
 
 
 def task_table(rows: list[dict]) -> str:
-    """The per-task results of `run_tasks` as a markdown table."""
-    return markdown_table(["task", "category", "n", "metric", "value", "95% CI"], [
-        [r["task"], r["category"], r["n"], r["metric"], f"{r['value']:.3f}",
-         f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" if r["ci95"] else "—"] for r in rows])
+    """The per-task results of `run_tasks` as a markdown table: acc and acc_norm beside the score used."""
+    table = markdown_table(["task", "category", "n", "acc", "acc_norm", "scored by", "score", "95% CI"], [
+        [r["task"], r["category"], r["n"], *(f"{r[k]:.3f}" if k in r else "—" for k in ("acc", "acc_norm")),
+         r["metric"], f"{r['value']:.3f}", f"[{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" if r["ci95"] else "—"]
+        for r in map(scored, rows)])
+    return table + "\n\n" + METRIC_NOTE + "\n"

@@ -4,9 +4,9 @@ training-free and after recovery, for one model (default: the embedded SmolLM2).
 Every step is a `mea` command run as a subprocess and skipped when its output exists, so the study
 resumes where it stopped:
 
-    OUT/models/kv33-free     mea compress SRC ... --virtual-heads 2 --recover none          (training-free)
-    OUT/models/kv33-fit      mea compress SRC ... --virtual-heads 2 --fit-mode teacher      (start of recovery)
-    OUT/models/kv33-rec      mea recover OUT/models/kv33-fit ... --teacher SRC --tokens T   (after recovery)
+    OUT/models/kept67-free   mea compress SRC ... --virtual-heads 2 --recover none          (training-free)
+    OUT/models/kept67-fit    mea compress SRC ... --virtual-heads 2 --fit-mode teacher      (start of recovery)
+    OUT/models/kept67-rec    mea recover OUT/models/kept67-fit ... --teacher SRC --tokens T   (after recovery)
     OUT/evals/NAME.mc.json   mea eval tasks MODEL --tasks knowledge reasoning --limit N
     OUT/evals/NAME.math.json mea eval tasks MODEL --tasks math --limit M      (generation: the slow part)
     OUT/report.md, summary.json, sensitivity.png
@@ -21,14 +21,16 @@ from pathlib import Path
 
 from ..atomic import write_json_atomic, write_text_atomic
 from ..plotting import pyplot, save_figure
-from ..eval.harness import wilson_interval
+from ..eval.harness import METRIC_NOTE, scored, wilson_interval
+from .run_files import read_json
 from .stats import two_proportions
 
-LEVELS = {  # name -> (compress arguments, KV fraction kept)
-    "kv33": (["--virtual-heads", "2"], 2 / 3),
-    "kv50": (["--kv-budget", "0.5"], 0.5),
-    "kv67": (["--virtual-heads", "1"], 1 / 3),
+LEVELS = {  # name (the percentage of the KV cache kept) -> (compress arguments, KV fraction kept)
+    "kept67": (["--virtual-heads", "2"], 2 / 3),
+    "kept50": (["--kv-budget", "0.5"], 0.5),
+    "kept33": (["--virtual-heads", "1"], 1 / 3),
 }
+LEGACY_LEVELS = {"kv33": "kept67", "kv50": "kept50", "kv67": "kept33"}  # earlier names: the percentage removed
 CATEGORIES = ("knowledge", "reasoning", "math")
 
 
@@ -63,10 +65,11 @@ def plan_steps(src: str, out: Path, *, levels: list[str], limit: int, math_limit
 def run_compression_study(out: str | Path, *, src: str = "smollm2", levels: list[str] | None = None, limit: int = 100,
                           math_limit: int = 30, tokens: int = 150_000, fit_steps: int = 60, log=print) -> dict:
     out = Path(out)
-    levels = levels or list(LEVELS)
+    levels = [LEGACY_LEVELS.get(lv, lv) for lv in levels or LEVELS]
     unknown = sorted(set(levels) - set(LEVELS))
     if unknown:
         raise ValueError(f"unknown level(s) {unknown}; choose from {', '.join(LEVELS)}")
+    adopt_legacy_names(out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     steps = plan_steps(src, out, levels=levels, limit=limit, math_limit=math_limit, tokens=tokens, fit_steps=fit_steps)
     for i, (target, cmd) in enumerate(steps, 1):
@@ -80,14 +83,33 @@ def run_compression_study(out: str | Path, *, src: str = "smollm2", levels: list
     return write_report(out, levels=levels)
 
 
+def adopt_legacy_names(out: Path) -> None:
+    """Rename the models, evaluations and logs of a study run under the earlier level names (kv33 = KV -33%)
+    to the current ones (kept67 = KV kept 67%), so that it continues instead of starting over."""
+    for sub in ("models", "evals", "logs"):
+        for path in sorted((out / sub).glob("kv*")) if (out / sub).is_dir() else []:
+            old, _, rest = path.name.partition("-")
+            target = path.with_name(f"{LEGACY_LEVELS[old]}-{rest}") if old in LEGACY_LEVELS and rest else None
+            if target is not None and not target.exists():
+                path.rename(target)
+
+
 def write_report(out: Path, *, levels: list[str]) -> dict:
     """report.md: accuracy by category (pooled over its tasks) and by task for every model evaluated so far,
     with 95% intervals, the differences from the original that are significant, and for each category the
     first compression level where it breaks; summary.json; sensitivity.png."""
+    adopt_legacy_names(out)
     rows = []
     for name in ["original"] + [f"{lv}-{k}" for lv in levels for k in ("free", "rec")]:
-        parts = [out / "evals" / f"{name}.{kind}.json" for kind in ("mc", "math")]
-        tasks = [t for p in parts if p.is_file() for t in json.loads(p.read_text())["tasks"]]
+        tasks = []
+        for kind in ("mc", "math"):
+            path = out / "evals" / f"{name}.{kind}.json"
+            result = read_json(path, fix="delete it and rerun the study to redo that evaluation")
+            if result is not None:
+                if not isinstance(result.get("tasks"), list):
+                    raise ValueError(f"{path} has no list of tasks (not a `mea eval tasks` result); delete it and "
+                                     "rerun the study to redo that evaluation")
+                tasks += map(scored, result["tasks"])
         if not tasks:
             continue
         level = name.split("-")[0]
@@ -137,26 +159,29 @@ def _category_table(rows: list[dict], original: dict | None) -> list[str]:
             x = r["categories"][c]
             cells.append(_cell(x, original and original["categories"][c]) + (f" ({x['n']})" if x else ""))
         lines.append(f"| {r['model']} | {r['kv_fraction']:.2f} | " + " | ".join(cells) + " |")
-    return lines + ["", "Category accuracy pools the examples of its tasks; [95% Wilson interval]; * differs from the "
-                    "original at p < 0.05 (two-proportion z-test, unpaired: conservative, as every model answers the "
-                    "same examples)."]
+    return lines + ["", "Category accuracy pools the examples of its tasks, each scored by its metric in the table "
+                    "below; [95% Wilson interval]; * differs from the original at p < 0.05 (two-proportion z-test, "
+                    "unpaired: conservative, as every model answers the same examples)."]
 
 
 def _task_table(rows: list[dict], original: dict | None) -> list[str]:
     names = list(dict.fromkeys(t for r in rows for t in r["tasks"]))
-    lines = ["| task | category | n | " + " | ".join(r["model"] for r in rows) + " |",
-             "|---|---|---|" + "---|" * len(rows)]
+    lines = ["| task | category | n | scored by | " + " | ".join(r["model"] for r in rows) + " |",
+             "|---|---|---|---|" + "---|" * len(rows)]
     for task in names:
         first = next(r["tasks"][task] for r in rows if task in r["tasks"])
+        shows_acc = first["metric"] != "acc" and "acc" in first
         cells = []
         for r in rows:
             t = r["tasks"].get(task)
             o = original and original["tasks"].get(task)
             mark = "*" if t and o and t is not o and _significant(t, o) else ""
-            cells.append("—" if t is None else f"{t['value']:.2f}{mark}")
-        lines.append(f"| {task} | {first['category']} | {first['n']} | " + " | ".join(cells) + " |")
-    return lines + ["", "Per task: accuracy (exact match for GSM8K); * differs from the original at p < 0.05. With "
-                    "n = 50 a 95% interval is about ±0.13, so most single-task differences are not significant."]
+            cells.append("—" if t is None else f"{t['value']:.2f}{mark}" + (f" ({t['acc']:.2f})" if shows_acc else ""))
+        metric = first["metric"] + (" (acc)" if shows_acc else "")
+        lines.append(f"| {task} | {first['category']} | {first['n']} | {metric} | " + " | ".join(cells) + " |")
+    return lines + ["", f"Per task: the score, with acc in parentheses where the score is acc_norm; * differs from "
+                    f"the original at p < 0.05. {METRIC_NOTE} With n = 50 a 95% interval is about ±0.13, so most "
+                    "single-task differences are not significant."]
 
 
 def _breaks_first(rows: list[dict], original: dict) -> str:

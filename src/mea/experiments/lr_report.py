@@ -15,6 +15,7 @@ import numpy as np
 from ..atomic import write_json_atomic, write_text_atomic
 from ..plotting import pyplot, save_figure
 from .lr_layout import VARIANT_ORDER, run_name
+from .run_files import read_json, read_jsonl
 from .stats import fisher_exact, welch
 
 ALPHA = 0.05
@@ -28,12 +29,15 @@ def load_runs(out: Path) -> list[dict]:
             for s in plan["seeds"]:
                 name = run_name(v, lr, s)
                 run = out / "runs" / name
-                status = _read_json(run / "status.json") or {}
-                records = _read_lines(run / "metrics.jsonl")
+                fix = f"delete {run} and rerun the study to redo that run"
+                status = read_json(run / "status.json", fix=fix) or {}
+                records, cut = read_jsonl(run / "metrics.jsonl", fix=fix)
                 vals = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
                 train = [(r["tokens"], r["loss_ema"]) for r in records if "loss_ema" in r]
                 tok_s = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
                 state = status.get("state", "missing")
+                if cut and state != "running":
+                    raise ValueError(f"{run / 'metrics.jsonl'} ends in a cut line but the run is {state}; {fix}")
                 runs.append({"name": name, "variant": v, "lr": lr, "seed": s, "state": state,
                              "final_val_loss": vals[-1][1] if state == "finished" and vals else None,
                              "val_curve": vals, "train_curve": train, "reason": status.get("reason"),
@@ -273,16 +277,3 @@ def _plot_curves(path: Path, runs: list[dict], s: dict) -> None:
     fig.suptitle("Training loss per rate, every seed (dotted: diverged, stops where detected)", fontsize=9)
     save_figure(fig, path, dpi=110)
 
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _read_lines(path: Path) -> list[dict]:
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
-        return []

@@ -26,6 +26,7 @@ from ..atomic import write_json_atomic
 from ..train.config import TrainConfig
 from .lr_layout import VARIANT_ORDER, run_name
 from .lr_report import write_report
+from .run_files import read_json
 
 
 @dataclass
@@ -121,7 +122,5 @@ def _launch(out: Path, name: str, cfg: TrainConfig, threads: int) -> subprocess.
 
 
 def _state(run: Path) -> str | None:
-    try:
-        return json.loads((run / "status.json").read_text())["state"]
-    except (OSError, ValueError, KeyError):
-        return None
+    status = read_json(run / "status.json", fix=f"delete {run} and rerun the study to redo that run")
+    return None if status is None else status.get("state")

@@ -51,6 +51,18 @@ _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 SPLIT_MIN_KEYS = 1024  # keys per chunk, at least, when a decode step is split over the context
 
 
+def decode_splits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None) -> int:
+    """How many chunks of the keys `decode_sdpa` attends to in parallel for these inputs; 1 means one plain
+    SDPA call (a mask, gradients, another device, a short cache, values wider than keys, or no CPU flash
+    kernel in this torch build)."""
+    b, g, _, e = q.shape
+    splits = min(-(-4 * torch.get_num_threads() // (b * g)), k.shape[2] // SPLIT_MIN_KEYS)
+    if (_FLASH_CPU is None or q.device.type != "cpu" or mask is not None or splits < 2 or v.shape[-1] != e
+            or (torch.is_grad_enabled() and q.requires_grad)):
+        return 1
+    return splits
+
+
 def decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None,
                 scale: float) -> torch.Tensor:
     """SDPA of a few query rows over a long cache, (B, G, R, E) x (B, G, S, E) -> (B, G, R, E).
@@ -58,13 +70,12 @@ def decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torc
     The fused CPU kernel parallelises over batch x heads only, so a decode step at batch 1 over one wide
     head (the compressed cache) or a few KV heads leaves cores idle. Without a mask and gradients, on CPU,
     the keys are split into chunks that run in parallel and the partial results are merged by their
-    log-sum-exp ("flash-decoding"): out = sum_j softmax_j(lse_j) out_j, exact up to rounding."""
+    log-sum-exp ("flash-decoding"): out = sum_j softmax_j(lse_j) out_j, exact up to rounding. Which path
+    runs: `decode_splits`."""
     b, g, r, e = q.shape
     s = k.shape[2]
-    threads = torch.get_num_threads()
-    splits = min(-(-4 * threads // (b * g)), s // SPLIT_MIN_KEYS)
-    if (_FLASH_CPU is None or q.device.type != "cpu" or mask is not None or splits < 2 or v.shape[-1] != e
-            or (torch.is_grad_enabled() and q.requires_grad)):
+    splits = decode_splits(q, k, v, mask=mask)
+    if splits == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     chunk = s // splits
     main = chunk * splits

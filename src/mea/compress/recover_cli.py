@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
+from ..atomic import remove_tree
 from ..checkpoint import check_output_dir, load_causal_lm, save_atomic
 from ..convert import load_source, to_mea
 from ..data import calibration_windows, heldout_text, read_texts, token_windows, training_tokens
@@ -54,7 +54,7 @@ def recover(src: str, out: str, *, teacher: str, cfg: DistillConfig, layerwise_s
     if evaluate:
         report["ppl_after"] = perplexity(student, held)["ppl"]
     save_atomic(student, out, tokenizer=tok, overwrite=overwrite, extra_json={"mea_provenance.json": provenance})
-    shutil.rmtree(f"{out}.state", ignore_errors=True)
+    remove_tree(f"{out}.state")
     report["out"] = out
     report["seconds"] = round(time.perf_counter() - t0, 1)
     return report

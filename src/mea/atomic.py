@@ -26,7 +26,7 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     remove_stale(path)
     fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), dir=path.parent)
     try:
-        with _disk_full_as_value_error(path), os.fdopen(fd, "w") as f:
+        with disk_full_as_value_error(path), os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -51,7 +51,7 @@ def atomic_dir(path: str | Path):
     remove_stale(path)
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), dir=path.parent))
     try:
-        with _disk_full_as_value_error(path):
+        with disk_full_as_value_error(path):
             yield tmp
         if path.exists() and _exchange(tmp, path):
             shutil.rmtree(tmp)  # now the old directory
@@ -140,7 +140,9 @@ def _is_disk_full(e: BaseException, where: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _disk_full_as_value_error(path: Path):
+def disk_full_as_value_error(path: Path):
+    """Turn a full disk while writing `path` into a ValueError that says so and what to do."""
+    path = Path(path)
     try:
         yield
     except Exception as e:

@@ -63,10 +63,11 @@ CHECKSUMS = "checksums.sha256"
 
 
 def write_checksums(directory: Path) -> None:
-    """`checksums.sha256` (the `sha256sum` format) for every file in `directory`: safetensors carries no
-    checksum of its own, so a flipped bit in a weight would otherwise load silently."""
+    """`checksums.sha256` (the `sha256sum` format) for the weight and state files in `directory`
+    (*.safetensors, *.pt): safetensors carries no checksum of its own, so a flipped bit in a weight would
+    otherwise load silently. Text files (config, tokenizer) stay editable by hand."""
     lines = [f"{_sha256(p)}  {p.name}\n" for p in sorted(Path(directory).iterdir())
-             if p.is_file() and p.name != CHECKSUMS]
+             if p.is_file() and p.suffix in (".safetensors", ".pt")]
     (Path(directory) / CHECKSUMS).write_text("".join(lines))
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..atomic import write_json_atomic, write_text_atomic
+from ..atomic import disk_full_as_value_error, write_json_atomic, write_text_atomic
 from ..bench.machine import machine_header
 from ..checkpoint import save_atomic
 from ..models import MEAForCausalLM
@@ -260,7 +260,7 @@ class _Metrics:
     def write(self, record: dict) -> None:
         self.records.append(record)
         if self.active:
-            with open(self.path, "a") as f:
+            with disk_full_as_value_error(self.path), open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def last(self, key: str):

@@ -30,7 +30,7 @@ test-all: setup
 bench: setup
 	MEA=$(MEA) bash scripts/bench_cpu.sh results/bench
 
-# SIGKILL at random moments + damaged files -> results/faults/faults.json, docs/reliability.md (~15 min, 2 cores)
+# SIGKILL at random moments + damaged files -> results/faults/faults.json, docs/reliability.md (~20 min, 2 cores)
 faults: setup
 	nice $(PY) scripts/fault_injection.py --out results/faults
 

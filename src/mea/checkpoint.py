@@ -33,7 +33,9 @@ def load_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32) -> P
     except ValueError:
         raise
     except Exception as e:  # missing or corrupt weights surface as OSError, SafetensorError, KeyError, ...
-        raise ValueError(f"could not load the model in {path}: {type(e).__name__}: {e}") from e
+        hint = (" The weights do not fit its config.json (another architecture or size; the shapes are listed "
+                "above): put back the config.json that was saved with these weights" if "mismatch" in str(e) else "")
+        raise ValueError(f"could not load the model in {path}: {type(e).__name__}: {e}{hint}") from e
     return model
 
 

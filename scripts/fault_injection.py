@@ -1,5 +1,5 @@
 """Fault injection for the `mea` commands that write state: kill them with SIGKILL at random moments, rerun
-the same command until it finishes, and check the result against an uninterrupted run; then damage files
+the same command until it finishes (20 kills in all), and check the result against an uninterrupted run; then damage files
 on purpose (full disk, truncated or bit-flipped weights, a pickle payload, another architecture, a foreign
 tokenizer) and check that each is refused with a clear error and that nothing already saved is lost.
 
@@ -36,22 +36,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
-sys.path.insert(0, str(SRC))
+sys.path[:0] = [str(SRC), str(ROOT / "tests")]  # the package, and the tests' helpers (tiny models)
 
 PHASES = ("loading", "computing", "checkpoint", "output")
 COMMAND_LINE = "python scripts/fault_injection.py --out results/faults"
-KILLS_PER_COMMAND = 5
+KILLS = {"train": 6, "compress": 5, "recover": 6, "study lr": 3}  # 20; the study is the slowest to rerun
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
 
 def make_fixtures(work: Path) -> dict:
-    """Tiny training text, a tiny random Llama with a small BPE tokenizer (as in the tests)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    """Tiny training text, and the tests' tiny random Llama with a small BPE tokenizer."""
+    from helpers import save_tiny_llama
 
-    from mea.data import corpus_dir, heldout_text
+    from mea.data import corpus_dir
 
     text = work / "text"
     text.mkdir(parents=True, exist_ok=True)
@@ -59,18 +57,7 @@ def make_fixtures(work: Path) -> dict:
         (text / name).write_text((corpus_dir() / name).read_text(encoding="utf-8")[:60_000])
     llama = work / "llama"
     if not (llama / "model.safetensors").is_file():
-        bpe = Tokenizer(models.BPE())
-        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        bpe.decoder = decoders.ByteLevel()
-        bpe.train_from_iterator([heldout_text()[:200_000]], trainers.BpeTrainer(
-            vocab_size=320, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-        tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<eos>")
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=96, intermediate_size=160,
-                                             num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=3,
-                                             max_position_embeddings=2048, eos_token_id=0, pad_token_id=0))
-        model.save_pretrained(llama)
-        tok.save_pretrained(llama)
+        save_tiny_llama(llama)
     return {"text": text, "llama": llama}
 
 
@@ -341,7 +328,7 @@ def kill_trials(cmd: Command, fx: dict, work: Path, n: int, rng: random.Random, 
             delay = rng.uniform(0, durations[target][segment])
             record.update(segment=segment, delay_s=round(delay, 3))
             killed = watch(cmd, cmd.argv(out, fx), out, trial / f"log-{attempt}.txt", work,
-                           kill_at=lambda ph, t, k: ph == target and k == segment and t >= delay)
+                           kill_at=lambda ph, t, k: ph == target and (k > segment or (k == segment and t >= delay)))
             if killed["killed"]:
                 break
             if killed["code"] == 0:  # it finished before the aim: start over clean
@@ -413,9 +400,6 @@ def _expect(name: str, fault: str, argv, work: Path, case: Path, patterns: list[
 
 
 def special_faults(fx: dict, refs: dict, work: Path, log) -> list[dict]:
-    import torch
-    from safetensors.torch import save_file
-
     import mea
     from mea.train.state import latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -659,7 +643,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="results/faults", help="folder for faults.json")
     p.add_argument("--doc", default=str(ROOT / "docs" / "reliability.md"), help="the generated page ('' for none)")
     p.add_argument("--commands", nargs="+", default=list(COMMANDS), choices=list(COMMANDS))
-    p.add_argument("--kills-per-command", type=int, default=KILLS_PER_COMMAND)
+    p.add_argument("--kills-per-command", type=int, help=f"kills for each command (default {KILLS})")
     p.add_argument("--special", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", help="scratch folder (default: a fresh temporary one, removed after)")
@@ -674,6 +658,8 @@ def main(argv=None) -> int:
     rng = random.Random(args.seed)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.time()
+    commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                            text=True).stdout.strip()
     try:
         fx = make_fixtures(work)
         per_command, refs = {}, {}
@@ -681,7 +667,7 @@ def main(argv=None) -> int:
         if "recover" in needed and "compress" not in needed:
             needed.insert(0, "compress")
         for name in sorted(needed, key=list(COMMANDS).index):
-            n = args.kills_per_command if name in args.commands else 0
+            n = (args.kills_per_command or KILLS[name]) if name in args.commands else 0
             res = kill_trials(COMMANDS[name], fx, work, n, rng, log)
             refs[name] = res.pop("reference_out")
             if name == "compress":
@@ -692,9 +678,7 @@ def main(argv=None) -> int:
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    result = {"command_line": COMMAND_LINE if args.kills_per_command == KILLS_PER_COMMAND and args.special else
+    result = {"command_line": COMMAND_LINE if args.kills_per_command is None and args.special else
               "python scripts/fault_injection.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": _machine(), "date": time.strftime("%Y-%m-%d"), "commit": commit, "seed": args.seed,
               "seconds": round(time.time() - t0), "summary": summarize(per_command), "commands": per_command,

@@ -72,6 +72,7 @@ def remove_tree(path: str | Path) -> None:
     """Delete a directory so that it disappears at once (renamed to a hidden name, then removed): a kill
     midway leaves a stale hidden entry, never a half-deleted `path`."""
     path = Path(path)
+    remove_stale(path)
     if not path.exists():
         return
     trash = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), dir=path.parent))

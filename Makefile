@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MEA := $(VENV)/bin/mea
 
-.PHONY: setup run test test-all bench clean
+.PHONY: setup run test test-all bench faults clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ test-all: setup
 
 bench: setup
 	MEA=$(MEA) bash scripts/bench_cpu.sh results/bench
+
+# SIGKILL at random moments + damaged files -> results/faults/faults.json, docs/reliability.md (~20 min, 2 cores)
+faults: setup
+	nice $(PY) scripts/fault_injection.py --out results/faults
 
 clean:
 	rm -rf $(VENV) build *.egg-info

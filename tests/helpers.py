@@ -1,4 +1,6 @@
-"""Shared test helpers: tiny configs and padded batches."""
+"""Shared test helpers: tiny configs, a tiny random Llama checkpoint, padded batches."""
+
+from pathlib import Path
 
 import torch
 
@@ -20,6 +22,29 @@ def randomize_mea(model: mea.MEAForCausalLM, *, scale: float = 0.3) -> mea.MEAFo
             elif name.endswith(".bias"):
                 p.normal_(0, 0.1)
     return model
+
+
+def save_tiny_llama(root: Path) -> Path:
+    """A tiny random Llama (3 layers, 6 query / 3 KV heads) with a 320-token BPE tokenizer trained on the
+    held-out text, saved to `root` (no downloads)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from mea.data import heldout_text
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([heldout_text()[:200_000]], trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<eos>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=96, intermediate_size=160,
+                                         num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=3,
+                                         max_position_embeddings=2048, eos_token_id=0, pad_token_id=0))
+    model.save_pretrained(root)
+    tok.save_pretrained(root)
+    return root
 
 
 def left_padded_batch(vocab: int, lengths=(7, 4, 2), total: int | None = None):

@@ -5,30 +5,16 @@ import re
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from helpers import save_tiny_llama
+from transformers import AutoModelForCausalLM
 
 import mea
 from mea.cli import main
-from mea.data import heldout_text
 
 
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("src")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator([heldout_text()[:200_000]], trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<eos>")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=96, intermediate_size=160,
-                                         num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=3,
-                                         max_position_embeddings=2048, eos_token_id=0, pad_token_id=0))
-    model.save_pretrained(root)
-    tok.save_pretrained(root)
-    return root
+    return save_tiny_llama(tmp_path_factory.mktemp("src"))
 
 
 def run(capsys, *argv):

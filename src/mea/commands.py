@@ -102,9 +102,9 @@ def cmd_recover(src: str, out: str, teacher: str, layerwise_steps: int = 0, text
                 evaluate: bool = True, overwrite: bool = False, **distill_options) -> dict:
     """Recovery training of the compressed checkpoint `src` toward `teacher`; `distill_options`: DistillConfig
     fields. Progress lives in `{out}.state` until the model is written, so a killed run resumes."""
-    import shutil
     import time
 
+    from .atomic import remove_tree
     from .checkpoint import check_output_dir, load_causal_lm, save_atomic
     from .compress.recover import DistillConfig, distill, layerwise_fit
     from .convert import load_source, to_mea
@@ -144,7 +144,7 @@ def cmd_recover(src: str, out: str, teacher: str, layerwise_steps: int = 0, text
     if evaluate:
         report["ppl_after"] = perplexity(student, held)["ppl"]
     save_atomic(student, out, tokenizer=tok, overwrite=overwrite, extra_json={"mea_provenance.json": provenance})
-    shutil.rmtree(f"{out}.state", ignore_errors=True)
+    remove_tree(f"{out}.state")
     report["out"] = out
     report["seconds"] = round(time.perf_counter() - t0, 1)
     return report

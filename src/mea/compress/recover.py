@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..atomic import write_json_atomic
+from ..atomic import atomic_dir
+from ..checkpoint import load_torch_state, verify_checksums, write_checksums
 from ..models import MEAForCausalLM
 from ..ops import rope_cos_sin
 
@@ -157,7 +158,6 @@ def distill(student: MEAForCausalLM, teacher, stream: torch.Tensor, state_dir: s
     from safetensors.torch import load_file, save_file
 
     state_dir = Path(state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
     tokens_per_step = cfg.batch * cfg.seq_len
     total_steps = max(1, cfg.tokens // tokens_per_step)
     if stream.numel() < tokens_per_step + 1:
@@ -178,18 +178,24 @@ def distill(student: MEAForCausalLM, teacher, stream: torch.Tensor, state_dir: s
         if progress["config"] != asdict(cfg):
             raise ValueError(f"{state_dir} holds a run with other settings {progress['config']}; "
                              "use the same settings to resume, or another output directory")
-        student.load_state_dict(load_file(state_dir / "student.safetensors"), strict=False)
-        opt.load_state_dict(torch.load(state_dir / "optimizer.pt", weights_only=True))
+        fix = f"delete {state_dir} to start the recovery over"
+        verify_checksums(state_dir, fix=fix)
+        try:
+            student.load_state_dict(load_file(state_dir / "student.safetensors"), strict=False)
+        except Exception as e:  # a truncated file, or weights of another architecture
+            raise ValueError(f"cannot resume from {state_dir / 'student.safetensors'} ({type(e).__name__}: "
+                             f"{str(e)[:300]}); it is damaged or belongs to another model: {fix}") from e
+        opt.load_state_dict(load_torch_state(state_dir / "optimizer.pt", fix=fix))
         log(f"resuming at step {progress['step']}/{total_steps}")
 
-    def save():
+    def save():  # weights, optimizer and position replace the previous ones together
         trainable_state = {n: p.detach().contiguous() for n, p in student.named_parameters() if p.requires_grad}
-        tmp = state_dir / "student.safetensors.tmp"
-        save_file(trainable_state, tmp)
-        tmp.replace(state_dir / "student.safetensors")
-        torch.save(opt.state_dict(), state_dir / "optimizer.pt.tmp")
-        (state_dir / "optimizer.pt.tmp").replace(state_dir / "optimizer.pt")
-        write_json_atomic(progress_file, progress)  # last: it commits the step
+        with atomic_dir(state_dir) as tmp:
+            save_file(trainable_state, tmp / "student.safetensors")
+            with open(tmp / "optimizer.pt", "wb") as f:
+                torch.save(opt.state_dict(), f)
+            (tmp / progress_file.name).write_text(json.dumps(progress, indent=2) + "\n")
+            write_checksums(tmp)
 
     try:
         from tqdm import tqdm

@@ -56,7 +56,8 @@ def _load(src: str, dtype: torch.dtype) -> Source:
         return _load_gguf(path, dtype, f"{path} (GGUF, dequantised)")
     from ..checkpoint import load_causal_lm, load_tokenizer
 
-    return Source(load_causal_lm(path, dtype=dtype), load_tokenizer(path), str(path), path)
+    model = load_causal_lm(path, dtype=dtype)
+    return Source(model, load_tokenizer(path, vocab_size=model.config.vocab_size), str(path), path)
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, description: str) -> Source:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..atomic import write_json_atomic, write_text_atomic
+from ..atomic import disk_full_as_value_error, write_json_atomic, write_text_atomic
 from ..checkpoint import save_atomic
 from ..machine import machine_header
 from ..models import MEAForCausalLM
@@ -32,7 +32,7 @@ from .config import TrainConfig
 from .data import prepare_data, train_batch, val_windows
 from .distributed import Dist, barrier, full_state, load_full_state, mean_over_processes, setup, teardown, wrap
 from .optim import make_optimizer
-from .state import latest_checkpoint, load_checkpoint, save_checkpoint
+from .state import check_architecture, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 
 
 def train(cfg: TrainConfig | None, run: str | Path, *, resume: bool = False, overwrite: bool = False,
@@ -76,12 +76,14 @@ def _train(cfg, run: Path, d: Dist, *, resume: bool, overwrite: bool, progress: 
     ckpt = latest_checkpoint(run) if resume else None
     if ckpt is not None:
         model_state, ts = load_checkpoint(ckpt)
+        check_architecture(model_state, getattr(model, "module", model).state_dict(), ckpt)
         load_full_state(model, opt, model_state, ts["optimizer"])
         sched.load_state_dict(ts["scheduler"])
         start, ema, best_ema = ts["step"], ts["ema"], ts["best_ema"]
         torch.set_rng_state(ts["rng"])
     metrics = _Metrics(run / "metrics.jsonl", d.main, keep_until=start)
     if d.main:
+        prune_checkpoints(run)  # what a killed save or deletion left behind
         if ckpt is None:
             data.tokenizer.save_pretrained(run / "tokenizer")
         write_json_atomic(run / "run.json", {
@@ -242,12 +244,14 @@ def _status(run: Path, state: str, step: int, **extra) -> None:
 
 class _Metrics:
     """metrics.jsonl, appended line by line (main process only). On resume, lines past the checkpoint are
-    dropped first, so the file reads like the uninterrupted run's."""
+    dropped first (and a line cut short by a kill or a full disk), so the file reads like the uninterrupted
+    run's."""
 
     def __init__(self, path: Path, active: bool, *, keep_until: int):
         self.path, self.active, self.records = path, active, []
         if path.is_file():
-            self.records = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= keep_until]
+            self.records = [r for r in map(_json_or_none, path.read_text().splitlines())
+                            if r is not None and r["step"] <= keep_until]
             if active:
                 write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records))
         elif active:
@@ -256,11 +260,18 @@ class _Metrics:
     def write(self, record: dict) -> None:
         self.records.append(record)
         if self.active:
-            with open(self.path, "a") as f:
+            with disk_full_as_value_error(self.path), open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def last(self, key: str):
         return next((r[key] for r in reversed(self.records) if key in r), None)
+
+
+def _json_or_none(line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def _progress_bar(enabled: bool, start: int, total: int):

@@ -8,10 +8,29 @@ from .attention import (
     grouped_attention,
 )
 from .hlc import fold_into_projection, mix_heads, mix_heads_reference
+from .mixing import (
+    KEY_MIXINGS,
+    VALUE_MIXINGS,
+    absorb_query,
+    fold_mixing,
+    mix,
+    mix_pairs_reference,
+    mixing_shape,
+    read_values,
+)
 from .norm import inverse_rms, rms_norm, rms_norm_reference
-from .rope import SUPPORTED_ROPE_TYPES, apply_rope, apply_rope_reference, rope_cos_sin, rope_inv_freq
+from .rope import SUPPORTED_ROPE_TYPES, apply_rope, apply_rope_reference, rope_cos_sin, rope_inv_freq, rotate_half
 
 __all__ = [
+    "KEY_MIXINGS",
+    "VALUE_MIXINGS",
+    "absorb_query",
+    "fold_mixing",
+    "mix",
+    "mix_pairs_reference",
+    "mixing_shape",
+    "read_values",
+    "rotate_half",
     "SUPPORTED_ROPE_TYPES",
     "absorbed_attention",
     "absorbed_attention_reference",

@@ -263,6 +263,8 @@ def _add_train_options(s: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .compress.methods import METHODS
+
     p = argparse.ArgumentParser(prog="mea", description="Multi-head Explicit Attention: models, KV-cache compression, "
                                 "benchmarks. Every subcommand prints JSON.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -322,8 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("compress", help="shrink the KV cache: factor K/V into h' virtual heads per layer")
     s.add_argument("src", help="'smollm2' (embedded), a .gguf file, or a checkpoint directory (original or MEA)")
     s.add_argument("out")
-    s.add_argument("--method", default="whitened", choices=["whitened", "svd"],
-                   help="whitened: activation-aware (default); svd: the paper's data-free weight SVD")
+    s.add_argument("--method", default="whitened", choices=list(METHODS),
+                   help="whitened: activation-aware head-level HLC (default); svd: the paper's data-free weight SVD; "
+                        "rope-pair: keys mixed per RoPE frequency pair; rope-pair-latent: and values through a "
+                        "latent of any width (--kv-budget then need not be whole heads)")
     s.add_argument("--virtual-heads", type=int, help="h' for the chosen layers")
     s.add_argument("--layers", help="layer ranges, e.g. '0-5,10' (default: --preset)")
     s.add_argument("--preset", default="full", choices=["full", "half", "deep"])
@@ -351,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("src")
     s.add_argument("out", help="output folder: probe.json, probe.md, probe.png")
     s.add_argument("--levels", type=int, nargs="+", help="h' values to probe (default: 1 .. h-1)")
-    s.add_argument("--method", default="whitened", choices=["whitened", "svd"])
+    s.add_argument("--method", default="whitened", choices=list(METHODS))
     s.add_argument("--windows", type=int, default=4)
     s.add_argument("--window", type=int, default=512)
 

@@ -12,8 +12,9 @@ from ..convert import load_source, to_mea
 from ..data import calibration_windows, heldout_text, probe_windows, read_texts, token_windows
 from ..eval import generate_and_measure, perplexity
 from .calibrate import input_moments
-from .factor_model import METHODS, factor_model
-from .plan import LAYER_PRESETS, budget_plan, load_sensitivity, parse_layers, preset_layers, uniform_plan
+from .factor_model import error_curves, factor_model
+from .methods import METHODS, method_of
+from .plan import LAYER_PRESETS, budget_plan, load_sensitivity, parse_layers, preset_layers, uniform_plan, width_plan
 from .probe import probe_layers
 from .recover import layerwise_fit
 
@@ -22,7 +23,7 @@ SAMPLE_PROMPT = "What is the capital of France? Answer in one sentence."
 
 @dataclass
 class CompressOptions:
-    method: str = "whitened"
+    method: str = "whitened"  # one of methods.METHODS
     virtual_heads: int | None = None
     layers: str | None = None  # "0-5,10"; default: the preset
     preset: str = "full"
@@ -63,9 +64,11 @@ def validate(opts: CompressOptions) -> None:
         raise ValueError(f"--recover must be 'layerwise' or 'none', got {opts.recover!r}")
     if opts.method == "svd" and opts.calib:
         raise ValueError("--method svd is data-free; drop --calib or use --method whitened")
+    if opts.sensitivity and method_of(opts.method).value_mixing == "latent":
+        raise ValueError(f"--method {opts.method} splits each layer's budget by its own error curves; drop --sensitivity")
 
 
-def make_plan(model, opts: CompressOptions, tokenizer, moments) -> list[int]:
+def make_plan(model, opts: CompressOptions, tokenizer, moments) -> list:
     cfg = model.config
     h, num_layers = cfg.num_key_value_heads, cfg.num_hidden_layers
     if opts.virtual_heads is not None:
@@ -73,6 +76,9 @@ def make_plan(model, opts: CompressOptions, tokenizer, moments) -> list[int]:
             raise ValueError(f"--virtual-heads {opts.virtual_heads} is larger than the model's h = {h} KV heads")
         layers = parse_layers(opts.layers, num_layers) if opts.layers else preset_layers(opts.preset, num_layers)
         return uniform_plan(num_layers, h, opts.virtual_heads, layers)
+    if method_of(opts.method).value_mixing == "latent":  # widths that are not whole heads, per layer
+        curves = [error_curves(layer.self_attn, moments[i], opts.method) for i, layer in enumerate(model.model.layers)]
+        return width_plan(curves, h, cfg.head_dim, opts.kv_budget)
     if opts.sensitivity:
         sens = load_sensitivity(opts.sensitivity)
     else:
@@ -98,7 +104,7 @@ def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = Fal
     else:
         windows = calibration_windows(tok, window=opts.calib_window, count=opts.calib_windows)
     moments = None
-    if opts.method == "whitened" or opts.recover == "layerwise" or opts.kv_budget is not None:
+    if method_of(opts.method).weighted or opts.recover == "layerwise" or opts.kv_budget is not None:
         log(f"calibrating on {windows.numel()} tokens ...")
         moments = input_moments(teacher, windows)
     plan = make_plan(teacher, opts, tok, moments)
@@ -112,7 +118,7 @@ def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = Fal
                                    train_query_output=opts.fit_query_output, mode=opts.fit_mode, log=log)
     provenance = {
         "source": source.description, "method": opts.method, "plan": plan,
-        "kv_fraction": sum(plan) / (len(plan) * teacher.config.num_key_value_heads),
+        "kv_fraction": student.config.kv_cache_bytes_per_token() / teacher.config.kv_cache_bytes_per_token(),
         "options": vars(opts), "calibration": opts.calib or "embedded corpus (mea.data.calibration_windows)",
         "calibration_tokens": windows.numel(), "command": " ".join(sys.argv),
     }

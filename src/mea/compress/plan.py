@@ -69,3 +69,23 @@ def load_sensitivity(path: str | Path) -> dict[int, dict[int, float]]:
         return {int(l): {int(m): float(v) for m, v in row.items()} for l, row in data["delta_loss"].items()}
     except (KeyError, AttributeError, ValueError) as e:
         raise ValueError(f"{path} is not a probe result (written by `mea probe`): {e}") from e
+
+
+LATENT_STEP = 8  # value latent widths are multiples of this (vector-friendly)
+
+
+def width_plan(curves: list[dict[str, list[float]]], num_heads: int, head_dim: int,
+               budget: float) -> list[tuple[int, int]]:
+    """Per layer (h'_K, R) for the finer factorisation: the layer keeps `budget` of its 2 h D cached floats
+    per token (R rounded to LATENT_STEP), split between keys (whole components) and the value latent where
+    the sum of the two relative errors is smallest. curves[l] = {"key": error at h'_K = 0..h, "value": error
+    at R = 0..h D} (`factor_model.error_curves`)."""
+    if not 0 < budget <= 1:
+        raise ValueError(f"--kv-budget must be in (0, 1], got {budget}")
+    width = round(budget * 2 * num_heads * head_dim / LATENT_STEP) * LATENT_STEP
+    options = [(k, width - k * head_dim) for k in range(1, num_heads + 1)
+               if 1 <= width - k * head_dim <= num_heads * head_dim]
+    if not options:
+        raise ValueError(f"--kv-budget {budget} leaves {width} floats per token and layer: too few for one key "
+                         f"component ({head_dim}) and a value latent; raise the budget")
+    return [min(options, key=lambda kr: (c["key"][kr[0]] + c["value"][kr[1]], kr)) for c in curves]

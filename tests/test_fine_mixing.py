@@ -238,3 +238,22 @@ def test_width_plan_splits_each_layer_by_its_error_curves(calibrated):
         assert c["key"][k] + c["value"][r] == min(c["key"][j] + c["value"][48 - 16 * j] for j in (1, 2))
     with pytest.raises(ValueError, match="too few"):
         width_plan(curves, 3, 16, 0.1)
+
+
+def test_benchmark_reads_the_layers_dispatch():
+    from mea.bench.systems import decode_kernels, fill_cache, predicted_kv_bytes
+
+    torch.manual_seed(7)
+    model = mea.MEAForCausalLM(tiny_config(mea_key_mixing="rope_pair", mea_value_mixing="latent",
+                                           mea_num_key_components=[3, 1], mea_value_latent_dim=[48, 24])).eval()
+    layouts = model.config.cache_layouts()
+    assert [layout.kernel for layout in layouts] == ["grouped", "absorbed"]  # layer 0 keeps every float: plain GQA
+    assert [b.self_attn.cache_layout for b in model.model.layers] == layouts
+    assert decode_kernels(model) == {"absorbed": 1, "grouped": 1}
+    cache = fill_cache(model, batch=2, context=10, capacity=16)
+    assert cache.bytes_held() == predicted_kv_bytes(model, 2, 16)
+    assert cache.layers[1].keys.shape == (2, 16, 1, 16) and cache.layers[1].values.shape == (2, 16, 1, 24)
+    assert cache.layers[0].heads_first and not cache.layers[1].heads_first
+    with torch.no_grad():
+        out = model(torch.randint(0, 97, (2, 1)), cache=cache, use_cache=True)
+    assert out.logits.shape == (2, 1, 97) and cache.get_seq_length() == 11

@@ -14,7 +14,16 @@ import torch
 
 from .charts import markdown_table, plot_vs_context
 from .machine import machine_header, memory_bandwidth, rotated, synchronize
-from .systems import LLAMA, available_memory, build_systems, cache_bytes, fill_cache, predicted_kv_bytes, weight_bytes
+from .systems import (
+    LLAMA,
+    available_memory,
+    build_systems,
+    cache_bytes,
+    decode_kernels,
+    fill_cache,
+    predicted_kv_bytes,
+    weight_bytes,
+)
 
 
 @torch.no_grad()
@@ -75,7 +84,7 @@ def bench_decode(*, preset: str = "smollm2-135m", contexts=(1024, 4096, 16384, 3
                 results.append(dict(system=name, context=context, batch=batch, ms_per_token=seconds * 1e3,
                                     tokens_per_s=batch / seconds, kv_bytes=held[name], kv_bytes_predicted=predicted,
                                     kv_error=held[name] / predicted - 1, weight_bytes=weights, bound_ms=bound * 1e3,
-                                    of_bound=seconds / bound, interleaved=all_at_once,
+                                    of_bound=seconds / bound, interleaved=all_at_once, kernels=decode_kernels(model),
                                     all_ms=[t * 1e3 for t in times[name]]))
     return {
         "benchmark": "decode",

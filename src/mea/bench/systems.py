@@ -91,6 +91,14 @@ def fill_cache(model, batch: int, context: int, capacity: int):
     return cache
 
 
+def decode_kernels(model) -> dict[str, int]:
+    """Layers per decode kernel, as the model's layers will dispatch (`MEAConfig.cache_layouts`)."""
+    if not isinstance(model, MEAForCausalLM):
+        return {"transformers": model.config.num_hidden_layers}
+    kernels = [layout.kernel for layout in model.config.cache_layouts()]
+    return {k: kernels.count(k) for k in sorted(set(kernels))}
+
+
 def cache_bytes(cache) -> int:
     """Bytes of the tensors the cache holds (its whole allocation)."""
     if isinstance(cache, MEACache):

@@ -28,6 +28,15 @@ def _heads(proj: torch.nn.Linear, mixing: torch.Tensor, kind: str, num_heads: in
     return torch.cat([weight, bias[:, None]], dim=1).view(num_heads, head_dim, -1).double()
 
 
+def composite_heads(attn) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's h composite key and value heads as maps of [x; 1]: (h, D, C+1) each, float64."""
+    h, d = attn.num_kv_heads, attn.head_dim
+    if not attn.hlc:
+        return _heads(attn.k_proj, torch.eye(h), "head", h, d), _heads(attn.v_proj, torch.eye(h), "head", h, d)
+    return (_heads(attn.k_proj, attn.hlc_k, attn.key_mixing, h, d),
+            _heads(attn.v_proj, attn.hlc_v, attn.value_mixing, h, d))
+
+
 def query_weights(attn, sigma: torch.Tensor) -> torch.Tensor:
     """(h, D, D): for each KV head, the energy of its group's queries per RoPE frequency pair.
     Averaged over relative rotations, E[(q . R e)^2] weighs both features of pair p by
@@ -82,9 +91,7 @@ def factor_attention(attn, target, *, method: str = "whitened", sigma: torch.Ten
                           "hlc": True}).to(attn.q_proj.weight.dtype)
     state = {k: v for k, v in attn.state_dict().items() if not k.startswith(("k_proj", "v_proj", "hlc_"))}
     row = {"key_components": key_target, ("value_latent" if latent else "value_components"): value_target}
-    for name, proj, mixing, kind in (("k", attn.k_proj, attn.hlc_k, attn.key_mixing),
-                                     ("v", attn.v_proj, attn.hlc_v, attn.value_mixing)):
-        w = _heads(proj, mixing, kind, h, d)
+    for name, proj, w in zip("kv", (attn.k_proj, attn.v_proj), composite_heads(attn)):
         size, new_kind = (key_target, spec.key_mixing) if name == "k" else (value_target, spec.value_mixing)
         if new_kind == "rope_pair":
             weights = None if q[name] is None else q[name].diagonal(dim1=-2, dim2=-1)[:, : d // 2]
@@ -119,10 +126,9 @@ def error_curves(attn, sigma: torch.Tensor, method: str) -> dict[str, list[float
         raise ValueError(f"error curves come from the closed-form finer factorisations, not {method!r}")
     h, d = attn.num_kv_heads, attn.head_dim
     qk = query_weights(attn, sigma).diagonal(dim1=-2, dim2=-1)[:, : d // 2]
-    keys = factorize_rope_pairs(_heads(attn.k_proj, attn.hlc_k, attn.key_mixing, h, d), sigma, h,
-                                pair_weights_hP=qk)[2]
-    values = factorize_latent(_heads(attn.v_proj, attn.hlc_v, attn.value_mixing, h, d), sigma, h * d,
-                              q_hDD=output_weights(attn))[2]
+    w_k, w_v = composite_heads(attn)
+    keys = factorize_rope_pairs(w_k, sigma, h, pair_weights_hP=qk)[2]
+    values = factorize_latent(w_v, sigma, h * d, q_hDD=output_weights(attn))[2]
     return {"key": keys, "value": values}
 
 

@@ -88,16 +88,9 @@ def make_plan(model, opts: CompressOptions, tokenizer, moments) -> list:
     return budget_plan(sens, num_layers, h, opts.kv_budget)
 
 
-def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = False) -> dict:
-    validate(opts)
-    check_output_dir(out, overwrite=overwrite)
-    t_start = time.perf_counter()
-    log(f"loading {src} ...")
-    source = load_source(src)
-    teacher = to_mea(source.model)
-    if source.tokenizer is None:
-        raise ValueError(f"{src} has no tokenizer files; compression needs one for calibration text")
-    tok = source.tokenizer
+def compress_model(teacher, tok, opts: CompressOptions) -> tuple:
+    """The compression steps on a loaded MEA teacher: calibration, plan, factorisation and the optional
+    layer-wise fit. Returns (student, plan, factor report, fit report, calibration windows)."""
     if opts.calib:
         windows = token_windows(tok, read_texts(opts.calib), window=opts.calib_window, count=opts.calib_windows,
                                 what="calibration text")
@@ -108,7 +101,7 @@ def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = Fal
         log(f"calibrating on {windows.numel()} tokens ...")
         moments = input_moments(teacher, windows)
     plan = make_plan(teacher, opts, tok, moments)
-    log(f"virtual heads per layer: {plan}")
+    log(f"plan per layer: {plan}")
     student, factor_report = factor_model(teacher, plan, method=opts.method, moments=moments,
                                           key_weighting=opts.key_weighting, value_weighting=opts.value_weighting)
     fit_report = None
@@ -116,6 +109,25 @@ def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = Fal
         log("layer-wise recovery (fitting each compressed attention to the original's outputs) ...")
         fit_report = layerwise_fit(student, teacher, windows, steps=opts.fit_steps,
                                    train_query_output=opts.fit_query_output, mode=opts.fit_mode, log=log)
+    return student, plan, factor_report, fit_report, windows
+
+
+def heldout_windows(tok, opts: CompressOptions):
+    """The held-out text the compression report scores."""
+    return token_windows(tok, heldout_text(), window=opts.eval_window, count=opts.eval_windows, what="held-out text")
+
+
+def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = False) -> dict:
+    validate(opts)
+    check_output_dir(out, overwrite=overwrite)
+    t_start = time.perf_counter()
+    log(f"loading {src} ...")
+    source = load_source(src)
+    teacher = to_mea(source.model)
+    if source.tokenizer is None:
+        raise ValueError(f"{src} has no tokenizer files; compression needs one for calibration text")
+    tok = source.tokenizer
+    student, plan, factor_report, fit_report, windows = compress_model(teacher, tok, opts)
     provenance = {
         "source": source.description, "method": opts.method, "plan": plan,
         "kv_fraction": student.config.kv_cache_bytes_per_token() / teacher.config.kv_cache_bytes_per_token(),
@@ -132,8 +144,7 @@ def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = Fal
         "compressed": generate_and_measure(student, tok, SAMPLE_PROMPT),
     }
     if opts.evaluate:
-        held = token_windows(tok, heldout_text(), window=opts.eval_window, count=opts.eval_windows,
-                             what="held-out text")
+        held = heldout_windows(tok, opts)
         log("perplexity on the held-out text ...")
         report["perplexity"] = {"compressed": perplexity(student, held)["ppl"], "tokens": held[:, 1:].numel()}
         if opts.evaluate_original:

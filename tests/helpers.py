@@ -41,3 +41,13 @@ def incremental_logits(model, ids, mask, prefill: int):
         logits.append(out.logits)
         cache = out.cache
     return torch.cat(logits, dim=1), cache
+
+
+def padding_mask(b, t, s, lengths):
+    """bool (B, 1, T, S): causal with the last T queries of S keys, left padding of `lengths` real tokens."""
+    past = s - t
+    key = torch.arange(s)
+    causal = key[None, :] <= torch.arange(past, s)[:, None]
+    valid = torch.stack([key >= s - n for n in lengths])  # (B, S)
+    m = causal[None] & valid[:, None]
+    return (m | (key[None, :] == torch.arange(past, s)[:, None])[None])[:, None]

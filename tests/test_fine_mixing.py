@@ -3,7 +3,7 @@ key/value component counts; their absorbed decode, cache and factorisation."""
 
 import pytest
 import torch
-from helpers import incremental_logits, left_padded_batch, randomize_mea, tiny_config
+from helpers import incremental_logits, left_padded_batch, padding_mask, randomize_mea, tiny_config
 
 import mea
 from mea.compress.calibrate import input_moments
@@ -63,15 +63,6 @@ def test_fold_mixing_equals_mixing_the_projection_output(kind, shape, width):
     assert rel_err((x @ folded_w.T + folded_b).view(2, 4, 3, 8), direct) < 1e-6
 
 
-def _padding_mask(b, t, s, lengths):
-    past = s - t
-    key = torch.arange(s)
-    causal = key[None, :] <= torch.arange(past, s)[:, None]
-    valid = torch.stack([key >= s - n for n in lengths])
-    m = causal[None] & valid[:, None]
-    return (m | (key[None, :] == torch.arange(past, s)[:, None])[None])[:, None]
-
-
 @pytest.mark.parametrize("key_mixing,value_mixing", [("head", "head"), ("rope_pair", "head"), ("head", "latent"),
                                                      ("rope_pair", "latent")])
 @pytest.mark.parametrize("t", [1, 3])
@@ -85,7 +76,7 @@ def test_absorbed_attention_equals_expanded_forward_and_grad(key_mixing, value_m
         v, wv = torch.randn(b, s, 1, 11, requires_grad=True), torch.randn(11, h, d, requires_grad=True)
     else:  # one value component with two key components: separate counts
         v, wv = torch.randn(b, s, 1, d, requires_grad=True), torch.randn(1, h, requires_grad=True)
-    mask = _padding_mask(b, t, s, [s, 5, 2])  # left padding
+    mask = padding_mask(b, t, s, [s, 5, 2])  # left padding
     kw = dict(mask=mask, scale=d**-0.5, key_mixing=key_mixing, value_mixing=value_mixing)
     out = absorbed_attention(q, k, v, wk, wv, **kw)
     ref = absorbed_attention_reference(q, k, v, wk, wv, **kw)

@@ -129,8 +129,7 @@ class MEAAttention(nn.Module):
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=out_bias)
         self.hlc = hlc
         if hlc:
-            for name, given, default in (("hlc_k", hlc_k, self.initial_mixing(hlc_init)[0]),
-                                         ("hlc_v", hlc_v, self.initial_mixing(hlc_init)[1])):
+            for name, given, default in zip(("hlc_k", "hlc_v"), (hlc_k, hlc_v), self.initial_mixing(hlc_init)):
                 w = default if given is None else torch.as_tensor(given, dtype=torch.float32).clone()
                 if w.shape != default.shape:
                     raise ValueError(f"{name} must have shape {tuple(default.shape)}, got {tuple(w.shape)}")

@@ -223,12 +223,26 @@ def test_width_plan_splits_each_layer_by_its_error_curves(calibrated):
     curves = [error_curves(layer.self_attn, moments[i], "rope-pair-latent")
               for i, layer in enumerate(model.model.layers)]
     assert all(len(c["key"]) == 4 and len(c["value"]) == 49 for c in curves)
-    plan = width_plan(curves, 3, 16, 0.5)
+    plan = width_plan(curves, 3, 16, 0.5, value_latent=True)
     for (k, r), c in zip(plan, curves):
         assert k * 16 + r == 48
         assert c["key"][k] + c["value"][r] == min(c["key"][j] + c["value"][48 - 16 * j] for j in (1, 2))
     with pytest.raises(ValueError, match="too few"):
-        width_plan(curves, 3, 16, 0.1)
+        width_plan(curves, 3, 16, 0.1, value_latent=True)
+
+
+def test_head_level_error_curves_give_separate_key_and_value_counts(calibrated):
+    model, moments = calibrated
+    curves = [error_curves(layer.self_attn, moments[i], "whitened") for i, layer in enumerate(model.model.layers)]
+    for c in curves:
+        assert len(c["key"]) == len(c["value"]) == 4 and c["key"][3] == 0 and c["key"][0] == 1
+        assert c["key"][1] >= c["key"][2] and c["value"][1] >= c["value"][2]
+    plan = width_plan(curves, 3, 16, 0.5, value_latent=False)  # 3 of 6 heads per layer: (2, 1) or (1, 2)
+    assert all(k + v == 3 and k >= 1 and v >= 1 for k, v in plan)
+    compressed, _ = factor_model(model, plan, method="whitened", moments=moments)
+    assert compressed.config.key_components() == [k for k, _ in plan]
+    assert compressed.config.value_components() == [v for _, v in plan]
+    assert compressed.config.kv_cache_bytes_per_token(2) == 2 * 2 * 3 * 16 * 2 // 2
 
 
 def test_benchmark_reads_the_layers_dispatch():

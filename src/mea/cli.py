@@ -333,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default="full", choices=["full", "half", "deep"])
     s.add_argument("--kv-budget", type=float, help="fraction of the original KV bytes; h' per layer from sensitivity")
     s.add_argument("--sensitivity", help="a probe.json from `mea probe` for --kv-budget")
+    s.add_argument("--allocate", default="probe", choices=["probe", "errors"],
+                   help="--kv-budget: probe: whole heads per layer by measured loss; errors: every layer keeps the "
+                        "budget, split between key and value components by their errors (h'_K may differ from h'_V)")
     s.add_argument("--calib", nargs="+", default=[], help="calibration text files / folders / .jsonl")
     s.add_argument("--calib-windows", type=int, default=16)
     s.add_argument("--calib-window", type=int, default=512)

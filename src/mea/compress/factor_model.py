@@ -7,7 +7,7 @@ import torch
 from ..layers import MEAAttention
 from ..models import MEAConfig, MEAForCausalLM
 from ..ops import fold_mixing
-from .factorize import factorize_heads, relative_error
+from .factorize import factorize_heads, relative_error, weighted_error
 from .factorize_fine import factorize_latent, factorize_rope_pairs
 from .methods import Method, method_of
 
@@ -119,16 +119,30 @@ def _heads_of(comp: torch.Tensor, mixing: torch.Tensor, kind: str, num_heads: in
     return weight.view(num_heads, head_dim, -1)
 
 
-def error_curves(attn, sigma: torch.Tensor, method: str) -> dict[str, list[float]]:
-    """Relative error (the method's objective) of this layer's keys at h'_K = 0..h and values at width 0..h D."""
+@torch.no_grad()
+def error_curves(attn, sigma: torch.Tensor | None, method: str, *, iterations: int = 30) -> dict[str, list[float]]:
+    """The layer's relative error on the method's objective at every cache size: keys at h'_K = 0..h, values at
+    h'_V = 0..h heads or, for a value latent, at width R = 0..h D (closed form from one decomposition for the
+    finer families; one factorisation per size for head-level mixing)."""
     spec = method_of(method)
-    if spec.key_mixing != "rope_pair" or spec.value_mixing != "latent":
-        raise ValueError(f"error curves come from the closed-form finer factorisations, not {method!r}")
+    if spec.weighted and sigma is None:
+        raise ValueError(f"method {method!r} needs calibration moments")
     h, d = attn.num_kv_heads, attn.head_dim
-    qk = query_weights(attn, sigma).diagonal(dim1=-2, dim2=-1)[:, : d // 2]
+    c = attn.q_proj.in_features
+    metric = sigma if spec.weighted else torch.eye(c + 1, dtype=torch.float64)
     w_k, w_v = composite_heads(attn)
-    keys = factorize_rope_pairs(w_k, sigma, h, pair_weights_hP=qk)[2]
-    values = factorize_latent(w_v, sigma, h * d, q_hDD=output_weights(attn))[2]
+    q_k, q_v = (query_weights(attn, metric), output_weights(attn)) if spec.weighted else (None, None)
+
+    def head_curve(w, q):
+        return [1.0] + [weighted_error(w, *factorize_heads(w, metric, m, q_hDD=q, iterations=iterations), metric, q)
+                        for m in range(1, h)] + [0.0]
+
+    if spec.key_mixing == "rope_pair":
+        weights = None if q_k is None else q_k.diagonal(dim1=-2, dim2=-1)[:, : d // 2]
+        keys = factorize_rope_pairs(w_k, metric, h, pair_weights_hP=weights)[2]
+    else:
+        keys = head_curve(w_k, q_k)
+    values = factorize_latent(w_v, metric, h * d, q_hDD=q_v)[2] if spec.value_mixing == "latent" else head_curve(w_v, q_v)
     return {"key": keys, "value": values}
 
 

@@ -28,6 +28,7 @@ class CompressOptions:
     layers: str | None = None  # "0-5,10"; default: the preset
     preset: str = "full"
     kv_budget: float | None = None
+    allocate: str = "probe"  # --kv-budget over layers: "probe" (whole heads by measured loss) or "errors"
     sensitivity: str | None = None  # a `mea probe` result for --kv-budget (else a quick probe runs)
     calib: list[str] = field(default_factory=list)  # user text files; default: the embedded corpus
     calib_windows: int = 16
@@ -64,8 +65,19 @@ def validate(opts: CompressOptions) -> None:
         raise ValueError(f"--recover must be 'layerwise' or 'none', got {opts.recover!r}")
     if opts.method == "svd" and opts.calib:
         raise ValueError("--method svd is data-free; drop --calib or use --method whitened")
-    if opts.sensitivity and method_of(opts.method).value_mixing == "latent":
-        raise ValueError(f"--method {opts.method} splits each layer's budget by its own error curves; drop --sensitivity")
+    if opts.allocate not in ALLOCATIONS:
+        raise ValueError(f"--allocate must be one of {', '.join(ALLOCATIONS)}, got {opts.allocate!r}")
+    if opts.sensitivity and allocation(opts) == "errors":
+        raise ValueError("--sensitivity is the probe's allocation; with --allocate errors (and for value-latent methods) "
+                         "each layer's budget is split by its own error curves: drop --sensitivity")
+
+
+ALLOCATIONS = ("probe", "errors")
+
+
+def allocation(opts: CompressOptions) -> str:
+    """How --kv-budget is spent: value latents have widths that are not whole heads, so always "errors"."""
+    return "errors" if method_of(opts.method).value_mixing == "latent" else opts.allocate
 
 
 def make_plan(model, opts: CompressOptions, tokenizer, moments) -> list:
@@ -76,9 +88,10 @@ def make_plan(model, opts: CompressOptions, tokenizer, moments) -> list:
             raise ValueError(f"--virtual-heads {opts.virtual_heads} is larger than the model's h = {h} KV heads")
         layers = parse_layers(opts.layers, num_layers) if opts.layers else preset_layers(opts.preset, num_layers)
         return uniform_plan(num_layers, h, opts.virtual_heads, layers)
-    if method_of(opts.method).value_mixing == "latent":  # widths that are not whole heads, per layer
+    if allocation(opts) == "errors":  # the same share of every layer, split between keys and values by error
         curves = [error_curves(layer.self_attn, moments[i], opts.method) for i, layer in enumerate(model.model.layers)]
-        return width_plan(curves, h, cfg.head_dim, opts.kv_budget)
+        return width_plan(curves, h, cfg.head_dim, opts.kv_budget,
+                          value_latent=method_of(opts.method).value_mixing == "latent")
     if opts.sensitivity:
         sens = load_sensitivity(opts.sensitivity)
     else:

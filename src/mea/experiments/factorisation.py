@@ -33,14 +33,12 @@ KEPT = (2 / 3, 0.5)
 
 
 def target_options(method: str, kept: float, num_kv_heads: int) -> dict:
-    """How each family reaches a KV fraction: whole heads (uniform when kept * h is whole, else the probe's
-    allocation under --kv-budget), or per-layer widths for the value-latent family."""
-    if method_of(method).value_mixing == "latent":
-        return {"kv_budget": kept}
+    """How each family reaches a KV fraction: whole heads everywhere when kept * h is whole (head-level
+    methods), else every layer keeps that share, split between keys and values by their errors."""
     heads = kept * num_kv_heads
-    if abs(heads - round(heads)) < 1e-6:
+    if method_of(method).value_mixing == "head" and abs(heads - round(heads)) < 1e-6:
         return {"virtual_heads": round(heads)}
-    return {"kv_budget": kept}
+    return {"kv_budget": kept, "allocate": "errors"}
 
 
 def layer_errors(teacher, student, moments: list[torch.Tensor]) -> dict[str, list[float]]:
@@ -69,8 +67,8 @@ def run_factorisation_study(out: str | Path, *, src: str = "smollm2", methods=ME
     original_ppl = json.loads(original_file.read_text())["ppl"]
     moments = None
     h = teacher.config.num_key_value_heads
-    for method in methods:
-        for fraction in kept:
+    for fraction in kept:
+        for method in methods:
             path = out / f"{method}-kv{round(100 * fraction)}.json"
             if path.exists():
                 continue

@@ -262,3 +262,12 @@ def test_benchmark_reads_the_layers_dispatch():
     with torch.no_grad():
         out = model(torch.randint(0, 97, (2, 1)), cache=cache, use_cache=True)
     assert out.logits.shape == (2, 1, 97) and cache.get_seq_length() == 11
+
+
+def test_qk_norm_models_refuse_per_pair_key_mixing():
+    model = mea.MEAForCausalLM(tiny_config(use_qk_norm=True)).eval()
+    with pytest.raises(ValueError, match="QK-norm"):
+        factor_attention(model.model.layers[0].self_attn, 2, method="rope-pair", sigma=torch.eye(97, dtype=torch.float64))
+    from mea.compress.pipeline import CompressOptions, compress_model
+    with pytest.raises(ValueError, match="QK-norm"):
+        compress_model(model, None, CompressOptions(method="rope-pair-latent", kv_budget=0.5))

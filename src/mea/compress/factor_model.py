@@ -71,6 +71,9 @@ def factor_attention(attn, target, *, method: str = "whitened", sigma: torch.Ten
         raise ValueError("compression needs an MEA layer with HLC (hlc=True); convert the model first")
     if spec.weighted and sigma is None:
         raise ValueError(f"method {method!r} needs calibration moments")
+    if attn.k_norm is not None and spec.key_mixing != "head":
+        raise ValueError(f"method {method!r} mixes keys per RoPE pair, which QK-norm's per-feature scale does not "
+                         "commute with; for a model with QK-norm use --method whitened or svd")
     h, d = attn.num_kv_heads, attn.head_dim
     key_target, value_target = layer_target(target, spec, d)
     if attn.cache_layout.absorbed:

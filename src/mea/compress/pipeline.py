@@ -104,6 +104,9 @@ def make_plan(model, opts: CompressOptions, tokenizer, moments) -> list:
 def compress_model(teacher, tok, opts: CompressOptions) -> tuple:
     """The compression steps on a loaded MEA teacher: calibration, plan, factorisation and the optional
     layer-wise fit. Returns (student, plan, factor report, fit report, calibration windows)."""
+    if teacher.config.use_qk_norm and method_of(opts.method).key_mixing != "head":
+        raise ValueError(f"--method {opts.method} mixes keys per RoPE pair, which QK-norm's per-feature scale does not "
+                         "commute with; for this model (QK-norm) use --method whitened or svd")
     if opts.calib:
         windows = token_windows(tok, read_texts(opts.calib), window=opts.calib_window, count=opts.calib_windows,
                                 what="calibration text")

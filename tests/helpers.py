@@ -79,3 +79,13 @@ class ByteTokenizer:
 
 def byte_tokenizer() -> ByteTokenizer:
     return ByteTokenizer()
+
+
+def padding_mask(b, t, s, lengths):
+    """bool (B, 1, T, S): causal with the last T queries of S keys, left padding of `lengths` real tokens."""
+    past = s - t
+    key = torch.arange(s)
+    causal = key[None, :] <= torch.arange(past, s)[:, None]
+    valid = torch.stack([key >= s - n for n in lengths])  # (B, S)
+    m = causal[None] & valid[:, None]
+    return (m | (key[None, :] == torch.arange(past, s)[:, None])[None])[:, None]

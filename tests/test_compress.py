@@ -62,7 +62,7 @@ def test_full_rank_compression_is_exact(calibrated, method):
 def test_compressed_cache_agrees_with_expanded_attention(calibrated):
     model, moments = calibrated
     compressed, report = factor_model(model, [1, 2], moments=moments)
-    assert [r["virtual_heads"] for r in report] == [1, 2]
+    assert [(r["key_components"], r["value_components"]) for r in report] == [(1, 1), (2, 2)]
     ids, mask = left_padded_batch(97, lengths=(9, 6, 4))
     with torch.no_grad():
         full = compressed(ids, attention_mask=mask).logits

@@ -138,3 +138,19 @@ def test_bad_inputs_give_clear_errors_and_no_output(capsys, tmp_path, tiny_llama
     assert re.search(message, err), err
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_finer_method_with_a_budget_that_is_not_whole_heads(capsys, tmp_path, tiny_llama_dir):
+    """rope-pair keys + a value latent at KV kept 0.4 (2.4 of 6 heads' worth per layer), with the layer-wise fit."""
+    code, res, err = run(capsys, "compress", tiny_llama_dir, tmp_path / "f", "--method", "rope-pair-latent",
+                         "--kv-budget", "0.4", *SMALL)
+    assert code == 0, err
+    assert all(k * 16 + r == 40 for k, r in res["plan"])  # round(0.4 * 2 * 3 * 16 / 8) * 8 floats per layer
+    assert res["kv_fraction"] == pytest.approx(40 / 96)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "f")
+    assert model.config.mea_key_mixing == "rope_pair" and model.config.value_latent_dims() == [r for _, r in res["plan"]]
+    provenance = json.loads((tmp_path / "f" / "mea_provenance.json").read_text())
+    assert all(row["rel_error_after"] < row["rel_error_before"] for row in provenance["layerwise_fit"])
+    measured = res["kv_bytes_per_token_fp32"]
+    assert measured["compressed"]["kv_bytes_per_token"] == pytest.approx(
+        measured["original"]["kv_bytes_per_token"] * 40 / 96, rel=0.02)

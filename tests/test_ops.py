@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import padding_mask
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -95,16 +96,6 @@ def test_rope_matches_complex_reference_and_commutes_with_mixing():
     assert rel_err(before, after) < 1e-6
 
 
-def _padding_mask(b, t, s, lengths):
-    """bool (B, 1, T, S): causal with the last T queries of S keys, left padding of `lengths` real tokens."""
-    past = s - t
-    key = torch.arange(s)
-    causal = key[None, :] <= torch.arange(past, s)[:, None]
-    valid = torch.stack([key >= s - n for n in lengths])  # (B, S)
-    m = causal[None] & valid[:, None]
-    return (m | (key[None, :] == torch.arange(past, s)[:, None])[None])[:, None]
-
-
 @pytest.mark.parametrize("t", [1, 3])
 @pytest.mark.parametrize("with_scale", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
@@ -116,9 +107,9 @@ def test_absorbed_attention_equals_expanded_forward_and_grad(t, with_scale, mask
     wk = torch.randn(m, h, requires_grad=True)
     wv = torch.randn(m, h, requires_grad=True)
     ks = (torch.rand(b, s, h) + 0.5).requires_grad_() if with_scale else None
-    mask = _padding_mask(b, t, s, [s, 5]) if masked else None
+    mask = padding_mask(b, t, s, [s, 5]) if masked else None
     if mask is None and t > 1:
-        mask = _padding_mask(b, t, s, [s, s])
+        mask = padding_mask(b, t, s, [s, s])
     out = absorbed_attention(q, k, v, wk, wv, mask=mask, scale=d**-0.5, k_scale_BSH=ks)
     ref = absorbed_attention_reference(q, k, v, wk, wv, mask=mask, scale=d**-0.5, k_scale_BSH=ks)
     assert rel_err(out, ref) < 1e-5
@@ -131,11 +122,11 @@ def test_absorbed_attention_equals_expanded_forward_and_grad(t, with_scale, mask
 def test_grouped_and_expanded_attention_match_reference():
     b, s, n, h, d = 2, 7, 6, 3, 8
     q, k, v = torch.randn(b, s, n, d), torch.randn(b, s, h, d), torch.randn(b, s, h, d)
-    mask = _padding_mask(b, s, s, [7, 3])
+    mask = padding_mask(b, s, s, [7, 3])
     for m in (None, mask):
         assert rel_err(expanded_attention(q, k, v, mask=m, scale=0.3), attention_reference(q, k, v, mask=m, scale=0.3)) < 1e-5
     q1 = q[:, -2:]
-    m2 = _padding_mask(b, 2, s, [7, 3])
+    m2 = padding_mask(b, 2, s, [7, 3])
     ref = attention_reference(q1, k, v, mask=m2, scale=0.3)
     assert rel_err(grouped_attention(q1, k, v, mask=m2, scale=0.3), ref) < 1e-5
 
@@ -149,7 +140,7 @@ def test_absorbed_decode_with_k_scale_bf16_values():
     q, k, v = (torch.randn(b, x, c, d, generator=g).bfloat16() for x, c in ((t, n), (s, m), (s, m)))
     wk, wv = torch.randn(m, h, generator=g).bfloat16(), torch.randn(m, h, generator=g).bfloat16()
     ks = (torch.rand(b, s, h, generator=g) + 0.5).bfloat16()
-    mask = _padding_mask(b, t, s, [s, 25])
+    mask = padding_mask(b, t, s, [s, 25])
     args = dict(mask=mask, scale=d**-0.5)
     ref = absorbed_attention_reference(*(x.double() for x in (q, k, v, wk, wv)), **args, k_scale_BSH=ks.double())
     out = absorbed_attention(q, k, v, wk, wv, **args, k_scale_BSH=ks)

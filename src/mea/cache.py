@@ -1,11 +1,12 @@
 """The KV cache of MEA: each layer holds only its h' component heads (after RoPE), never h heads.
 
 It plugs into Hugging Face's Cache API, so `generate` (greedy, sampling, beam search) drives it.
-Layout per layer, chosen by the attention layer on its first update: token-major (B, capacity, h', D)
-for compressed layers (h' < h), so that the h' heads of one token are contiguous and the absorbed
-decode reads them as one (h'*D)-wide multi-query head; head-major (B, h, capacity, D) for layers that
-cache their h composite heads (no HLC, or h' = h: see `MEAAttention.caches_components`), so that each
-KV head is one contiguous block for the plain GQA kernel. Storage is
+Layout per layer (`CacheLayout`, decided by `cache_layout` and passed by the attention layer on its first
+update): token-major (B, capacity, h', D) for compressed layers, so that the components of one token are
+contiguous and the absorbed decode reads them as one (h'*D)-wide multi-query head (keys and values may
+have different widths: separate component counts, or a value latent stored as (B, capacity, 1, R));
+head-major (B, h, capacity, D) for layers that cache their h composite heads (no HLC, or nothing
+compressed), so that each KV head is one contiguous block for the plain GQA kernel. Storage is
 preallocated (to the generation length when `generate` tells it) and grows in blocks, so appending a
 token writes one slot instead of re-copying the whole cache.
 
@@ -15,10 +16,55 @@ With QK-norm applied after mixing, the layer also keeps one float per token and 
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 GROWTH_BLOCK = 256  # tokens added per reallocation when no capacity was reserved
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """What one layer caches per token and which kernel decodes from it. Decided in one place
+    (`cache_layout`) and read by the attention layer, the configuration's byte prediction and the
+    benchmarks.
+
+    absorbed: token-major (B, S, heads, features) components, read once per step by `absorbed_attention`;
+    otherwise head-major (B, h, S, D) composite heads, read by plain GQA (`grouped_attention`)."""
+
+    absorbed: bool
+    key_shape: tuple[int, int]  # (heads, features) of one token's keys
+    value_shape: tuple[int, int]  # (heads, features) of one token's values; (1, R) for a value latent
+    k_scale_heads: int = 0  # float32 logit factors per token (QK-norm after mixing, absorbed layers)
+
+    @property
+    def kernel(self) -> str:
+        return "absorbed" if self.absorbed else "grouped"
+
+    @property
+    def heads_first(self) -> bool:
+        return not self.absorbed
+
+    def bytes_per_token(self, bytes_per_element: int = 2) -> int:
+        elements = math.prod(self.key_shape) + math.prod(self.value_shape)
+        return elements * bytes_per_element + 4 * self.k_scale_heads
+
+
+def cache_layout(*, num_kv_heads: int, head_dim: int, key_components: int, value_components: int | None = None,
+                 value_latent_dim: int | None = None, hlc: bool = True, qk_norm: bool = False) -> CacheLayout:
+    """The layout of a layer with M_K key components and either M_V value components or a value latent of
+    width R. A layer caches its components (absorbed decode) when that holds fewer bytes than the h
+    composite heads; otherwise (no HLC, or nothing compressed) it caches the h composite heads."""
+    h, d = num_kv_heads, head_dim
+    if (value_components is None) == (value_latent_dim is None):
+        raise ValueError("give a layer's value cache as exactly one of value_components or value_latent_dim")
+    value_shape = (1, value_latent_dim) if value_latent_dim is not None else (value_components, d)
+    if not hlc or (key_components >= h and math.prod(value_shape) >= h * d):
+        return CacheLayout(absorbed=False, key_shape=(h, d), value_shape=(h, d))
+    return CacheLayout(absorbed=True, key_shape=(key_components, d), value_shape=value_shape,
+                       k_scale_heads=h if qk_norm else 0)
 
 
 class MEACacheLayer(CacheLayerMixin):

@@ -112,7 +112,7 @@ def show_defaults(parser: argparse.ArgumentParser, *functions) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench import RUNNERS
-    from .compress.factor_model import METHODS
+    from .compress.methods import METHODS
     from .compress.pipeline import CompressOptions
     from .compress.recover import DistillConfig
     from .demo import run_demo
@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("src")
     s.add_argument("out", help="output folder: probe.json, probe.md, probe.png")
     s.add_argument("--levels", type=int, nargs="+", help="h' values to probe (default: 1 .. h-1)")
-    s.add_argument("--method", choices=METHODS)
+    s.add_argument("--method", choices=list(METHODS))
     s.add_argument("--windows", type=int, help="probe windows")
     s.add_argument("--window", type=int, help="tokens per probe window")
 

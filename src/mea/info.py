@@ -42,13 +42,20 @@ def kv_report(cfg, bytes_per_element: int = 2) -> dict:
     """KV-cache bytes per token (all layers) at a given element size, against the uncompressed h' = h."""
     d = cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
     baseline = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * d * bytes_per_element
-    if isinstance(cfg, MEAConfig):
-        per_token, heads = cfg.kv_cache_bytes_per_token(bytes_per_element), cfg.component_heads()
-    else:
-        per_token, heads = baseline, [cfg.num_key_value_heads] * cfg.num_hidden_layers
-    return {"kv_bytes_per_token": per_token, "uncompressed_kv_bytes_per_token": baseline,
-            "fraction": per_token / baseline, "component_heads_per_layer": heads,
-            "bytes_per_element": bytes_per_element}
+    report = {"bytes_per_element": bytes_per_element, "uncompressed_kv_bytes_per_token": baseline}
+    if not isinstance(cfg, MEAConfig):
+        heads = [cfg.num_key_value_heads] * cfg.num_hidden_layers
+        return {**report, "kv_bytes_per_token": baseline, "fraction": 1.0, "component_heads_per_layer": heads}
+    per_token = cfg.kv_cache_bytes_per_token(bytes_per_element)
+    layouts = cfg.cache_layouts()
+    same_heads = cfg.mea_value_mixing == "head" and cfg.key_components() == cfg.value_components()
+    report.update(kv_bytes_per_token=per_token, fraction=per_token / baseline,
+                  component_heads_per_layer=cfg.key_components() if same_heads else None,
+                  cached_per_layer=[{"keys": list(layout.key_shape), "values": list(layout.value_shape),
+                                     "decode": layout.kernel} for layout in layouts])
+    if cfg.mea_key_mixing != "head" or cfg.mea_value_mixing != "head":
+        report["mixing"] = {"keys": cfg.mea_key_mixing, "values": cfg.mea_value_mixing}
+    return report
 
 
 def count_parameters(cfg) -> int:

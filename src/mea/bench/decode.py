@@ -18,7 +18,7 @@ from ..cache import cache_bytes_held
 from ..machine import machine_header
 from ..markdown import markdown_table
 from .charts import plot_vs_context
-from .systems import LLAMA, available_memory, build_systems, fill_cache, predicted_kv_bytes, weight_bytes
+from .systems import LLAMA, available_memory, build_systems, decode_kernels, fill_cache, predicted_kv_bytes, weight_bytes
 from .timing import memory_bandwidth, rotated, synchronize
 
 
@@ -81,7 +81,7 @@ def bench_decode(*, preset: str = "smollm2-135m", contexts=(1024, 4096, 16384, 3
                 results.append(dict(system=name, context=context, batch=batch, ms_per_token=seconds * 1e3,
                                     tokens_per_s=batch / seconds, kv_bytes=held[name], kv_bytes_predicted=predicted,
                                     weight_bytes=weights, bound_ms=bound * 1e3,
-                                    of_bound=seconds / bound, interleaved=all_at_once,
+                                    of_bound=seconds / bound, interleaved=all_at_once, kernels=decode_kernels(model),
                                     all_ms=[t * 1e3 for t in times[name]]))
     return {
         "benchmark": "decode",

@@ -76,20 +76,27 @@ def fill_cache(model, batch: int, context: int, capacity: int):
     if isinstance(model, MEAForCausalLM):
         cache = MEACache(cfg.num_hidden_layers, capacity=capacity)
         for layer, block in zip(cache.layers, model.model.layers):
-            attn = block.self_attn
+            layout = block.self_attn.cache_layout  # what the layer itself would store and decode from
             for start in range(0, context, FILL_CHUNK):  # small temporaries: the memory benchmark sees the cache
                 t = min(FILL_CHUNK, context - start)
-                kv = torch.randn(batch, t, attn.num_component_heads, cfg.head_dim, device=p.device, dtype=p.dtype)
-                scale = None
-                if cfg.use_qk_norm and attn.caches_components:
-                    scale = torch.ones(batch, t, cfg.num_key_value_heads, device=p.device)
-                layer.update(kv, kv, k_scale=scale, heads_first=not attn.caches_components)  # copied into the cache
+                k, v = (torch.randn(batch, t, *shape, device=p.device, dtype=p.dtype)
+                        for shape in (layout.key_shape, layout.value_shape))
+                scale = torch.ones(batch, t, layout.k_scale_heads, device=p.device) if layout.k_scale_heads else None
+                layer.update(k, v, k_scale=scale, heads_first=layout.heads_first)  # copied into the cache
         return cache
     cache = DynamicCache(config=cfg)
     for i in range(cfg.num_hidden_layers):
         kv = torch.randn(batch, cfg.num_key_value_heads, context, cfg.head_dim, device=p.device, dtype=p.dtype)
         cache.update(kv, kv.clone(), i)
     return cache
+
+
+def decode_kernels(model) -> dict[str, int]:
+    """Layers per decode kernel, as the model's layers will dispatch (`MEAConfig.cache_layouts`)."""
+    if not isinstance(model, MEAForCausalLM):
+        return {"transformers": model.config.num_hidden_layers}
+    kernels = [layout.kernel for layout in model.config.cache_layouts()]
+    return {k: kernels.count(k) for k in sorted(set(kernels))}
 
 
 def predicted_kv_bytes(model, batch: int, tokens: int) -> int:

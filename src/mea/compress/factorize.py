@@ -21,16 +21,21 @@ from __future__ import annotations
 import torch
 
 
-def weighted_error(w_hDC, v_mDC, a_mh, sigma, q_hDD=None) -> float:
-    """sum_j err_j / sum_j tr(Q_j W_j Sigma W_j^T): 0 exact, 1 as bad as dropping the heads."""
-    err = w_hDC - torch.einsum("mj,mdc->jdc", a_mh, v_mDC)
+def relative_error(w: torch.Tensor, approx: torch.Tensor, sigma: torch.Tensor, q_hDD: torch.Tensor | None = None) -> float:
+    """sum_j tr(Q_j E_j Sigma E_j^T) / sum_j tr(Q_j W_j Sigma W_j^T) for heads (h, D, C'), E = W - approx;
+    0 exact, 1 as bad as dropping the heads. Q = identity when q_hDD is None."""
     def energy(x):
         xs = x @ sigma  # (h, D, C)
         if q_hDD is not None:
             xs = q_hDD @ xs
         return torch.einsum("jdc,jdc->", xs, x).item()
-    total = energy(w_hDC)
-    return energy(err) / total if total > 0 else 0.0
+    total = energy(w)
+    return energy(w - approx) / total if total > 0 else 0.0
+
+
+def weighted_error(w_hDC, v_mDC, a_mh, sigma, q_hDD=None) -> float:
+    """`relative_error` of the head-level factorisation W_j ~= sum_m A[m, j] V_m."""
+    return relative_error(w_hDC, torch.einsum("mj,mdc->jdc", a_mh, v_mDC), sigma, q_hDD)
 
 
 def factorize_heads(w_hDC: torch.Tensor, sigma: torch.Tensor, num_components: int, *,

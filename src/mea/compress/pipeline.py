@@ -13,8 +13,9 @@ from ..convert import load_source, to_mea
 from ..data import calibration_windows, heldout_text, probe_windows, read_texts, token_windows
 from ..eval import generate_and_measure, perplexity
 from .calibrate import input_moments, key_moments
-from .factor_model import METHODS, factor_model
-from .plan import LAYER_PRESETS, budget_plan, load_sensitivity, parse_layers, preset_layers, uniform_plan
+from .factor_model import error_curves, factor_model
+from .methods import METHODS, method_of
+from .plan import LAYER_PRESETS, budget_plan, load_sensitivity, parse_layers, preset_layers, uniform_plan, width_plan
 from .probe import probe_layers
 from .recover import FIT_MODES, layerwise_fit
 
@@ -26,13 +27,15 @@ RECOVER_MODES = ("layerwise", "none")
 
 @dataclass
 class CompressOptions:
-    method: str = field(  # whitened: activation-aware; svd: the paper's data-free weight SVD
-        default="whitened", metadata={"choices": METHODS})
+    method: str = field(  # svd: the paper's data-free SVD; whitened: activation-aware head mixing; rope-pair(-latent): finer mixing
+        default="whitened", metadata={"choices": tuple(METHODS)})
     virtual_heads: int | None = None  # h' for the chosen layers
     layers: str | None = None  # layer ranges, e.g. "0-5,10" (default: the --preset layers)
     preset: str = field(  # layers compressed when --layers is not given
         default="full", metadata={"choices": LAYER_PRESETS})
     kv_budget: float | None = None  # fraction of the original KV bytes kept; h' per layer from sensitivity
+    allocate: str = field(  # how --kv-budget is spread: probe (whole heads by measured loss) or errors (per-layer curves)
+        default="probe", metadata={"choices": ("probe", "errors")})
     sensitivity: str | None = None  # a `mea probe` probe.json for --kv-budget (else a quick probe runs)
     calib: list[str] = field(default_factory=list)  # calibration text files / folders / .jsonl (none: embedded)
     calib_windows: int = 16  # calibration windows
@@ -69,9 +72,22 @@ def validate(opts: CompressOptions) -> None:
         raise ValueError(f"--recover must be one of {', '.join(RECOVER_MODES)}, got {opts.recover!r}")
     if opts.method == "svd" and opts.calib:
         raise ValueError("--method svd is data-free; drop --calib or use --method whitened")
+    if opts.allocate not in ALLOCATIONS:
+        raise ValueError(f"--allocate must be one of {', '.join(ALLOCATIONS)}, got {opts.allocate!r}")
+    if opts.sensitivity and allocation(opts) == "errors":
+        raise ValueError("--sensitivity is the probe's allocation; with --allocate errors (and for value-latent methods) "
+                         "each layer's budget is split by its own error curves: drop --sensitivity")
 
 
-def make_plan(model, opts: CompressOptions, tokenizer, moments, keys) -> list[int]:
+ALLOCATIONS = ("probe", "errors")
+
+
+def allocation(opts: CompressOptions) -> str:
+    """How --kv-budget is spent: value latents have widths that are not whole heads, so always "errors"."""
+    return "errors" if method_of(opts.method).value_mixing == "latent" else opts.allocate
+
+
+def make_plan(model, opts: CompressOptions, tokenizer, moments, keys) -> list:
     cfg = model.config
     h, num_layers = cfg.num_key_value_heads, cfg.num_hidden_layers
     if opts.virtual_heads is not None:
@@ -79,6 +95,10 @@ def make_plan(model, opts: CompressOptions, tokenizer, moments, keys) -> list[in
             raise ValueError(f"--virtual-heads {opts.virtual_heads} is larger than the model's h = {h} KV heads")
         layers = parse_layers(opts.layers, num_layers) if opts.layers else preset_layers(opts.preset, num_layers)
         return uniform_plan(num_layers, h, opts.virtual_heads, layers)
+    if allocation(opts) == "errors":  # the same share of every layer, split between keys and values by error
+        curves = [error_curves(layer.self_attn, moments[i], opts.method) for i, layer in enumerate(model.model.layers)]
+        return width_plan(curves, h, cfg.head_dim, opts.kv_budget,
+                          value_latent=method_of(opts.method).value_mixing == "latent")
     if opts.sensitivity:
         sens = load_sensitivity(opts.sensitivity)
     else:
@@ -86,6 +106,40 @@ def make_plan(model, opts: CompressOptions, tokenizer, moments, keys) -> list[in
         sens = probe_layers(model, probe_windows(tokenizer, window=256, count=2), moments, keys,
                             levels=list(range(1, h)), method=opts.method, log=log)["delta_loss"]
     return budget_plan(sens, num_layers, h, opts.kv_budget)
+
+
+def compress_model(teacher, tok, opts: CompressOptions) -> tuple:
+    """The compression steps on a loaded MEA teacher: calibration, plan, factorisation and the optional
+    layer-wise fit. Returns (student, plan, factor report, fit report, calibration windows)."""
+    if teacher.config.use_qk_norm and method_of(opts.method).key_mixing != "head":
+        raise ValueError(f"--method {opts.method} mixes keys per RoPE pair, which QK-norm's per-feature scale does not "
+                         "commute with; for this model (QK-norm) use --method whitened or svd")
+    if opts.calib:
+        windows = token_windows(tok, read_texts(opts.calib), window=opts.calib_window, count=opts.calib_windows,
+                                what="calibration text")
+    else:
+        windows = calibration_windows(tok, window=opts.calib_window, count=opts.calib_windows)
+    moments = keys = None
+    weighted = method_of(opts.method).weighted
+    if weighted or opts.recover == "layerwise" or opts.kv_budget is not None:
+        log(f"calibrating on {windows.numel()} tokens ...")
+        moments = input_moments(teacher, windows)
+        keys = key_moments(teacher, windows) if weighted else None
+    plan = make_plan(teacher, opts, tok, moments, keys)
+    log(f"plan per layer: {plan}")
+    student, factor_report = factor_model(teacher, plan, method=opts.method, moments=moments, key_moments=keys,
+                                          key_weighting=opts.key_weighting, value_weighting=opts.value_weighting)
+    fit_report = None
+    if opts.recover == "layerwise":
+        log("layer-wise recovery (fitting each compressed attention to the original's outputs) ...")
+        fit_report = layerwise_fit(student, teacher, windows, steps=opts.fit_steps,
+                                   train_query_output=opts.fit_query_output, mode=opts.fit_mode, log=log)
+    return student, plan, factor_report, fit_report, windows
+
+
+def heldout_windows(tok, opts: CompressOptions):
+    """The held-out text the compression report scores."""
+    return token_windows(tok, heldout_text(), window=opts.eval_window, count=opts.eval_windows, what="held-out text")
 
 
 def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = False) -> dict:
@@ -98,28 +152,10 @@ def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = Fal
     if source.tokenizer is None:
         raise ValueError(f"{src} has no tokenizer files; compression needs one for calibration text")
     tok = source.tokenizer
-    if opts.calib:
-        windows = token_windows(tok, read_texts(opts.calib), window=opts.calib_window, count=opts.calib_windows,
-                                what="calibration text")
-    else:
-        windows = calibration_windows(tok, window=opts.calib_window, count=opts.calib_windows)
-    moments = keys = None
-    if opts.method == "whitened" or opts.recover == "layerwise" or opts.kv_budget is not None:
-        log(f"calibrating on {windows.numel()} tokens ...")
-        moments = input_moments(teacher, windows)
-        keys = key_moments(teacher, windows) if opts.method == "whitened" else None
-    plan = make_plan(teacher, opts, tok, moments, keys)
-    log(f"virtual heads per layer: {plan}")
-    student, factor_report = factor_model(teacher, plan, method=opts.method, moments=moments, key_moments=keys,
-                                          key_weighting=opts.key_weighting, value_weighting=opts.value_weighting)
-    fit_report = None
-    if opts.recover == "layerwise":
-        log("layer-wise recovery (fitting each compressed attention to the original's outputs) ...")
-        fit_report = layerwise_fit(student, teacher, windows, steps=opts.fit_steps,
-                                   train_query_output=opts.fit_query_output, mode=opts.fit_mode, log=log)
+    student, plan, factor_report, fit_report, windows = compress_model(teacher, tok, opts)
     provenance = {
         "source": source.description, "method": opts.method, "plan": plan,
-        "kv_fraction": sum(plan) / (len(plan) * teacher.config.num_key_value_heads),
+        "kv_fraction": student.config.kv_cache_bytes_per_token() / teacher.config.kv_cache_bytes_per_token(),
         "options": vars(opts), "calibration": opts.calib or "embedded corpus (mea.data.calibration_windows)",
         "calibration_tokens": windows.numel(), "command": " ".join(sys.argv),
     }
@@ -133,8 +169,7 @@ def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = Fal
         "compressed": generate_and_measure(student, tok, SAMPLE_PROMPT),
     }
     if opts.evaluate:
-        held = token_windows(tok, heldout_text(), window=opts.eval_window, count=opts.eval_windows,
-                             what="held-out text")
+        held = heldout_windows(tok, opts)
         log("perplexity on the held-out text ...")
         report["perplexity"] = {"compressed": perplexity(student, held)["ppl"], "tokens": held[:, 1:].numel()}
         if opts.evaluate_original:

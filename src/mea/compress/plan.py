@@ -69,3 +69,25 @@ def load_sensitivity(path: str | Path) -> dict[int, dict[int, float]]:
         return {int(l): {int(m): float(v) for m, v in row.items()} for l, row in data["delta_loss"].items()}
     except (KeyError, AttributeError, ValueError) as e:
         raise ValueError(f"{path} is not a probe result (written by `mea probe`): {e}") from e
+
+
+LATENT_STEP = 8  # value latent widths are multiples of this (vector-friendly)
+
+
+def width_plan(curves: list[dict[str, list[float]]], num_heads: int, head_dim: int, budget: float, *,
+               value_latent: bool) -> list[tuple[int, int]]:
+    """Per layer (h'_K, value size): every layer keeps `budget` of its 2 h D cached floats per token, split
+    between whole key components and the values (whole heads, or a latent of width R rounded to LATENT_STEP)
+    where the sum of the two relative errors is smallest, so h'_K and h'_V need not be equal.
+    curves[l] = {"key": error at h'_K = 0..h, "value": error at h'_V = 0..h or R = 0..h D}
+    (`factor_model.error_curves`)."""
+    if not 0 < budget <= 1:
+        raise ValueError(f"--kv-budget must be in (0, 1], got {budget}")
+    unit, step = (1, LATENT_STEP) if value_latent else (head_dim, head_dim)
+    width = round(budget * 2 * num_heads * head_dim / step) * step
+    options = [(k, (width - k * head_dim) // unit) for k in range(1, num_heads + 1)
+               if 1 <= (width - k * head_dim) // unit <= num_heads * head_dim // unit]
+    if not options:
+        raise ValueError(f"--kv-budget {budget} leaves {width} floats per token and layer: too few for one key "
+                         f"component ({head_dim} floats) and the values; raise the budget")
+    return [min(options, key=lambda kv: (c["key"][kv[0]] + c["value"][kv[1]], kv)) for c in curves]

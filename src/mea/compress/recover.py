@@ -101,7 +101,7 @@ def layerwise_fit(student: MEAForCausalLM, teacher: MEAForCausalLM, windows: tor
         x_t = _batched(t_block.input_layernorm, h_t, batch)
         mid_t = h_t + _batched(lambda x: attend(t_block.self_attn, x), x_t, batch)
         x_s = _batched(s_block.input_layernorm, h_s, batch)
-        if s_block.self_attn.num_component_heads != t_block.self_attn.num_component_heads:
+        if s_block.self_attn.cache_layout != t_block.self_attn.cache_layout:
             x_in, target = (x_s, mid_t - h_s) if mode == "sequential" else (x_t, mid_t - h_t)
             before, after = _fit_attention(s_block.self_attn, x_in, target, cos, sin, steps=steps, lr=lr,
                                            batch=batch, trained=trained)

@@ -11,11 +11,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen3Config, Qwen3ForCausalLM
 
 from ..models import MEAConfig, MEAForCausalLM
-from ..ops import fold_into_projection
+from ..ops import fold_mixing
 
 
-def _fold_projection(proj: torch.nn.Linear, w_MH: torch.Tensor, head_dim: int) -> None:
-    weight, bias = fold_into_projection(proj.weight, proj.bias, w_MH, head_dim)
+def _fold_projection(proj: torch.nn.Linear, w: torch.Tensor, kind: str, head_dim: int) -> None:
+    weight, bias = fold_mixing(proj.weight, proj.bias, w, kind, head_dim)
     proj.weight = torch.nn.Parameter(weight)
     if bias is not None:
         proj.bias = torch.nn.Parameter(bias)
@@ -27,16 +27,18 @@ def fold_hlc(model: MEAForCausalLM) -> MEAForCausalLM:
     cfg = model.config
     if not cfg.mea_hlc:
         raise ValueError("this model has no HLC to fold (mea_hlc is False)")
-    if any(m != cfg.num_key_value_heads for m in cfg.component_heads()):
+    if any(layout.absorbed for layout in cfg.cache_layouts()):
         raise ValueError("fold needs h' = h in every layer; a compressed model (h' < h) cannot be folded "
                          "without losing its cache saving")
-    folded_cfg = MEAConfig(**{**cfg.to_dict(), "mea_hlc": False, "mea_num_component_heads": None, "mea_hlc_init": None})
+    folded_cfg = MEAConfig(**{**cfg.to_dict(), "mea_hlc": False, "mea_num_component_heads": None, "mea_hlc_init": None,
+                              "mea_num_key_components": None, "mea_num_value_components": None,
+                              "mea_key_mixing": "head", "mea_value_mixing": "head", "mea_value_latent_dim": None})
     folded = MEAForCausalLM(folded_cfg).to(model.dtype)
     state = {k: v for k, v in model.state_dict().items() if ".hlc_" not in k}
     folded.load_state_dict(state, strict=True, assign=False)
     for src, dst in zip(model.model.layers, folded.model.layers):
-        _fold_projection(dst.self_attn.k_proj, src.self_attn.hlc_k, cfg.head_dim)
-        _fold_projection(dst.self_attn.v_proj, src.self_attn.hlc_v, cfg.head_dim)
+        _fold_projection(dst.self_attn.k_proj, src.self_attn.hlc_k, src.self_attn.key_mixing, cfg.head_dim)
+        _fold_projection(dst.self_attn.v_proj, src.self_attn.hlc_v, src.self_attn.value_mixing, cfg.head_dim)
     return folded.eval()
 
 

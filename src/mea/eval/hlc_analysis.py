@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from ..layers import MEAAttention
-from ..ops import init_hlc
 from ..plotting import pyplot, save_figure
 from .perplexity import perplexity
 
@@ -24,6 +23,11 @@ def hlc_layers(model) -> list[MEAAttention]:
     if not layers:
         raise ValueError(f"{type(model).__name__} has no HLC matrices (an MEA model with mea_hlc=True is needed; "
                          "convert or compress the model first)")
+    for a in layers:
+        if a.key_mixing != "head" or a.value_mixing != "head" or a.num_key_components != a.num_value_components:
+            raise ValueError(f"layer {a.layer_idx} mixes keys by {a.key_mixing!r} and values by {a.value_mixing!r} "
+                             "with separate sizes; this analysis reads the paper's h' x h HLC matrices (same h' for "
+                             "keys and values): analyse a model compressed with --method whitened or svd")
     return layers
 
 
@@ -33,11 +37,7 @@ def reference_matrices(model, reference=None) -> list[tuple[torch.Tensor, torch.
         if len(ref) != len(hlc_layers(model)):
             raise ValueError("the reference model has a different number of HLC layers")
         return [(a.hlc_k.detach(), a.hlc_v.detach()) for a in ref]
-    out = []
-    for a in hlc_layers(model):
-        w = init_hlc(a.num_component_heads, a.num_kv_heads, model.config.mea_hlc_init)
-        out.append((w, w))
-    return out
+    return [a.initial_mixing(model.config.mea_hlc_init) for a in hlc_layers(model)]
 
 
 @torch.no_grad()

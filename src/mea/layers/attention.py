@@ -8,6 +8,9 @@ One class gives the four variants the paper compares:
 
 k_proj / v_proj produce h' component heads; HLC matrices W_lc^K, W_lc^V (h' x h) recombine them into
 h composite heads. Component heads are cached after RoPE (RoPE commutes with head mixing).
+Keys and values may have different component counts (h'_K, h'_V), and finer mixings (`ops.mixing`):
+keys mixed with one complex weight per RoPE frequency pair ("rope_pair"), values read from a latent of
+any width R ("latent"). Training and the uncached forward fold the mixing into k/v_proj.
 
 QK-norm (Qwen3) is applied to the *composite* key heads, i.e. after mixing, which keeps an
 identity-HLC conversion exact and lets HLC be folded into k_proj. The norm's per-feature scale and
@@ -22,18 +25,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import MEACache
+from ..cache import CacheLayout, MEACache, cache_layout
 from ..ops import (
     absorbed_attention,
     apply_rope,
+    check_mixing,
     expanded_attention,
-    fold_into_projection,
+    fold_mixing,
     grouped_attention,
-    init_hlc,
+    init_mixing,
     inverse_rms,
-    mix_heads,
+    mix,
 )
 from .norm import RMSNorm
+
 
 class MEAAttention(nn.Module):
     def __init__(
@@ -44,6 +49,11 @@ class MEAAttention(nn.Module):
         num_kv_heads: int,
         head_dim: int | None = None,
         num_component_heads: int | None = None,
+        num_key_components: int | None = None,
+        num_value_components: int | None = None,
+        key_mixing: str = "head",
+        value_mixing: str = "head",
+        value_latent_dim: int | None = None,
         hlc: bool = True,
         head_norm: bool = True,
         head_norm_eps: float = 1e-5,
@@ -59,7 +69,9 @@ class MEAAttention(nn.Module):
         super().__init__()
         # the shape and switches, to build a sibling layer (e.g. with fewer component heads)
         self.spec = dict(hidden_size=hidden_size, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                         num_component_heads=num_component_heads, hlc=hlc, head_norm=head_norm,
+                         num_component_heads=num_component_heads, num_key_components=num_key_components,
+                         num_value_components=num_value_components, key_mixing=key_mixing,
+                         value_mixing=value_mixing, value_latent_dim=value_latent_dim, hlc=hlc, head_norm=head_norm,
                          head_norm_eps=head_norm_eps, qk_norm=qk_norm, qk_norm_eps=qk_norm_eps, qkv_bias=qkv_bias,
                          out_bias=out_bias, layer_idx=layer_idx)
         head_dim = head_dim or hidden_size // num_heads
@@ -68,34 +80,56 @@ class MEAAttention(nn.Module):
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if not 1 <= num_component_heads <= num_kv_heads:
             raise ValueError(f"num_component_heads h' must be in [1, h={num_kv_heads}], got {num_component_heads}")
-        if not hlc and num_component_heads != num_kv_heads:
-            raise ValueError("num_component_heads < num_kv_heads needs hlc=True (HLC rebuilds the h heads)")
+        m_k = num_component_heads if num_key_components is None else num_key_components
+        m_v = num_component_heads if num_value_components is None else num_value_components
+        check_mixing(num_kv_heads=num_kv_heads, head_dim=head_dim, key_components=m_k, value_components=m_v,
+                     key_mixing=key_mixing, value_mixing=value_mixing, value_latent_dim=value_latent_dim, hlc=hlc,
+                     qk_norm=qk_norm)
         self.num_heads, self.num_kv_heads, self.num_component_heads = num_heads, num_kv_heads, num_component_heads
+        self.num_key_components, self.key_mixing, self.value_mixing = m_k, key_mixing, value_mixing
+        self.num_value_components = m_v if value_mixing == "head" else None
+        self.value_latent_dim = value_latent_dim if value_mixing == "latent" else None
         self.head_dim, self.scale, self.layer_idx = head_dim, head_dim**-0.5, layer_idx
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden_size, num_component_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden_size, num_component_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, m_k * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, self.value_latent_dim or m_v * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=out_bias)
         self.hlc = hlc
         if hlc:
-            default = init_hlc(num_component_heads, num_kv_heads, hlc_init)
-            for name, given in (("hlc_k", hlc_k), ("hlc_v", hlc_v)):
-                w = default.clone() if given is None else torch.as_tensor(given, dtype=torch.float32).clone()
-                if w.shape != (num_component_heads, num_kv_heads):
-                    raise ValueError(f"{name} must have shape (h', h) = {(num_component_heads, num_kv_heads)}, got {tuple(w.shape)}")
+            for name, given, default in zip(("hlc_k", "hlc_v"), (hlc_k, hlc_v), self.initial_mixing(hlc_init)):
+                w = default if given is None else torch.as_tensor(given, dtype=torch.float32).clone()
+                if w.shape != default.shape:
+                    raise ValueError(f"{name} must have shape {tuple(default.shape)}, got {tuple(w.shape)}")
                 self.register_parameter(name, nn.Parameter(w))
         self.q_norm = RMSNorm(head_dim, eps=qk_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps=qk_norm_eps) if qk_norm else None
         self.head_norm = RMSNorm(head_dim, eps=head_norm_eps) if head_norm else None  # the paper's GroupNorm
+        self.cache_layout: CacheLayout = cache_layout(
+            num_kv_heads=num_kv_heads, head_dim=head_dim, key_components=m_k, value_components=self.num_value_components,
+            value_latent_dim=self.value_latent_dim, hlc=hlc, qk_norm=qk_norm)
+
+    @property
+    def _value_split(self) -> tuple[int, int]:
+        """How v_proj's output splits per token: (h'_V, D) components or (1, R) a latent."""
+        return (1, self.value_latent_dim) if self.value_latent_dim else (self.num_value_components, self.head_dim)
+
+    def initial_mixing(self, how: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The configured initial (W^K, W^V) of this layer's mixing kinds and sizes."""
+        h, d = self.num_kv_heads, self.head_dim
+        return (init_mixing(self.key_mixing, self.num_key_components, h, d, how),
+                init_mixing(self.value_mixing, self.value_latent_dim or self.num_value_components, h, d,
+                            how if self.value_mixing == "head" else None))
 
     def composite_kv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the h composite heads, (B, T, h, D) each, before QK-norm and RoPE. HLC is
-        folded into the projection weights (an h x h' x D x C einsum, independent of batch), so training
-        pays one matmul per K and V, like the baseline; gradients reach W_lc and k/v_proj alike."""
+        """Keys and values of the h composite heads, (B, T, h, D) each, before QK-norm and RoPE. The mixing is
+        folded into the projection weights (independent of batch), so training pays one matmul per K and V,
+        like the baseline; gradients reach W_lc and k/v_proj alike."""
         b, t, _ = x.shape
         if self.hlc:
-            k = F.linear(x, *fold_into_projection(self.k_proj.weight, self.k_proj.bias, self.hlc_k, self.head_dim))
-            v = F.linear(x, *fold_into_projection(self.v_proj.weight, self.v_proj.bias, self.hlc_v, self.head_dim))
+            k = F.linear(x, *fold_mixing(self.k_proj.weight, self.k_proj.bias, self.hlc_k, self.key_mixing,
+                                         self.head_dim))
+            v = F.linear(x, *fold_mixing(self.v_proj.weight, self.v_proj.bias, self.hlc_v, self.value_mixing,
+                                         self.head_dim))
         else:
             k, v = self.k_proj(x), self.v_proj(x)
         return k.view(b, t, self.num_kv_heads, self.head_dim), v.view(b, t, self.num_kv_heads, self.head_dim)
@@ -133,39 +167,37 @@ class MEAAttention(nn.Module):
             k = self.k_norm(k)
         return self._attend(q, apply_rope(k, cos, sin), v, mask)
 
-    @property
-    def caches_components(self) -> bool:
-        """Whether the cache holds the h' < h component heads (read by the absorbed decode). With h' = h (or
-        no HLC) it holds the h composite heads instead: the same bytes, read by plain GQA."""
-        return self.hlc and self.num_component_heads < self.num_kv_heads
-
     def _attend_cached(self, x, q, cos, sin, mask, cache: MEACache):
         b, t, _ = x.shape
-        k = self.k_proj(x).view(b, t, self.num_component_heads, self.head_dim)  # (B, T, h', D)
-        v = self.v_proj(x).view(b, t, self.num_component_heads, self.head_dim)  # (B, T, h', D)
+        layout = self.cache_layout
+        k = self.k_proj(x).view(b, t, self.num_key_components, self.head_dim)  # (B, T, h'_K, D)
+        v = self.v_proj(x).view(b, t, *self._value_split)  # (B, T, h'_V, D) or (B, T, 1, R)
         past = cache.get_seq_length(self.layer_idx)
-        if not self.caches_components:  # cache the h composite heads, head-major (one block per KV head)
+        if not layout.absorbed:  # cache the h composite heads, head-major (one block per KV head)
             if self.hlc:
-                k, v = mix_heads(k, self.hlc_k), mix_heads(v, self.hlc_v)
+                k, v = mix(k, self.hlc_k, self.key_mixing), mix(v, self.hlc_v, self.value_mixing)
             if self.k_norm is not None:
                 k = self.k_norm(k)
             k = apply_rope(k, cos, sin)
-            k_cached, v_cached = cache.update(k, v, self.layer_idx, heads_first=True)
+            k_cached, v_cached = cache.update(k, v, self.layer_idx, heads_first=layout.heads_first)
             return self._attend(q, k, v, mask) if past == 0 else self._attend(q, k_cached, v_cached, mask, decode=True)
         k_scale = None  # (B, T, h): 1/RMS of each composite key, when QK-norm follows mixing
-        if self.k_norm is not None:
-            k_scale = inverse_rms(mix_heads(k, self.hlc_k), self.k_norm.eps)
+        if self.k_norm is not None:  # "head" mixing only (checked): the norm's feature scale commutes with it
+            k_scale = inverse_rms(mix(k, self.hlc_k, self.key_mixing), self.k_norm.eps)
             k = k * self.k_norm.weight
         k = apply_rope(k, cos, sin)
-        k_cached, v_cached = cache.update(k, v, self.layer_idx, k_scale=k_scale)  # token-major
+        k_cached, v_cached = cache.update(k, v, self.layer_idx, k_scale=k_scale, heads_first=layout.heads_first)
         if past == 0:  # prefill: expand to h heads over the new tokens only
-            k_h, v_h = mix_heads(k, self.hlc_k), mix_heads(v, self.hlc_v)
+            k_h, v_h = mix(k, self.hlc_k, self.key_mixing), mix(v, self.hlc_v, self.value_mixing)
             if k_scale is not None:
                 k_h = k_h * k_scale[..., None].to(k_h.dtype)
             return self._attend(q, k_h, v_h, mask)
         # decoding from the compressed cache, read once
         return absorbed_attention(q, k_cached, v_cached, self.hlc_k, self.hlc_v, mask=mask, scale=self.scale,
-                                  k_scale_BSH=cache.layers[self.layer_idx].cached_k_scale())
+                                  k_scale_BSH=cache.layers[self.layer_idx].cached_k_scale(),
+                                  key_mixing=self.key_mixing, value_mixing=self.value_mixing)
+
+
 
     def _attend(self, q, k, v, mask, *, decode: bool = False):
         """Plain (no HLC) attention over h KV heads; the hook where variants change the attention map."""
@@ -174,5 +206,8 @@ class MEAAttention(nn.Module):
         return expanded_attention(q, k, v, mask=mask, scale=self.scale)
 
     def extra_repr(self) -> str:
-        return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, component_heads={self.num_component_heads}, "
-                f"head_dim={self.head_dim}, hlc={self.hlc}, head_norm={self.head_norm is not None}")
+        values = (f"value_latent={self.value_latent_dim}" if self.value_latent_dim
+                  else f"value_components={self.num_value_components}")
+        return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, key_components={self.num_key_components} "
+                f"({self.key_mixing}), {values}, head_dim={self.head_dim}, hlc={self.hlc}, "
+                f"head_norm={self.head_norm is not None}, decode={self.cache_layout.kernel}")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-from ..ops.hlc import HLC_INITS
+from ..cache import CacheLayout, cache_layout
+from ..ops import HLC_INITS, check_mixing
 from ..ops.rope import SUPPORTED_ROPE_TYPES
 
 
@@ -39,6 +40,11 @@ class MEAConfig(PreTrainedConfig):
     mea_head_norm: bool = True  # the paper's GroupNorm: RMSNorm of each attention head's output
     mea_head_norm_eps: float = 1e-5  # as the Differential Transformer's subln
     mea_num_component_heads: int | list | None = None  # h' (per layer if a list); None: h' = h
+    mea_num_key_components: int | list | None = None  # h'_K (per layer if a list); None: h'
+    mea_num_value_components: int | list | None = None  # h'_V (per layer if a list); None: h'
+    mea_key_mixing: str = "head"  # "head" (the paper's HLC) or "rope_pair" (complex weight per RoPE pair)
+    mea_value_mixing: str = "head"  # "head" (the paper's HLC) or "latent" (a value latent of any width)
+    mea_value_latent_dim: int | list | None = None  # R per layer (with mea_value_mixing="latent")
     mea_hlc_init: str | None = None  # "identity" (default when h' = h) or "shared" (default when h' < h)
     mea_differential: bool = False  # Differential attention (Ye et al. 2024) instead of softmax attention
 
@@ -82,30 +88,72 @@ class MEAConfig(PreTrainedConfig):
                 raise ValueError(f"layer {layer}: mea_num_component_heads must be in [1, {h}] (h' <= h), got {m}")
             if m != h and not self.mea_hlc:
                 raise ValueError(f"layer {layer}: h'={m} < h={h} needs mea_hlc=True (HLC rebuilds the h heads)")
-            if self.mea_hlc_init == "identity" and m != h:
+        if self.mea_value_mixing == "latent" and self.mea_num_value_components is not None:
+            raise ValueError("mea_num_value_components counts value heads; with mea_value_mixing='latent' give "
+                             "mea_value_latent_dim instead")
+        for layer, (m_k, m_v, r) in enumerate(zip(self.key_components(), self.value_components(),
+                                                  self.value_latent_dims())):
+            check_mixing(num_kv_heads=h, head_dim=self.head_dim, key_components=m_k, value_components=m_v,
+                         key_mixing=self.mea_key_mixing, value_mixing=self.mea_value_mixing, value_latent_dim=r,
+                         hlc=self.mea_hlc, qk_norm=self.use_qk_norm, where=f"layer {layer}: ")
+            if self.mea_hlc_init == "identity" and (m_k != h or m_v != h or r is not None):
                 raise ValueError(f"layer {layer}: mea_hlc_init='identity' needs h' = h; use 'shared' or leave it unset")
 
+    def _per_layer(self, name: str, default: list) -> list:
+        """A per-layer MEA field: None -> `default`, an int -> that for every layer, a list -> as given."""
+        value = getattr(self, name)
+        if value is None:
+            return list(default)
+        if isinstance(value, int):
+            return [value] * self.num_hidden_layers
+        if len(value) != self.num_hidden_layers:
+            raise ValueError(f"{name} has {len(value)} entries but the model has {self.num_hidden_layers} layers; "
+                             "give one value per layer or a single int")
+        if not all(isinstance(x, int) for x in value):
+            raise ValueError(f"{name} entries must be ints, got {value}")
+        return list(value)
+
     def component_heads(self) -> list[int]:
-        """h' of every layer."""
-        m = self.mea_num_component_heads
-        if m is None:
-            return [self.num_key_value_heads] * self.num_hidden_layers
-        if isinstance(m, int):
-            return [m] * self.num_hidden_layers
-        if len(m) != self.num_hidden_layers:
-            raise ValueError(
-                f"mea_num_component_heads has {len(m)} entries but the model has {self.num_hidden_layers} layers; "
-                "give one h' per layer or a single int")
-        if not all(isinstance(x, int) for x in m):
-            raise ValueError(f"mea_num_component_heads entries must be ints, got {m}")
-        return list(m)
+        """h' of every layer (the default of h'_K and h'_V)."""
+        return self._per_layer("mea_num_component_heads", [self.num_key_value_heads] * self.num_hidden_layers)
+
+    def key_components(self) -> list[int]:
+        """h'_K of every layer."""
+        return self._per_layer("mea_num_key_components", self.component_heads())
+
+    def value_components(self) -> list[int]:
+        """h'_V of every layer (with a value latent: h'; unused)."""
+        return self._per_layer("mea_num_value_components", self.component_heads())
+
+    def value_latent_dims(self) -> list[int | None]:
+        """R of every layer with mea_value_mixing='latent', else None per layer."""
+        if self.mea_value_mixing != "latent":
+            if self.mea_value_latent_dim is not None:
+                raise ValueError("mea_value_latent_dim needs mea_value_mixing='latent'")
+            return [None] * self.num_hidden_layers
+        if self.mea_value_latent_dim is None:
+            raise ValueError("mea_value_mixing='latent' needs mea_value_latent_dim (the latent width R per layer)")
+        return self._per_layer("mea_value_latent_dim", [])
+
+    def attention_kwargs(self, layer: int) -> dict:
+        """The key/value cache arguments of layer `layer`'s `MEAAttention`."""
+        latent = self.value_latent_dims()[layer]
+        return dict(num_component_heads=self.component_heads()[layer],
+                    num_key_components=self.key_components()[layer],
+                    num_value_components=None if latent is not None else self.value_components()[layer],
+                    key_mixing=self.mea_key_mixing, value_mixing=self.mea_value_mixing, value_latent_dim=latent)
+
+    def cache_layouts(self) -> list[CacheLayout]:
+        """What every layer caches per token and which kernel decodes it (the layers use the same rule)."""
+        return [cache_layout(num_kv_heads=self.num_key_value_heads, head_dim=self.head_dim,
+                             key_components=kw["num_key_components"], value_components=kw["num_value_components"],
+                             value_latent_dim=kw["value_latent_dim"], hlc=self.mea_hlc, qk_norm=self.use_qk_norm)
+                for kw in map(self.attention_kwargs, range(self.num_hidden_layers))]
 
     def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
-        """Bytes the cache holds per token, all layers: 2 h' D per layer (+ h float32 k-scales per compressed
-        layer, h' < h, with QK-norm: see MEAAttention.caches_components)."""
-        h = self.num_key_value_heads
-        k_scales = 4 * h if self.use_qk_norm and self.mea_hlc else 0
-        return sum(2 * m * self.head_dim * bytes_per_element + k_scales * (m < h) for m in self.component_heads())
+        """Bytes the cache holds per token, all layers: h'_K D + (h'_V D or R) per layer (+ h float32 k-scales
+        per compressed layer with QK-norm), as `cache_layouts` says."""
+        return sum(layout.bytes_per_token(bytes_per_element) for layout in self.cache_layouts())
 
 
 def _mea_fields() -> list[str]:

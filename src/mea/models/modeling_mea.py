@@ -14,7 +14,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from ..cache import MEACache
 from ..layers import DifferentialAttention, MEAAttention, MEADecoderLayer, RMSNorm
-from ..ops import init_hlc, rope_cos_sin, rope_inv_freq
+from ..ops import rope_cos_sin, rope_inv_freq
 from .configuration_mea import MEAConfig
 
 
@@ -61,9 +61,9 @@ class MEAPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)  # Linear / Embedding: normal(0, initializer_range); RMSNorm: ones
         if isinstance(module, MEAAttention) and module.hlc:
             # HLC starts from its configured init (identity when h' = h), not from noise
-            w = init_hlc(module.num_component_heads, module.num_kv_heads, self.config.mea_hlc_init)
-            init.copy_(module.hlc_k, w)
-            init.copy_(module.hlc_v, w)
+            w_k, w_v = module.initial_mixing(self.config.mea_hlc_init)
+            init.copy_(module.hlc_k, w_k)
+            init.copy_(module.hlc_v, w_v)
         elif isinstance(module, DifferentialAttention):
             for p in (module.lambda_q1, module.lambda_k1, module.lambda_q2, module.lambda_k2):
                 init.normal_(p, mean=0.0, std=0.1)
@@ -85,7 +85,7 @@ class MEAModel(MEAPreTrainedModel):
                     num_heads=config.num_attention_heads,
                     num_kv_heads=config.num_key_value_heads,
                     head_dim=config.head_dim,
-                    num_component_heads=m,
+                    **config.attention_kwargs(i),
                     hlc=config.mea_hlc,
                     head_norm=config.mea_head_norm,
                     head_norm_eps=config.mea_head_norm_eps,
@@ -101,7 +101,7 @@ class MEAModel(MEAPreTrainedModel):
                 rms_norm_eps=config.rms_norm_eps,
                 mlp_bias=config.mlp_bias,
             )
-            for i, m in enumerate(config.component_heads())
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         inv_freq, self.rope_scaling = rope_inv_freq(config.rope_parameters or {}, config.head_dim,

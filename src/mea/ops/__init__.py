@@ -8,11 +8,34 @@ from .attention import (
     grouped_attention,
 )
 from .hlc import HLC_INITS, fold_into_projection, init_hlc, mix_heads, mix_heads_reference
+from .mixing import (
+    KEY_MIXINGS,
+    VALUE_MIXINGS,
+    absorb_query,
+    check_mixing,
+    fold_mixing,
+    init_mixing,
+    mix,
+    mix_pairs_reference,
+    mixing_shape,
+    read_values,
+)
 from .norm import inverse_rms, rms_norm, rms_norm_reference
-from .rope import SUPPORTED_ROPE_TYPES, apply_rope, apply_rope_reference, rope_cos_sin, rope_inv_freq
+from .rope import SUPPORTED_ROPE_TYPES, apply_rope, apply_rope_reference, rope_cos_sin, rope_inv_freq, rotate_half
 
 __all__ = [
     "HLC_INITS",
+    "KEY_MIXINGS",
+    "VALUE_MIXINGS",
+    "absorb_query",
+    "check_mixing",
+    "fold_mixing",
+    "init_mixing",
+    "mix",
+    "mix_pairs_reference",
+    "mixing_shape",
+    "read_values",
+    "rotate_half",
     "SUPPORTED_ROPE_TYPES",
     "absorbed_attention",
     "absorbed_attention_reference",

@@ -11,6 +11,8 @@ M component heads (h'), D head size. Query head i reads composite head G(i) = i 
   head i is  q_i . sum_m W^K[m, G(i)] k_m(t)  =  (q_i scaled block-wise by W^K[:, G(i)]) . concat_m k_m(t),
   i.e. one multi-query attention over the (M*D)-wide concatenated cache; values likewise, followed
   by a per-head recombination with W^V. The cache is read once; no H-head tensor over S is built.
+  The finer mixings of `ops.mixing` (complex per RoPE pair for keys, a latent of any width for values)
+  change only the query map before and the value map after that one read.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .hlc import mix_heads
+from .mixing import absorb_query, mix, read_values
 
 
 def expanded_attention(
@@ -111,24 +113,25 @@ def grouped_attention(
 def absorbed_attention(
     q_BTND: torch.Tensor,
     k_BSMD: torch.Tensor,
-    v_BSMD: torch.Tensor,
-    w_k_MH: torch.Tensor,
-    w_v_MH: torch.Tensor,
+    v_BSMF: torch.Tensor,
+    w_k: torch.Tensor,
+    w_v: torch.Tensor,
     *,
     mask: torch.Tensor | None,
     scale: float,
     k_scale_BSH: torch.Tensor | None = None,
+    key_mixing: str = "head",
+    value_mixing: str = "head",
 ) -> torch.Tensor:
-    """Attention from the compressed cache. k/v: (B, S, M, D) component heads (after RoPE);
-    w_k, w_v: (M, H) HLC matrices; k_scale (B, S, H): optional per-token factor on composite keys
-    (QK-norm after mixing). Returns (B, T, N, D)."""
+    """Attention from the compressed cache. k: (B, S, M_K, D) key components (after RoPE); v: (B, S, M_V, D)
+    value components or (B, S, 1, R) a value latent; w_k, w_v: their mixing weights (see `ops.mixing`);
+    k_scale (B, S, H): optional per-token factor on composite keys (QK-norm after mixing). Returns (B, T, N, D)."""
     b, t, n, d = q_BTND.shape
-    s, m = k_BSMD.shape[1], k_BSMD.shape[2]
-    h = w_k_MH.shape[1]
-    wq_NM = w_k_MH.repeat_interleave(n // h, dim=1).T.to(q_BTND.dtype)  # (N, M): W^K[m, G(i)]
-    q = (q_BTND[:, :, :, None, :] * wq_NM[:, :, None]).reshape(b, 1, t * n, m * d)  # rows (t, i)
-    k = k_BSMD.reshape(b, 1, s, m * d)  # concatenated component heads, a view of the cache
-    v = v_BSMD.reshape(b, 1, s, m * d)
+    s = k_BSMD.shape[1]
+    h = k_scale_BSH.shape[2] if k_scale_BSH is not None else w_k.shape[1]
+    q = absorb_query(q_BTND, w_k, key_mixing, h).reshape(b, 1, t * n, -1)  # rows (t, i)
+    k = k_BSMD.reshape(b, 1, s, -1)  # concatenated components, a view of the cache
+    v = v_BSMF.reshape(b, 1, s, -1)
     rows_mask = _rows_mask(mask, n)
     if k_scale_BSH is None:
         u = decode_sdpa(q, k, v, mask=rows_mask, scale=scale)
@@ -139,9 +142,7 @@ def absorbed_attention(
         if rows_mask is not None:
             scores = scores.masked_fill(~rows_mask, float("-inf"))
         u = torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
-    wv_NM = w_v_MH.repeat_interleave(n // h, dim=1).T.to(u.dtype)  # (N, M): W^V[m, G(i)]
-    u = u.view(b, t, n, m, d)
-    return (u * wv_NM[:, :, None]).sum(dim=3)  # (B, T, N, D)
+    return read_values(u.view(b, t, n, -1), w_v, value_mixing, h, d)
 
 
 def attention_reference(q_BTND, k_BSHD, v_BSHD, *, mask, scale, causal_offset: int = 0):
@@ -158,10 +159,11 @@ def attention_reference(q_BTND, k_BSHD, v_BSHD, *, mask, scale, causal_offset: i
     return torch.einsum("bnts,bsnd->btnd", torch.softmax(scores, dim=-1), v).to(q_BTND.dtype)
 
 
-def absorbed_attention_reference(q_BTND, k_BSMD, v_BSMD, w_k_MH, w_v_MH, *, mask, scale, k_scale_BSH=None):
+def absorbed_attention_reference(q_BTND, k_BSMD, v_BSMF, w_k, w_v, *, mask, scale, k_scale_BSH=None,
+                                 key_mixing="head", value_mixing="head"):
     """Reference for `absorbed_attention`: materialise the H composite heads, then plain attention."""
-    k = mix_heads(k_BSMD, w_k_MH)
+    k = mix(k_BSMD, w_k, key_mixing)
     if k_scale_BSH is not None:
         k = k * k_scale_BSH[..., None].to(k.dtype)
-    return attention_reference(q_BTND, k, mix_heads(v_BSMD, w_v_MH), mask=mask, scale=scale,
+    return attention_reference(q_BTND, k, mix(v_BSMF, w_v, value_mixing), mask=mask, scale=scale,
                                causal_offset=k_BSMD.shape[1] - q_BTND.shape[1])

@@ -89,11 +89,15 @@ def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, scaling: fl
     return (emb.cos() * scaling).to(dtype)[:, :, None], (emb.sin() * scaling).to(dtype)[:, :, None]
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Multiply every frequency pair (x_p, x_{p+d/2}) = x_p + i x_{p+d/2} by i: (-x_{p+d/2}, x_p)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
 def apply_rope(x_BTHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate (B, T, H, d) by position; the two halves of each head form the (real, imag) pairs."""
-    half = x_BTHD.shape[-1] // 2
-    rotated = torch.cat((-x_BTHD[..., half:], x_BTHD[..., :half]), dim=-1)
-    return x_BTHD * cos + rotated * sin
+    return x_BTHD * cos + rotate_half(x_BTHD) * sin
 
 
 def apply_rope_reference(x_BTHD: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float):

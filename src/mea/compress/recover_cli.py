@@ -23,6 +23,7 @@ def log(msg: str) -> None:
 def recover(src: str, out: str, *, teacher: str, cfg: DistillConfig, layerwise_steps: int = 0,
             text: list[str] | None = None, evaluate: bool = True, overwrite: bool = False) -> dict:
     check_output_dir(out, overwrite=overwrite)
+    cfg.check()
     if cfg.tokens < cfg.batch * cfg.seq_len and layerwise_steps == 0:
         raise ValueError("nothing to do: --tokens is below one step and --layerwise-steps is 0")
     t0 = time.perf_counter()
@@ -44,13 +45,13 @@ def recover(src: str, out: str, *, teacher: str, cfg: DistillConfig, layerwise_s
                                             steps=layerwise_steps, log=log)
     if cfg.tokens >= cfg.batch * cfg.seq_len:
         stream = (tok(read_texts(text), add_special_tokens=False, return_tensors="pt").input_ids[0] if text
-                  else training_tokens(tok))
+                  else training_tokens(tok, domain=cfg.domain))
         state_dir = Path(f"{out}.state")
-        report["distill"] = distill(student, teacher_model, stream, state_dir, cfg, log=log)
+        report["distill"] = distill(student, teacher_model, stream, state_dir, cfg, tokenizer=tok, log=log)
     provenance_file = Path(src) / "mea_provenance.json"
     provenance = json.loads(provenance_file.read_text()) if provenance_file.exists() else {}
     provenance["recovery"] = {**report, "config": vars(cfg), "layerwise_steps": layerwise_steps,
-                              "text": text or "embedded corpus", "command": " ".join(sys.argv)}
+                              "text": text or f"{cfg.domain} calibration documents", "command": " ".join(sys.argv)}
     if evaluate:
         report["ppl_after"] = perplexity(student, held)["ppl"]
     save_atomic(student, out, tokenizer=tok, overwrite=overwrite, extra_json={"mea_provenance.json": provenance})

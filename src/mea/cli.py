@@ -77,15 +77,16 @@ def cmd_recover(src: str, out: str, teacher: str, layerwise_steps: int = 0, text
                    text=text, evaluate=evaluate, overwrite=overwrite)
 
 
-def cmd_eval_ppl(model: str, text: list[str] | None = None, windows: int = 8, window: int = 1024) -> dict:
+def cmd_eval_ppl(model: str, text: list[str] | None = None, domain: str = "shakespeare", windows: int = 8,
+                 window: int = 1024) -> dict:
     from .convert import load_source
     from .data import heldout_text, read_texts, token_windows
     from .eval import perplexity
 
     source = load_source(model, tokenizer_for="perplexity")
-    body = read_texts(text) if text else heldout_text()
+    body = read_texts(text) if text else heldout_text(domain)
     ids = token_windows(source.tokenizer, body, window=window, count=windows, what="evaluation text")
-    return {"model": source.description, "text": text or "held-out Hamlet (mea.data.heldout_text)",
+    return {"model": source.description, "text": text or f"{domain} held-out text (mea.data.heldout_text)",
             **perplexity(source.model, ids)}
 
 
@@ -368,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lm-weight", type=float, default=0.0)
     s.add_argument("--attn-match-weight", type=float, default=0.0, help="per-layer attention-output matching")
     s.add_argument("--retrieval-frac", type=float, default=0.25, help="share of synthetic retrieval sequences")
-    s.add_argument("--domain", default="modern", help="training text when no --text is given")
+    s.add_argument("--domain", default="modern", choices=["modern", "shakespeare"],
+                   help="training text when no --text is given; also the held-out text of the report")
     s.add_argument("--save-every", type=int, default=25)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
@@ -415,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = ev.add_parser("ppl", help="perplexity on the documented held-out text (or --text files)")
     e.add_argument("model")
     e.add_argument("--text", nargs="+")
+    e.add_argument("--domain", default="shakespeare", choices=["modern", "shakespeare"],
+                   help="whose held-out text, without --text: shakespeare (Hamlet) or modern (Debian Reference)")
     e.add_argument("--windows", type=int, default=8)
     e.add_argument("--window", type=int, default=1024)
 

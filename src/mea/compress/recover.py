@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .. import precision
 from ..atomic import write_json_atomic
+from ..data import DEFAULT_DOMAIN, DOMAINS
 from ..data.retrieval import retrieval_sequence
 from ..models import MEAForCausalLM
 from ..ops import rope_cos_sin
@@ -128,7 +129,7 @@ class DistillConfig:
     lm_weight: float = 0.0  # plus the language-model loss on the text
     attn_match_weight: float = 0.0  # plus the relative MSE of every layer's attention output against the teacher's
     retrieval_frac: float = 0.25  # share of sequences that are synthetic retrieval sequences (mea.data.retrieval)
-    domain: str = "modern"  # training text when no --text files are given (mea.data.training_tokens)
+    domain: str = DEFAULT_DOMAIN  # text domain trained on when no --text files are given (mea.data.training_tokens)
     save_every: int = 25  # steps between checkpoints
     seed: int = 0
     precision: str = "auto"  # autocast dtype: auto (from the hardware, mea.precision), fp32 or bf16
@@ -145,6 +146,8 @@ class DistillConfig:
         if not 0 <= self.retrieval_frac <= 1:
             raise ValueError(f"--retrieval-frac must be in [0, 1], got {self.retrieval_frac}")
         precision.resolve(self.precision, "cpu")  # an unknown name fails here
+        if self.domain not in DOMAINS:
+            raise ValueError(f"--domain must be one of {', '.join(DOMAINS)}, got {self.domain!r}")
 
 
 TRAIN_SETS = ("attention", "all")
@@ -287,7 +290,7 @@ def distill(student: MEAForCausalLM, teacher, stream: torch.Tensor, state_dir: s
         bar = None
     student.train()
     teacher.eval()
-    t0, first_step = time.perf_counter(), progress["step"]
+    t0, cpu0, first_step = time.perf_counter(), time.process_time(), progress["step"]
     match = cfg.attn_match_weight > 0
     while progress["step"] < total_steps:
         step = progress["step"]
@@ -327,4 +330,6 @@ def distill(student: MEAForCausalLM, teacher, stream: torch.Tensor, state_dir: s
             "first_loss": progress["losses"][0] if progress["losses"] else None,
             "last_loss": progress["losses"][-1] if progress["losses"] else None,
             "seconds_per_step": round((time.perf_counter() - t0) / run_steps, 3) if run_steps else None,
+            # CPU time of this process (all threads) per step: comparable across machines under load
+            "cpu_seconds_per_step": round((time.process_time() - cpu0) / run_steps, 3) if run_steps else None,
             **precision.describe(student.device, dtype)}

@@ -37,7 +37,9 @@ def recover(src: str, out: str, *, teacher: str, cfg: DistillConfig, layerwise_s
         raise ValueError(f"teacher vocabulary ({teacher_model.config.vocab_size}) differs from the student's "
                          f"({student.config.vocab_size}); recover from the model it was compressed from")
     report = {"src": src, "teacher": teacher_source.description}
-    held = token_windows(tok, heldout_text(), window=1024, count=8, what="held-out text") if evaluate else None
+    held = (token_windows(tok, heldout_text(cfg.domain), window=1024, count=8, what="held-out text") if evaluate
+            else None)
+    report["heldout"] = f"{cfg.domain} held-out text (mea.data.heldout_text)" if evaluate else None
     if evaluate:
         report["ppl_before"] = perplexity(student, held)["ppl"]
     if layerwise_steps:

@@ -209,7 +209,8 @@ def test_resume_with_a_fitting_state_continues(tmp_path, teacher):
     assert res["steps"] == 2
 
 
-def test_recover_cli_trains_on_the_domain_and_records_precision(capsys, tmp_path, tiny_llama_dir, monkeypatch):  # noqa: F811
+def test_recover_cli_trains_on_the_domain_and_records_precision(capsys, tmp_path, tiny_llama_dir,  # noqa: F811
+                                                                monkeypatch):
     import mea.compress.recover_cli as rc
 
     asked = []

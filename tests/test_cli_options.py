@@ -59,10 +59,12 @@ def test_flags_reach_the_option_dataclasses(monkeypatch, capsys):
     assert seen["opts"] == CompressOptions(virtual_heads=2, evaluate=False, fit_query_output=False, calib=["a", "b"],
                                            value_weighting=False, fit_mode="teacher", eval_windows=3)
     assert seen["overwrite"] is False
-    args = vars(build_parser().parse_args(["recover", "s", "o", "--teacher", "t", "--fp32", "--tokens", "512",
-                                           "--train", "all", "--warmup-steps", "2"]))
+    args = vars(build_parser().parse_args(["recover", "s", "o", "--teacher", "t", "--precision", "fp32",
+                                           "--tokens", "512", "--train", "all", "--warmup-steps", "2",
+                                           "--domain", "shakespeare"]))
     given = {k: args[k] for k in args if k in {f.name for f in fields(DistillConfig)}}
-    assert DistillConfig(**given) == DistillConfig(bf16=False, tokens=512, train="all", warmup_steps=2)
+    assert DistillConfig(**given) == DistillConfig(precision="fp32", tokens=512, train="all", warmup_steps=2,
+                                                   domain="shakespeare")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compress", "s", "o", "--fit-mode", "nope"])
     assert "invalid choice" in capsys.readouterr().err

@@ -58,7 +58,8 @@ def test_kv_budget_probe_and_recover(capsys, tmp_path, tiny_llama_dir):
     assert code == 0, err
     assert sum(res["plan"]) <= 0.5 * 9 and min(res["plan"]) >= 1
     code, res, err = run(capsys, "recover", tmp_path / "b", tmp_path / "r", "--teacher", tiny_llama_dir,
-                         "--tokens", "512", "--seq-len", "64", "--batch", "2", "--save-every", "1", "--no-eval")
+                         "--tokens", "512", "--seq-len", "64", "--batch", "2", "--save-every", "1", "--retrieval-frac", "0",
+                         "--domain", "shakespeare", "--no-eval")
     assert code == 0, err
     assert res["distill"]["steps"] == 4
     assert not (tmp_path / "r.state").exists()
@@ -73,7 +74,7 @@ def test_recover_resumes_exactly(tmp_path, tiny_llama_dir):
 
     teacher = to_mea(AutoModelForCausalLM.from_pretrained(tiny_llama_dir)).eval()
     stream = torch.randint(0, teacher.config.vocab_size, (4000,))
-    cfg = DistillConfig(tokens=6 * 2 * 32, seq_len=32, batch=2, save_every=2, lr=1e-3)
+    cfg = DistillConfig(tokens=6 * 2 * 32, seq_len=32, batch=2, save_every=2, lr=1e-3, retrieval_frac=0.0)
 
     def fresh():
         return factor_model(teacher, [2, 2, 2], method="svd")[0]

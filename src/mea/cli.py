@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out")
     s.add_argument("--teacher", required=True, help="the uncompressed model ('smollm2', .gguf or directory)")
     s.add_argument("--layerwise-steps", type=int, help="first fit each layer locally for N steps")
-    s.add_argument("--text", nargs="+", help="training text files (default: the embedded corpus)")
+    s.add_argument("--text", nargs="+", help="training text files (default: the --domain calibration documents)")
     s.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the perplexity before and after")
     s.add_argument("--overwrite", action="store_true")
     add_dataclass_options(s, DistillConfig)
@@ -260,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = command(ev, "ppl", commands.cmd_eval_ppl, "perplexity on the documented held-out text (or --text files)")
     e.add_argument("model")
     e.add_argument("--text", nargs="+")
+    e.add_argument("--domain", choices=["modern", "shakespeare"],
+                   help="whose held-out text, without --text: shakespeare (Hamlet, the default) or modern (Debian Reference)")
     e.add_argument("--windows", type=int)
     e.add_argument("--window", type=int)
 

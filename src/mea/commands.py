@@ -114,6 +114,7 @@ def cmd_recover(src: str, out: str, teacher: str, layerwise_steps: int = 0, text
 
     cfg = DistillConfig(**distill_options)
     check_output_dir(out, overwrite=overwrite)
+    cfg.check()
     if cfg.tokens < cfg.batch * cfg.seq_len and layerwise_steps == 0:
         raise ValueError("nothing to do: --tokens is below one step and --layerwise-steps is 0")
     t0 = time.perf_counter()
@@ -127,7 +128,9 @@ def cmd_recover(src: str, out: str, teacher: str, layerwise_steps: int = 0, text
         raise ValueError(f"teacher vocabulary ({teacher_model.config.vocab_size}) differs from the student's "
                          f"({student.config.vocab_size}); recover from the model it was compressed from")
     report = {"src": src, "teacher": teacher_source.description}
-    held = token_windows(tok, heldout_text(), window=1024, count=8, what="held-out text") if evaluate else None
+    held = (token_windows(tok, heldout_text(cfg.domain), window=1024, count=8, what="held-out text") if evaluate
+            else None)
+    report["heldout"] = f"{cfg.domain} held-out text (mea.data.heldout_text)" if evaluate else None
     if evaluate:
         report["ppl_before"] = perplexity(student, held)["ppl"]
     if layerwise_steps:
@@ -135,12 +138,12 @@ def cmd_recover(src: str, out: str, teacher: str, layerwise_steps: int = 0, text
                                             steps=layerwise_steps, log=log)
     if cfg.tokens >= cfg.batch * cfg.seq_len:
         stream = (tok(read_texts(text), add_special_tokens=False, return_tensors="pt").input_ids[0] if text
-                  else training_tokens(tok))
-        report["distill"] = distill(student, teacher_model, stream, Path(f"{out}.state"), cfg, log=log)
+                  else training_tokens(tok, domain=cfg.domain))
+        report["distill"] = distill(student, teacher_model, stream, Path(f"{out}.state"), cfg, tokenizer=tok, log=log)
     provenance_file = Path(src) / "mea_provenance.json"
     provenance = json.loads(provenance_file.read_text()) if provenance_file.exists() else {}
     provenance["recovery"] = {**report, "config": vars(cfg), "layerwise_steps": layerwise_steps,
-                              "text": text or "embedded corpus", "command": " ".join(sys.argv)}
+                              "text": text or f"{cfg.domain} calibration documents", "command": " ".join(sys.argv)}
     if evaluate:
         report["ppl_after"] = perplexity(student, held)["ppl"]
     save_atomic(student, out, tokenizer=tok, overwrite=overwrite, extra_json={"mea_provenance.json": provenance})
@@ -150,15 +153,16 @@ def cmd_recover(src: str, out: str, teacher: str, layerwise_steps: int = 0, text
     return report
 
 
-def cmd_eval_ppl(model: str, text: list[str] | None = None, windows: int = 8, window: int = 1024) -> dict:
+def cmd_eval_ppl(model: str, text: list[str] | None = None, domain: str = "shakespeare", windows: int = 8,
+                 window: int = 1024) -> dict:
     from .convert import load_source
     from .data import heldout_text, read_texts, token_windows
     from .eval import perplexity
 
     source = load_source(model, tokenizer_for="perplexity")
-    body = read_texts(text) if text else heldout_text()
+    body = read_texts(text) if text else heldout_text(domain)
     ids = token_windows(source.tokenizer, body, window=window, count=windows, what="evaluation text")
-    return {"model": source.description, "text": text or "held-out Hamlet (mea.data.heldout_text)",
+    return {"model": source.description, "text": text or f"{domain} held-out text (mea.data.heldout_text)",
             **perplexity(source.model, ids)}
 
 

@@ -10,6 +10,8 @@ import time
 import torch
 import transformers
 
+from .precision import cpu_capability
+
 
 def cpu_name() -> str:
     try:
@@ -40,6 +42,7 @@ def machine_header(device: torch.device) -> dict:
         "python": platform.python_version(),
         "commit": git_commit(),
         "device": str(device),
+        **cpu_capability(),  # torch's vector capability and native bf16: what decides `--precision auto`
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if device.type == "cuda":

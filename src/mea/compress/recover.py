@@ -3,13 +3,15 @@
 * `layerwise_fit`: cheap, local. Layer by layer over calibration windows, fit each compressed
   attention (virtual-head projections, HLC, optionally q/o) so that the student's residual stream
   after it matches the teacher's (relative MSE, Adam). No backward through the model.
-* `distill`: end-to-end. KL(teacher || student) on next-token distributions (plus optional LM loss)
-  over a stream of corpus windows, optionally training only attention parameters. Checkpoints are
+* `distill`: end-to-end. KL(teacher || student) on next-token distributions at every position (plus
+  optional LM loss and per-layer attention-output matching) over long windows of a text stream mixed
+  with synthetic retrieval sequences, optionally training only attention parameters. Checkpoints are
   written atomically and a run resumes exactly where it stopped; a token budget bounds it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -19,8 +21,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import precision
 from ..atomic import atomic_dir
 from ..checkpoint import load_torch_state, verify_checksums, write_checksums
+from ..data import DEFAULT_DOMAIN, DOMAINS
+from ..data.retrieval import retrieval_sequence
 from ..models import MEAForCausalLM
 from ..ops import rope_cos_sin
 
@@ -118,19 +123,39 @@ TRAIN_SETS = ("attention", "all")
 
 @dataclass
 class DistillConfig:
-    tokens: int = 100_000  # distillation token budget (student tokens seen)
-    seq_len: int = 256  # tokens per training sequence
-    batch: int = 4  # sequences per step
+    tokens: int = 100_000  # token budget (student tokens seen)
+    seq_len: int = 2048  # tokens per sequence: long, so that the student learns to use distant context
+    batch: int = 1  # sequences per step
     lr: float = 1e-4  # peak learning rate (AdamW; linear warm-up, cosine decay to 10%)
     warmup_steps: int = 5  # linear warm-up steps
     train: str = field(  # attention: attention parameters only; all: every parameter
         default="attention", metadata={"choices": TRAIN_SETS})
-    kl_weight: float = 1.0  # weight of KL(teacher || student) on next-token distributions
-    lm_weight: float = 0.0  # weight of the language-model loss on the text
+    kl_weight: float = 1.0  # KL(teacher || student) on next-token distributions, at every position
+    lm_weight: float = 0.0  # plus the language-model loss on the text
+    attn_match_weight: float = 0.0  # plus the relative MSE of every layer's attention output against the teacher's
+    retrieval_frac: float = 0.25  # share of sequences that are synthetic retrieval sequences (mea.data.retrieval)
+    domain: str = field(  # text trained on when no --text files are given (mea.data.training_tokens)
+        default=DEFAULT_DOMAIN, metadata={"choices": DOMAINS})
     save_every: int = 25  # steps between checkpoints
-    seed: int = 0
-    bf16: bool = field(  # bfloat16 autocast for the forward passes (about 1.6x faster on CPU)
-        default=True, metadata={"flag": "--fp32"})
+    seed: int = 0  # seed of the retrieval sequences
+    precision: str = field(  # autocast dtype: auto (bf16 where the hardware computes it natively), fp32 or bf16
+        default="auto", metadata={"choices": precision.PRECISIONS})
+
+    def check(self) -> None:
+        if self.tokens < 0:
+            raise ValueError(f"--tokens must be >= 0, got {self.tokens}")
+        for name in ("seq_len", "batch", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("kl_weight", "lm_weight", "attn_match_weight", "lr"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.retrieval_frac <= 1:
+            raise ValueError(f"--retrieval-frac must be in [0, 1], got {self.retrieval_frac}")
+        precision.resolve(self.precision, "cpu")  # an unknown name fails here
+        if self.domain not in DOMAINS:
+            raise ValueError(f"--domain must be one of {', '.join(DOMAINS)}, got {self.domain!r}")
+
 
 
 def _trainable(model: MEAForCausalLM, which: str) -> list[torch.nn.Parameter]:
@@ -144,24 +169,95 @@ def _trainable(model: MEAForCausalLM, which: str) -> list[torch.nn.Parameter]:
 
 
 def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student)."""
+    """Mean over every position of every sequence of KL(teacher || student)."""
     t = F.log_softmax(teacher_logits.float(), dim=-1)
     s = F.log_softmax(student_logits.float(), dim=-1)
     return F.kl_div(s.flatten(0, -2), t.flatten(0, -2), log_target=True, reduction="batchmean")
 
 
-def distill(student: MEAForCausalLM, teacher, stream: torch.Tensor, state_dir: str | Path, cfg: DistillConfig,
-            *, log=print) -> dict:
-    """Train `student` in place toward `teacher` over consecutive windows of the token `stream`.
-    Progress lives in `state_dir` (student weights, optimizer, position), written atomically every
-    `save_every` steps; calling again with the same `state_dir` resumes and stops at the budget."""
-    from safetensors.torch import load_file, save_file
+def attention_match_loss(student_outputs: list[torch.Tensor], teacher_outputs: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over layers of the relative squared error of the student's attention output against the teacher's."""
+    if len(student_outputs) != len(teacher_outputs) or not student_outputs:
+        raise ValueError(f"attention matching needs one output per layer from each model, got "
+                         f"{len(student_outputs)} and {len(teacher_outputs)}")
+    return torch.stack([(s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-12)
+                        for s, t in zip(student_outputs, teacher_outputs)]).mean()
 
+
+@contextlib.contextmanager
+def attention_outputs(model: MEAForCausalLM, enabled: bool = True):
+    """Collects the output of every layer's attention module during the forward passes inside the block."""
+    outputs: list[torch.Tensor] = []
+    handles = [layer.self_attn.register_forward_hook(lambda module, args, out: outputs.append(out))
+               for layer in model.model.layers] if enabled else []
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def is_retrieval_row(index: int, fraction: float) -> bool:
+    """Row `index` of the run is a synthetic retrieval sequence: an even spread of `fraction` of the rows."""
+    return math.floor((index + 1) * fraction) > math.floor(index * fraction)
+
+
+def batch_at(step: int, stream: torch.Tensor, cfg: DistillConfig, tokenizer=None) -> torch.Tensor:
+    """(batch, seq_len + 1) token ids of step `step`, a pure function of the step: plain rows are consecutive
+    windows of `stream`; a `retrieval_frac` share are retrieval sequences planted in text of `stream`."""
+    usable = stream.numel() - 1
+    rows = []
+    for b in range(cfg.batch):
+        i = step * cfg.batch + b
+        if is_retrieval_row(i, cfg.retrieval_frac):
+            rows.append(retrieval_sequence(tokenizer, stream, length=cfg.seq_len + 1, seed=cfg.seed, index=i).ids)
+        else:
+            start = (i * cfg.seq_len) % (usable - cfg.seq_len)
+            rows.append(stream[start : start + cfg.seq_len + 1])
+    return torch.stack(rows)
+
+
+def _load_trainable(student: MEAForCausalLM, state_dir: Path) -> None:
+    """Loads the trainable weights saved in `state_dir`; every one of them must match a trainable parameter of
+    `student` by name and shape, and every trainable parameter must be there."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = state_dir / "student.safetensors"
+    try:
+        state = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{path} is damaged or missing ({type(e).__name__}: {e}); delete {state_dir} to start the "
+                         "recovery again") from e
+    trainable = {n for n, p in student.named_parameters() if p.requires_grad}
+    try:
+        missing, unexpected = student.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a name matches with another shape
+        raise ValueError(f"{path} does not fit this model: {e}; resume with the same model, or delete "
+                         f"{state_dir}") from e
+    not_loaded = sorted(trainable & set(missing))
+    if unexpected or not_loaded:
+        raise ValueError(f"{path} does not fit this model: unexpected {sorted(unexpected)[:5]}, missing trained "
+                         f"{not_loaded[:5]}; resume with the same model and --train, or delete {state_dir}")
+
+
+def distill(student: MEAForCausalLM, teacher, stream: torch.Tensor, state_dir: str | Path, cfg: DistillConfig,
+            *, tokenizer=None, log=print) -> dict:
+    """Train `student` in place toward `teacher` over the batches `batch_at` cuts from the token `stream`
+    (`tokenizer` makes the retrieval sequences). Progress lives in `state_dir` (student weights, optimizer,
+    position), written atomically every `save_every` steps; calling again with the same `state_dir` resumes
+    and stops at the budget."""
+    from safetensors.torch import save_file
+
+    cfg.check()
+    if cfg.retrieval_frac and tokenizer is None:
+        raise ValueError("retrieval sequences need the tokenizer: pass tokenizer=, or set retrieval_frac=0")
     state_dir = Path(state_dir)
     tokens_per_step = cfg.batch * cfg.seq_len
     total_steps = max(1, cfg.tokens // tokens_per_step)
     if stream.numel() < tokens_per_step + 1:
         raise ValueError(f"training text too short: {stream.numel()} tokens, one step needs {tokens_per_step + 1}")
+    dtype = precision.resolve(cfg.precision, student.device)
     params = _trainable(student, cfg.train)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
 
@@ -180,11 +276,7 @@ def distill(student: MEAForCausalLM, teacher, stream: torch.Tensor, state_dir: s
                              "use the same settings to resume, or another output directory")
         fix = f"delete {state_dir} to start the recovery over"
         verify_checksums(state_dir, fix=fix)
-        try:
-            student.load_state_dict(load_file(state_dir / "student.safetensors"), strict=False)
-        except Exception as e:  # a truncated file, or weights of another architecture
-            raise ValueError(f"cannot resume from {state_dir / 'student.safetensors'} ({type(e).__name__}: "
-                             f"{str(e)[:300]}); it is damaged or belongs to another model: {fix}") from e
+        _load_trainable(student, state_dir)
         opt.load_state_dict(load_torch_state(state_dir / "optimizer.pt", fix=fix))
         log(f"resuming at step {progress['step']}/{total_steps}")
 
@@ -204,20 +296,22 @@ def distill(student: MEAForCausalLM, teacher, stream: torch.Tensor, state_dir: s
         bar = None
     student.train()
     teacher.eval()
-    t0 = time.perf_counter()
-    usable = stream.numel() - 1
+    t0, cpu0, first_step = time.perf_counter(), time.process_time(), progress["step"]
+    match = cfg.attn_match_weight > 0
     while progress["step"] < total_steps:
         step = progress["step"]
-        starts = [((step * cfg.batch + b) * cfg.seq_len) % (usable - cfg.seq_len) for b in range(cfg.batch)]
-        ids = torch.stack([stream[s : s + cfg.seq_len + 1] for s in starts]).to(student.device)
+        ids = batch_at(step, stream, cfg, tokenizer).to(student.device)
         x, y = ids[:, :-1], ids[:, 1:]
-        with torch.autocast(student.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            with torch.no_grad():
+        with torch.autocast(student.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            with torch.no_grad(), attention_outputs(teacher, match) as t_attn:
                 t_logits = teacher(input_ids=x, use_cache=False).logits
-            s_logits = student(input_ids=x, use_cache=False).logits
+            with attention_outputs(student, match) as s_attn:
+                s_logits = student(input_ids=x, use_cache=False).logits
         loss = cfg.kl_weight * kl_loss(s_logits, t_logits)
         if cfg.lm_weight:
             loss = loss + cfg.lm_weight * F.cross_entropy(s_logits.flatten(0, 1).float(), y.flatten())
+        if match:
+            loss = loss + cfg.attn_match_weight * attention_match_loss(s_attn, t_attn)
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
@@ -237,6 +331,11 @@ def distill(student: MEAForCausalLM, teacher, stream: torch.Tensor, state_dir: s
     student.eval()
     for p in student.parameters():
         p.requires_grad_(True)
+    run_steps = progress["step"] - first_step
     return {"steps": progress["step"], "tokens": progress["step"] * tokens_per_step,
             "first_loss": progress["losses"][0] if progress["losses"] else None,
-            "last_loss": progress["losses"][-1] if progress["losses"] else None}
+            "last_loss": progress["losses"][-1] if progress["losses"] else None,
+            "seconds_per_step": round((time.perf_counter() - t0) / run_steps, 3) if run_steps else None,
+            # CPU time of this process (all threads) per step: comparable across machines under load
+            "cpu_seconds_per_step": round((time.process_time() - cpu0) / run_steps, 3) if run_steps else None,
+            **precision.describe(student.device, dtype)}

@@ -8,6 +8,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from ..precision import PRECISIONS
 from ..models.presets import PRESETS, VARIANTS, make_config
 
 
@@ -39,7 +40,7 @@ class TrainConfig:
     eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     seed: int = 0
-    # execution: "auto" = bf16 autocast on CUDA with bf16, fp32 elsewhere
+    # execution: "auto" = bf16 autocast where the hardware has native bf16 (mea.precision), fp32 elsewhere
     precision: str = "auto"
     compile: bool = False
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per block) instead of DDP
@@ -64,8 +65,8 @@ class TrainConfig:
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise ValueError(f"need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0 "
                              f"(got {self.lr}, {self.min_lr_ratio}, {self.warmup_steps})")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
         self.model_config()  # unknown or invalid model overrides fail here, before any work

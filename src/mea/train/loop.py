@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import precision
 from ..atomic import disk_full_as_value_error, write_json_atomic, write_text_atomic
 from ..checkpoint import save_atomic
 from ..machine import machine_header
@@ -68,9 +69,9 @@ def _train(cfg, run: Path, d: Dist, *, resume: bool, overwrite: bool, progress: 
     model = wrap(model, d, fsdp=cfg.fsdp)
     opt, sched = make_optimizer(model, cfg)
     forward = torch.compile(model) if cfg.compile else model
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda"
-                                       and torch.cuda.is_bf16_supported())
-    autocast = (lambda: torch.autocast(d.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    dtype = precision.resolve(cfg.precision, d.device)
+    autocast = ((lambda: torch.autocast(d.device.type, dtype=dtype)) if dtype != torch.float32
+                else contextlib.nullcontext)
 
     start, ema, best_ema = 0, None, math.inf
     ckpt = latest_checkpoint(run) if resume else None
@@ -90,7 +91,7 @@ def _train(cfg, run: Path, d: Dist, *, resume: bool, overwrite: bool, progress: 
             "config": cfg.to_dict(), "model_config": mcfg.to_dict(),
             "data": {"cache": str(data.cache_dir), "train_tokens": int(data.train.size),
                      "val_tokens": int(data.val.size), "val_windows": int(val.shape[0])},
-            "environment": {**machine_header(d.device), "world_size": d.world, "precision": "bf16" if bf16 else "fp32",
+            "environment": {**machine_header(d.device), **precision.describe(d.device, dtype), "world_size": d.world,
                             "compile": cfg.compile, "parallel": "fsdp2" if cfg.fsdp and d.world > 1 else
                             ("ddp" if d.world > 1 else "single")},
             "resumed_from_step": start or None})

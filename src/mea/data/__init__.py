@@ -1,6 +1,9 @@
 from .corpus import (
+    DEFAULT_DOMAIN,
+    DOMAINS,
     calibration_windows,
     corpus_dir,
+    domain_documents,
     embedded_documents,
     heldout_text,
     probe_windows,
@@ -10,5 +13,5 @@ from .corpus import (
     training_tokens,
 )
 
-__all__ = ["calibration_windows", "corpus_dir", "embedded_documents", "heldout_text", "probe_windows",
-           "read_documents", "read_texts", "token_windows", "training_tokens"]
+__all__ = ["DEFAULT_DOMAIN", "DOMAINS", "calibration_windows", "corpus_dir", "domain_documents", "embedded_documents",
+           "heldout_text", "probe_windows", "read_documents", "read_texts", "token_windows", "training_tokens"]

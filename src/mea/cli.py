@@ -172,12 +172,15 @@ def cmd_study_compression(out: str, src: str = "smollm2", levels: list[str] | No
 
 def cmd_study_frontier(out: str, src: str = "smollm2", levels: list[float] | None = None,
                        methods: list[str] | None = None, quant: list[str] | None = None, presses: list[str] | None = None,
-                       recover_tokens: int = 0, quick: bool = False, measures: list[str] | None = None) -> dict:
+                       recover_tokens: int = 0, quick: bool = False, sizes: str = "", measures: list[str] | None = None,
+                       report_only: bool = False) -> dict:
     from .experiments import frontier as f
 
-    return f.run_frontier(out, src=src, levels=levels or f.LEVELS, methods=methods or f.METHODS,
-                          quant=f.QUANT if quant is None else quant, presses=f.PRESSES if presses is None else presses,
-                          recover_tokens=recover_tokens, quick=quick, measures=measures or f.MEASURES,
+    return f.run_frontier(out, src=src, levels=f.LEVELS if levels is None else levels,
+                          methods=f.METHODS if methods is None else methods, quant=f.QUANT if quant is None else quant,
+                          presses=f.PRESSES if presses is None else presses, recover_tokens=recover_tokens,
+                          quick=quick, sizes=f.Sizes.from_json(sizes) if sizes else None,
+                          measures=measures or f.MEASURES, report_only=report_only,
                           log=lambda m: print(m, file=sys.stderr, flush=True))
 
 
@@ -316,12 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out")
     e.add_argument("--src", default="smollm2")
     e.add_argument("--levels", type=float, nargs="+", help="KV fractions kept by MEA and kvpress (default 0.67 0.5 0.33)")
-    e.add_argument("--methods", nargs="+", help="`mea compress --method` names (default whitened svd)")
+    e.add_argument("--methods", nargs="*", help="`mea compress --method` names (default whitened svd)")
     e.add_argument("--quant", nargs="*", help="QuantizedCache systems (default quanto-4 quanto-2 hqq-4 hqq-2)")
     e.add_argument("--presses", nargs="*", help="kvpress presses (default streamingllm snapkv expectedattention knorm)")
     e.add_argument("--recover-tokens", type=int, default=0, help="also measure MEA after recovery on N tokens")
     e.add_argument("--measures", nargs="+", help="subset of bytes ppl_modern ppl_shakespeare lambada needle multikey chat")
     e.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    e.add_argument("--sizes", default="", help='JSON overriding measure sizes, e.g. \'{"lambada": 200}\'')
+    e.add_argument("--report-only", action="store_true", help="only (re)write the report from the results present")
     e = study.add_parser("report", help="(re)write the report of a study folder from its runs")
     e.add_argument("out")
 

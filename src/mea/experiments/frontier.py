@@ -15,7 +15,9 @@ MEA at each KV level for each compression method, training-free (and recovered w
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -85,8 +87,13 @@ def _run(cmd: list[str], log_path: Path, log) -> None:
 
 def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, methods=METHODS, quant=QUANT,
                  presses=PRESSES, recover_tokens: int = 0, quick: bool = False, sizes: Sizes | None = None,
-                 measures=MEASURES, peers_python: str = PEERS_PYTHON, heads: int | None = None, log=print) -> dict:
+                 measures=MEASURES, peers_python: str = PEERS_PYTHON, heads: int | None = None, report_only: bool = False,
+                 log=print) -> dict:
+    """Build the MEA models, measure every system (each measure skipped when its file exists), write the
+    report; `report_only`: just the report from the results present."""
     out = Path(out)
+    if quick and sizes is not None:
+        raise ValueError("pass either quick or explicit sizes, not both")
     sizes = sizes or (QUICK if quick else Sizes())
     unknown = sorted(set(measures) - set(MEASURES))
     if unknown:
@@ -94,25 +101,61 @@ def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, method
     peers = peers_python if presses and Path(peers_python).is_file() else None
     notes = [] if peers or not presses else [f"kvpress presses skipped: {peers_python} not found (run `make peers`)."]
     if heads is None:
-        heads = _kv_heads(src)
+        heads = 1 if report_only else _kv_heads(src)
     steps, systems = plan(src, out, heads=heads, levels=levels, methods=methods, quant=quant, presses=presses,
                           recover_tokens=recover_tokens, peers_python=peers)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / "systems").mkdir(exist_ok=True)
+    if report_only:
+        return write_report(out, systems, notes=notes)
     for target, cmd in steps:
         if not target.exists():
             _run(cmd, out / "logs" / f"{target.name}.log", log)
     for s in systems:
         if all((out / "systems" / f"{s.name}.{m}.json").exists() for m in measures):
             continue
-        if s.python == sys.executable:  # our environment: measured in this process
-            measure_system(s.model, out / "systems", name=s.name, system=s.cache, sizes=sizes, measures=measures, log=log)
-        else:
-            cmd = [s.python, "-m", "mea.experiments.frontier_measure", s.model, str(out / "systems"), "--name", s.name,
-                   "--system", s.cache, "--sizes", json.dumps(asdict(sizes)), "--measures", *measures]
-            _run(cmd, out / "logs" / f"{s.name}.log", log)
+        with _claim(out / "systems" / f"{s.name}.lock") as mine:
+            if not mine:
+                log(f"{s.name}: being measured by another running study process; skipped")
+                continue
+            if s.python == sys.executable:  # our environment: measured in this process
+                measure_system(s.model, out / "systems", name=s.name, system=s.cache, sizes=sizes, measures=measures,
+                               log=log)
+            else:
+                cmd = [s.python, "-m", "mea.experiments.frontier_measure", s.model, str(out / "systems"), "--name",
+                       s.name, "--system", s.cache, "--sizes", json.dumps(asdict(sizes)), "--measures", *measures]
+                _run(cmd, out / "logs" / f"{s.name}.log", log)
         write_report(out, systems, notes=notes)  # after every system, so a partial run reports
     return write_report(out, systems, notes=notes)
+
+
+@contextlib.contextmanager
+def _claim(lock: Path):
+    """Yield True when this process may measure the system: several study processes can share one OUT (each
+    takes the systems no other live process holds). A lock left by a dead process is taken over."""
+    tmp = lock.with_name(f".{lock.name}.{os.getpid()}")
+    tmp.write_text(str(os.getpid()))
+    try:
+        for _ in range(2):
+            try:
+                os.link(tmp, lock)  # atomic: fails when the lock exists
+                break
+            except FileExistsError:
+                try:
+                    os.kill(int(lock.read_text()), 0)
+                    yield False
+                    return
+                except (ProcessLookupError, ValueError, FileNotFoundError):
+                    lock.unlink(missing_ok=True)  # its owner is gone
+        else:
+            yield False
+            return
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def _kv_heads(src: str) -> int:

@@ -168,3 +168,25 @@ def test_frontier_end_to_end_on_a_tiny_model(tiny, tmp_path, monkeypatch):
     run_frontier(out, src=str(src), levels=[0.5], methods=["svd"], quant=["quanto-4"], presses=[], sizes=sizes,
                  log=lambda m: None)  # resumes: nothing re-run
     assert (out / "systems" / "original.lambada.json").stat().st_mtime_ns == before
+
+
+def test_planted_text_never_overlaps_calibration_or_recovery_text():
+    """Needle and multi-key contexts are cut from the modern held-out text (the Debian Reference); none of it
+    appears in the modern calibration/recovery documents (the Python documentation)."""
+    from mea.data import domain_documents, heldout_text
+    from mea.experiments import frontier_measure
+
+    held = heldout_text("modern")
+    calibration = "\n".join(text for _, text in domain_documents("modern", "calibration"))
+    rng = random.Random(0)
+    snippets = [held[i : i + 80] for i in (rng.randrange(len(held) - 80) for _ in range(300))]
+    assert not [s for s in snippets if s in calibration]
+
+    class Tok:  # records which text the haystack is tokenized from
+        def __call__(self, text, **kw):
+            self.text = text
+            return type("Ids", (), {"input_ids": torch.zeros(1, 3, dtype=torch.long)})()
+
+    tok = Tok()
+    frontier_measure.heldout_ids(tok, "modern")
+    assert tok.text == held

@@ -101,7 +101,7 @@ def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, method
     peers = peers_python if presses and Path(peers_python).is_file() else None
     notes = [] if peers or not presses else [f"kvpress presses skipped: {peers_python} not found (run `make peers`)."]
     if heads is None:
-        heads = 1 if report_only else _kv_heads(src)
+        heads = _kv_heads(src) if methods and not report_only else 1  # only MEA levels need it
     steps, systems = plan(src, out, heads=heads, levels=levels, methods=methods, quant=quant, presses=presses,
                           recover_tokens=recover_tokens, peers_python=peers)
     (out / "logs").mkdir(parents=True, exist_ok=True)

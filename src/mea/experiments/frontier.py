@@ -100,8 +100,9 @@ def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, method
         raise ValueError(f"unknown measure(s) {unknown}; choose from {', '.join(MEASURES)}")
     peers = peers_python if presses and Path(peers_python).is_file() else None
     notes = [] if peers or not presses else [f"kvpress presses skipped: {peers_python} not found (run `make peers`)."]
-    if heads is None:
-        heads = _kv_heads(src) if methods and not report_only else 1  # only MEA levels need it
+    load = _last_model_loader()
+    if heads is None:  # only MEA levels need it
+        heads = load(src).model.config.num_key_value_heads if methods and not report_only else 1
     steps, systems = plan(src, out, heads=heads, levels=levels, methods=methods, quant=quant, presses=presses,
                           recover_tokens=recover_tokens, peers_python=peers)
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -120,7 +121,7 @@ def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, method
                 continue
             if s.python == sys.executable:  # our environment: measured in this process
                 measure_system(s.model, out / "systems", name=s.name, system=s.cache, sizes=sizes, measures=measures,
-                               log=log)
+                               log=log, load=load)
             else:
                 cmd = [s.python, "-m", "mea.experiments.frontier_measure", s.model, str(out / "systems"), "--name",
                        s.name, "--system", s.cache, "--sizes", json.dumps(asdict(sizes)), "--measures", *measures]
@@ -158,10 +159,20 @@ def _claim(lock: Path):
         lock.unlink(missing_ok=True)
 
 
-def _kv_heads(src: str) -> int:
+def _last_model_loader():
+    """`load_source`, keeping the last model loaded: the original's systems (its own cache, quantized caches)
+    share one model (its caches are separate objects, so sharing it changes no result)."""
     from ..convert import load_source
 
-    return load_source(src).model.config.num_key_value_heads
+    last = {}
+
+    def load(src: str):
+        if src not in last:
+            last.clear()
+            last[src] = load_source(src)
+        return last[src]
+
+    return load
 
 
 def write_report(out: Path, systems: list[System], *, notes: list[str] = ()) -> dict:

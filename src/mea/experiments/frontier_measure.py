@@ -98,8 +98,10 @@ def run_measure(measure: str, model, tokenizer, system, sizes: Sizes, log=print)
 
 
 def measure_system(model_src: str, out: str | Path, *, name: str, system: str, sizes: Sizes,
-                   measures=MEASURES, log=print) -> list[Path]:
-    """Run the missing measures of one system; each result is written atomically as soon as it is done."""
+                   measures=MEASURES, log=print, load=None) -> list[Path]:
+    """Run the missing measures of one system; each result is written atomically as soon as it is done.
+    `load(model_src)`: how the model is loaded (default `load_source`; the study passes one that reuses the
+    model loaded for the previous system)."""
     import torch
 
     from ..atomic import write_json_atomic
@@ -111,7 +113,9 @@ def measure_system(model_src: str, out: str | Path, *, name: str, system: str, s
     if not todo:
         return []
     cache = cache_system(system)
-    source = load_source(model_src, tokenizer_for="the frontier measures")
+    source = (load or load_source)(model_src)
+    if source.tokenizer is None:
+        raise ValueError(f"{model_src} has no tokenizer files; the frontier measures need one")
     written = []
     for m in todo:
         start = time.time()

@@ -110,8 +110,13 @@ def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, method
     if report_only:
         return write_report(out, systems, notes=notes)
     for target, cmd in steps:
-        if not target.exists():
-            _run(cmd, out / "logs" / f"{target.name}.log", log)
+        if target.exists():
+            continue
+        with _claim(out / "logs" / f"{target.name}.lock") as mine:
+            if mine:
+                _run(cmd, out / "logs" / f"{target.name}.log", log)
+            else:
+                log(f"{target.name}: being built by another running study process; skipped")
     for s in systems:
         if all((out / "systems" / f"{s.name}.{m}.json").exists() for m in measures):
             continue

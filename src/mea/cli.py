@@ -172,6 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--math-limit", type=int, help="GSM8K examples (generation is slow on CPU)")
     e.add_argument("--tokens", type=int, help="recovery distillation tokens per level")
     e.add_argument("--fit-steps", type=int)
+    e = command(study, "frontier", commands.cmd_study_frontier,
+                "every KV-compression option (MEA, quantized, kvpress) on the same held-out measures vs KV bytes "
+                "held; resumable")
+    e.add_argument("out")
+    e.add_argument("--src", help="the model (default: the embedded SmolLM2)")
+    e.add_argument("--levels", type=float, nargs="+", help="KV fractions kept by MEA and kvpress (default 0.67 0.5 0.33)")
+    e.add_argument("--methods", nargs="*", help="`mea compress --method` names (default whitened svd)")
+    e.add_argument("--quant", nargs="*", help="QuantizedCache systems (default quanto-4 quanto-2 hqq-4 hqq-2)")
+    e.add_argument("--presses", nargs="*", help="kvpress presses (default streamingllm snapkv expectedattention knorm)")
+    e.add_argument("--recover-tokens", type=int, help="also measure MEA after recovery on N tokens (default 0: no)")
+    e.add_argument("--measures", nargs="+", help="subset of bytes ppl_modern ppl_shakespeare lambada needle multikey chat")
+    e.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    e.add_argument("--sizes", help='JSON overriding measure sizes, e.g. \'{"lambada": 200}\'')
+    e.add_argument("--report-only", action="store_true", help="only (re)write the report from the results present")
     e = command(study, "report", commands.cmd_study_report, "(re)write the report of a study folder from its runs")
     e.add_argument("out")
 

@@ -243,6 +243,20 @@ def cmd_study_compression(out: str, **options) -> dict:
     return run_compression_study(out, log=log, **options)
 
 
+def cmd_study_frontier(out: str, src: str = "smollm2", levels: list[float] | None = None,
+                       methods: list[str] | None = None, quant: list[str] | None = None, presses: list[str] | None = None,
+                       recover_tokens: int = 0, quick: bool = False, sizes: str = "", measures: list[str] | None = None,
+                       report_only: bool = False) -> dict:
+    """Every KV-compression option on the same held-out measures; None means the study's default list."""
+    from .experiments import frontier as f
+
+    return f.run_frontier(out, src=src, levels=f.LEVELS if levels is None else levels,
+                          methods=f.METHODS if methods is None else methods, quant=f.QUANT if quant is None else quant,
+                          presses=f.PRESSES if presses is None else presses, recover_tokens=recover_tokens,
+                          quick=quick, sizes=f.Sizes.from_json(sizes) if sizes else None,
+                          measures=measures or f.MEASURES, report_only=report_only, log=log)
+
+
 def cmd_demo(**options) -> dict:
     """`options`: keyword arguments of `mea.demo.run_demo`."""
     from .demo import run_demo

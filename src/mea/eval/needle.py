@@ -1,7 +1,9 @@
 """Needle in a haystack: plant a sentence with a random number at a chosen depth of a long stretch of
-the embedded corpus, then ask for the number at the end. One forward pass per trial: the model
-retrieves the needle when every token of the answer is its greedy (argmax) prediction given the prompt
-and the answer's previous tokens, which is exactly what greedy generation would print. The mean
+text (the embedded corpus, or any token stream such as modern held-out text), then ask for the number
+at the end. Each trial follows the cache protocol (`protocol.answer_from_cache`): the haystack is
+prefilled into the cache of the chosen `CacheSystem`, then the question and answer are read from that
+stored cache in one forward. The model retrieves the needle when every token of the answer is its
+greedy (argmax) prediction, which is exactly what greedy generation would print. The mean
 log-probability of the answer is kept as a finer score for models that fail outright.
 
 Trials vary the number and the stretch of text (seeded); cells are (context length, needle depth).
@@ -15,6 +17,7 @@ import torch
 
 from ..data import embedded_documents
 from ..plotting import pyplot, save_figure
+from .protocol import CacheSystem, answer_from_cache
 
 NEEDLE = "\nThe secret number of the magician is {number}.\n"
 QUESTION = "\n\nQuestion: what is the secret number of the magician?\nAnswer: The secret number of the magician is"
@@ -31,7 +34,7 @@ def haystack_ids(tokenizer, min_tokens: int = 50_000) -> torch.Tensor:
 
 
 def build_prompt(tokenizer, hay: torch.Tensor, *, length: int, depth: float, number: str, offset: int):
-    """(prompt ids, answer ids): `length` tokens in all, the needle after `depth` of the filler."""
+    """(context ids, question ids, answer ids), `length` tokens in all, the needle after `depth` of the filler."""
     needle = tokenizer(NEEDLE.format(number=number), add_special_tokens=False).input_ids
     question = tokenizer(QUESTION, add_special_tokens=False).input_ids
     answer = tokenizer(" " + number, add_special_tokens=False).input_ids
@@ -39,32 +42,25 @@ def build_prompt(tokenizer, hay: torch.Tensor, *, length: int, depth: float, num
     if filler < 16:
         raise ValueError(f"context length {length} is too short for the needle and question; use >= {length - filler + 16}")
     if offset + filler > hay.numel():
-        raise ValueError(f"the corpus has {hay.numel()} tokens, fewer than a {length}-token haystack needs")
+        raise ValueError(f"the haystack has {hay.numel()} tokens, fewer than a {length}-token context needs")
     text = hay[offset : offset + filler].tolist()
     cut = round(depth * filler)
-    prompt = text[:cut] + needle + text[cut:] + question
-    return torch.tensor(prompt), torch.tensor(answer)
-
-
-@torch.no_grad()
-def score_trial(model, prompt: torch.Tensor, answer: torch.Tensor) -> tuple[bool, float]:
-    ids = torch.cat([prompt, answer])[None].to(model.device)
-    logits = model(ids, use_cache=False, logits_to_keep=answer.numel() + 1).logits[0, :-1].float()  # (A, V)
-    target = answer.to(logits.device)
-    found = bool((logits.argmax(-1) == target).all())
-    logprob = torch.log_softmax(logits, -1).gather(-1, target[:, None]).mean().item()
-    return found, logprob
+    return torch.tensor(text[:cut] + needle + text[cut:]), torch.tensor(question), torch.tensor(answer)
 
 
 def needle_grid(model, tokenizer, *, lengths: list[int], depths: list[float], trials: int = 3, seed: int = 0,
-                log=None) -> dict:
-    """Retrieval accuracy and mean answer log-probability for every (length, depth) cell."""
+                log=None, system: CacheSystem | None = None, hay: torch.Tensor | None = None) -> dict:
+    """Retrieval accuracy and mean answer log-probability for every (length, depth) cell. `system`: how the
+    context is cached (default: the model's own cache); `hay`: the filler token stream (default: the
+    embedded corpus)."""
     max_len = getattr(model.config, "max_position_embeddings", None)
     if max_len and max(lengths) > max_len:
         raise ValueError(f"context length {max(lengths)} exceeds the model's max_position_embeddings {max_len}")
     if not all(0.0 <= d <= 1.0 for d in depths):
         raise ValueError(f"needle depths must be in [0, 1], got {depths}")
-    hay = haystack_ids(tokenizer, min_tokens=max(50_000, 4 * max(lengths)))
+    if hay is None:
+        hay = haystack_ids(tokenizer, min_tokens=max(50_000, 4 * max(lengths)))
+    system = system or CacheSystem()
     rng = random.Random(seed)
     model.eval()
     cells = []
@@ -74,10 +70,10 @@ def needle_grid(model, tokenizer, *, lengths: list[int], depths: list[float], tr
             for _ in range(trials):
                 number = str(rng.randrange(10_000, 100_000))
                 offset = rng.randrange(0, max(1, hay.numel() - length))
-                prompt, answer = build_prompt(tokenizer, hay, length=length, depth=depth, number=number, offset=offset)
-                f, lp = score_trial(model, prompt, answer)
-                found.append(f)
-                logp.append(lp)
+                r = answer_from_cache(model, system, *build_prompt(tokenizer, hay, length=length, depth=depth,
+                                                                   number=number, offset=offset))
+                found.append(r["found"])
+                logp.append(r["logprob"])
             cells.append({"length": length, "depth": depth, "accuracy": sum(found) / trials,
                           "answer_logprob": sum(logp) / trials, "trials": trials})
             if log:

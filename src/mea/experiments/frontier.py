@@ -1,0 +1,186 @@
+"""The KV-compression frontier: every option on the same held-out measures, against the KV bytes it
+actually holds. Each step is a subprocess skipped when its output exists, so the study resumes:
+
+    OUT/models/METHOD-LEVEL-free   mea compress SRC ... --method METHOD --recover none      (training-free)
+    OUT/models/METHOD-LEVEL-fit    mea compress SRC ... --method METHOD --fit-mode teacher  (with --recover-tokens)
+    OUT/models/METHOD-LEVEL-rec    mea recover OUT/models/METHOD-LEVEL-fit ... --tokens N
+    OUT/systems/NAME.MEASURE.json  `frontier_measure.measure_system` (in this process; the kvpress systems
+                                   in .venv-peers: python -m mea.experiments.frontier_measure ...)
+    OUT/report.md, summary.json, frontier.png
+
+Systems: the original with its own cache; transformers' QuantizedCache on the original; kvpress presses
+on the original (run by the `.venv-peers` Python, `make peers`; skipped with a note when it is absent);
+MEA at each KV level for each compression method, training-free (and recovered with --recover-tokens).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .frontier_measure import MEASURES, QUICK, Sizes, measure_system
+
+LEVELS = (0.67, 0.5, 0.33)
+METHODS = ("whitened", "svd")
+QUANT = ("quanto-4", "quanto-2", "hqq-4", "hqq-2")
+PRESSES = ("streamingllm", "snapkv", "expectedattention", "knorm")
+PEERS_PYTHON = ".venv-peers/bin/python"
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    family: str  # one line on the frontier plot
+    model: str  # what frontier_measure loads
+    cache: str  # the cache system name (mea.eval.peers)
+    python: str
+
+
+def level_args(level: float, heads: int) -> list[str]:
+    """`mea compress` arguments for keeping `level` of the KV heads: a uniform h' when level x h is (within
+    0.05) a whole number of heads, else a KV budget allocated by the sensitivity probe."""
+    if not 0 < level <= 1:
+        raise ValueError(f"KV levels must be in (0, 1], got {level}")
+    k = level * heads
+    if abs(k - round(k)) < 0.05 and round(k) >= 1:
+        return ["--virtual-heads", str(round(k))]
+    return ["--kv-budget", str(level)]
+
+
+def plan(src: str, out: Path, *, heads: int, levels, methods, quant, presses, recover_tokens: int,
+         peers_python: str | None) -> tuple[list[tuple[Path, list[str]]], list[System]]:
+    """(model-building steps as (output, command)), (systems to measure)."""
+    mea = [sys.executable, "-m", "mea"]
+    steps, systems = [], [System("original", "original", src, "default", sys.executable)]
+    systems += [System(q, q.split("-")[0] + " (QuantizedCache)", src, q, sys.executable) for q in quant]
+    if peers_python:
+        systems += [System(f"kvpress-{p}-{kept}", f"kvpress {p}", src, f"kvpress-{p}-{kept}", peers_python)
+                    for p in presses for kept in levels]
+    for method in methods:
+        for level in levels:
+            args = ["--method", method, *level_args(level, heads)]
+            free, fit, rec = (out / "models" / f"{method}-{level}-{k}" for k in ("free", "fit", "rec"))
+            steps.append((free, mea + ["compress", src, str(free), *args, "--recover", "none", "--no-eval"]))
+            systems.append(System(f"mea-{method}-{level}-free", f"MEA {method} (training-free)", str(free), "default",
+                                  sys.executable))
+            if recover_tokens:
+                steps.append((fit, mea + ["compress", src, str(fit), *args, "--fit-mode", "teacher", "--no-eval"]))
+                steps.append((rec, mea + ["recover", str(fit), str(rec), "--teacher", src, "--tokens",
+                                          str(recover_tokens), "--no-eval"]))
+                systems.append(System(f"mea-{method}-{level}-rec", f"MEA {method} (recovered)", str(rec), "default",
+                                      sys.executable))
+    return steps, systems
+
+
+def _run(cmd: list[str], log_path: Path, log) -> None:
+    log(" ".join(cmd[2:]))
+    with open(log_path, "a") as f:
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise ValueError(f"step failed (exit {code}): {' '.join(cmd[2:])}; see {log_path}")
+
+
+def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, methods=METHODS, quant=QUANT,
+                 presses=PRESSES, recover_tokens: int = 0, quick: bool = False, sizes: Sizes | None = None,
+                 measures=MEASURES, peers_python: str = PEERS_PYTHON, heads: int | None = None, report_only: bool = False,
+                 log=print) -> dict:
+    """Build the MEA models, measure every system (each measure skipped when its file exists), write the
+    report; `report_only`: just the report from the results present."""
+    out = Path(out)
+    if quick and sizes is not None:
+        raise ValueError("pass either quick or explicit sizes, not both")
+    sizes = sizes or (QUICK if quick else Sizes())
+    unknown = sorted(set(measures) - set(MEASURES))
+    if unknown:
+        raise ValueError(f"unknown measure(s) {unknown}; choose from {', '.join(MEASURES)}")
+    peers = peers_python if presses and Path(peers_python).is_file() else None
+    notes = [] if peers or not presses else [f"kvpress presses skipped: {peers_python} not found (run `make peers`)."]
+    load = _last_model_loader()
+    if heads is None:  # only MEA levels need it
+        heads = load(src).model.config.num_key_value_heads if methods and not report_only else 1
+    steps, systems = plan(src, out, heads=heads, levels=levels, methods=methods, quant=quant, presses=presses,
+                          recover_tokens=recover_tokens, peers_python=peers)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    (out / "systems").mkdir(exist_ok=True)
+    if report_only:
+        return write_report(out, systems, notes=notes)
+    for target, cmd in steps:
+        if target.exists():
+            continue
+        with _claim(out / "logs" / f"{target.name}.lock") as mine:
+            if mine:
+                _run(cmd, out / "logs" / f"{target.name}.log", log)
+            else:
+                log(f"{target.name}: being built by another running study process; skipped")
+    for s in systems:
+        if all((out / "systems" / f"{s.name}.{m}.json").exists() for m in measures):
+            continue
+        with _claim(out / "systems" / f"{s.name}.lock") as mine:
+            if not mine:
+                log(f"{s.name}: being measured by another running study process; skipped")
+                continue
+            if s.python == sys.executable:  # our environment: measured in this process
+                measure_system(s.model, out / "systems", name=s.name, system=s.cache, sizes=sizes, measures=measures,
+                               log=log, load=load)
+            else:
+                cmd = [s.python, "-m", "mea.experiments.frontier_measure", s.model, str(out / "systems"), "--name",
+                       s.name, "--system", s.cache, "--sizes", json.dumps(asdict(sizes)), "--measures", *measures]
+                _run(cmd, out / "logs" / f"{s.name}.log", log)
+        write_report(out, systems, notes=notes)  # after every system, so a partial run reports
+    return write_report(out, systems, notes=notes)
+
+
+@contextlib.contextmanager
+def _claim(lock: Path):
+    """Yield True when this process may measure the system: several study processes can share one OUT (each
+    takes the systems no other live process holds). A lock left by a dead process is taken over."""
+    tmp = lock.with_name(f".{lock.name}.{os.getpid()}")
+    tmp.write_text(str(os.getpid()))
+    try:
+        for _ in range(2):
+            try:
+                os.link(tmp, lock)  # atomic: fails when the lock exists
+                break
+            except FileExistsError:
+                try:
+                    os.kill(int(lock.read_text()), 0)
+                    yield False
+                    return
+                except (ProcessLookupError, ValueError, FileNotFoundError):
+                    lock.unlink(missing_ok=True)  # its owner is gone
+        else:
+            yield False
+            return
+    finally:
+        tmp.unlink(missing_ok=True)
+    try:
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _last_model_loader():
+    """`load_source`, keeping the last model loaded: the original's systems (its own cache, quantized caches)
+    share one model (its caches are separate objects, so sharing it changes no result)."""
+    from ..convert import load_source
+
+    last = {}
+
+    def load(src: str):
+        if src not in last:
+            last.clear()
+            last[src] = load_source(src)
+        return last[src]
+
+    return load
+
+
+def write_report(out: Path, systems: list[System], *, notes: list[str] = ()) -> dict:
+    from .frontier_report import write_frontier_report
+
+    return write_frontier_report(out, [asdict(s) for s in systems], notes=list(notes))

@@ -1,0 +1,148 @@
+"""report.md, summary.json and frontier.png of a frontier study, from OUT/systems/NAME.MEASURE.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..atomic import write_json_atomic, write_text_atomic
+from ..plotting import pyplot, save_figure
+
+PROPORTIONS = ("lambada", "needle", "multikey")  # measures reported with a 95% Wilson interval
+PLOTTED = (("ppl_modern", "perplexity, modern held-out"), ("ppl_shakespeare", "perplexity, Hamlet"),
+           ("lambada", "LAMBADA accuracy"), ("needle", "needle retrieval"), ("multikey", "multi-key retrieval"))
+
+
+def load_rows(out: Path, systems: list[dict]) -> list[dict]:
+    """One row per system with any result: its measures' results and the KV bytes per token it holds."""
+    rows = []
+    for s in systems:
+        results = {}
+        for f in sorted((out / "systems").glob(f"{s['name']}.*.json")):
+            data = json.loads(f.read_text())
+            if data.get("name") == s["name"]:
+                results[data["measure"]] = data
+        if results:
+            rows.append({**s, "measures": {m: d["result"] for m, d in results.items()},
+                         "seconds": {m: d["seconds"] for m, d in results.items()},
+                         "cpu_capability": next(iter(results.values())).get("cpu_capability")})
+    original = next((r for r in rows if r["name"] == "original"), None)
+    base = original and original["measures"].get("bytes", {}).get("kv_bytes_per_token")
+    for r in rows:
+        per_token = r["measures"].get("bytes", {}).get("kv_bytes_per_token")
+        r["kv_bytes_per_token"] = per_token
+        r["kv_fraction"] = per_token / base if per_token is not None and base else None
+    return rows
+
+
+def _value(row: dict, measure: str) -> str:
+    m = row["measures"].get(measure)
+    if m is None:
+        return "—"
+    if measure.startswith("ppl_"):
+        return f"{m['ppl']:.2f}"
+    lo, hi = m["ci95"]
+    return f"{m['value']:.2f} [{lo:.2f}, {hi:.2f}] (n={m['n']})"
+
+
+def write_frontier_report(out: Path, systems: list[dict], *, notes: list[str]) -> dict:
+    out = Path(out)
+    rows = load_rows(out, systems)
+    lines = ["# KV-compression frontier", "",
+             "| system | family | KV bytes/token | KV kept | ppl modern | ppl Hamlet | LAMBADA | needle | multi-key |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        kv = "—" if r["kv_bytes_per_token"] is None else f"{r['kv_bytes_per_token']:.0f}"
+        frac = "—" if r["kv_fraction"] is None else f"{r['kv_fraction']:.3f}"
+        lines.append(f"| {r['name']} | {r['family']} | {kv} | {frac} | "
+                     + " | ".join(_value(r, m) for m, _ in PLOTTED) + " |")
+    lines += ["", "KV bytes/token: the bytes of every tensor the cache object holds right after prefilling held-out "
+              "text (quantized codes, scales, zero points and full-precision residual included), over the context "
+              "tokens; KV kept: that over the original's. Every answer is read from the stored cache after the context "
+              "was prefilled into it (no full-precision prefill of the question). Perplexity: each window's prefix is "
+              "prefilled, the rest read from the cache in chunks and scored (kvpress presses prune at the prefill only; "
+              "QuantizedCache keeps up to 128 recent tokens in full precision and quantizes the rest). The model runs "
+              "in fp32 on CPU, so the original's cache is fp32: against a 16-bit cache a quantized cache keeps twice "
+              "the fraction shown, and MEA the same fraction. Proportions: [95% Wilson interval] (n)."]
+    lines += _sizes(out, rows) + _needle_cells(rows) + _chat(rows) + [f"- {n}" for n in notes]
+    write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
+    write_json_atomic(out / "summary.json", {"rows": rows, "notes": notes})
+    if rows:
+        _plot(out / "frontier.png", rows)
+    return {"report": str(out / "report.md"), "systems": [r["name"] for r in rows]}
+
+
+SIZE_FIELDS = {"bytes": ("bytes_context",), "ppl_modern": ("ppl_windows", "ppl_window", "ppl_prefix", "ppl_chunk"),
+               "ppl_shakespeare": ("ppl_windows", "ppl_window", "ppl_prefix", "ppl_chunk"), "lambada": ("lambada",),
+               "needle": ("needle_lengths", "needle_depths", "needle_trials"),
+               "multikey": ("multikey_lengths", "multikey_keys", "multikey_trials"), "chat": ("chat_tokens",)}
+
+
+def _sizes(out: Path, rows: list[dict]) -> list[str]:
+    """The sizes each measure ran at (from its result files; they differ where a measure ran at other sizes)."""
+    seen: dict[str, set] = {}
+    for f in sorted((out / "systems").glob("*.json")):
+        data = json.loads(f.read_text())
+        if any(data.get("name") == r["name"] for r in rows):
+            fields = SIZE_FIELDS.get(data["measure"], ())
+            seen.setdefault(data["measure"], set()).add(json.dumps({k: data["sizes"][k] for k in fields}))
+    cpu = rows[0].get("cpu_capability") if rows else None
+    return ["", "Sizes: " + "; ".join(f"{m} {' or '.join(sorted(v))}" for m, v in seen.items())
+            + f"; CPU capability {cpu}."] if seen else []
+
+
+def _needle_cells(rows: list[dict]) -> list[str]:
+    with_needle = [r for r in rows if "needle" in r["measures"]]
+    if not with_needle:
+        return []
+    cells = [(c["length"], c["depth"]) for c in with_needle[0]["measures"]["needle"]["cells"]]
+    lengths = sorted({c[0] for c in cells})
+    lines = ["", "## Needle retrieval by context length (pooled over depths)", "",
+             "| system | " + " | ".join(str(n) for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+    for r in with_needle:
+        by = {}
+        for c in r["measures"]["needle"]["cells"]:
+            by.setdefault(c["length"], []).append(c["accuracy"])
+        lines.append(f"| {r['name']} | " + " | ".join(f"{sum(by[n]) / len(by[n]):.2f}" if n in by else "—"
+                                                      for n in lengths) + " |")
+    return lines
+
+
+def _chat(rows: list[dict]) -> list[str]:
+    with_chat = [r for r in rows if "chat" in r["measures"]]
+    if not with_chat:
+        return []
+    lines = ["", "## Fixed chat prompts (greedy, answered from the cache)", ""]
+    for i, prompt in enumerate(a["prompt"] for a in with_chat[0]["measures"]["chat"]["answers"]):
+        lines += [f"**{prompt}**", "", "| system | answer |", "|---|---|"]
+        for r in with_chat:
+            answer = r["measures"]["chat"]["answers"][i]["answer"].replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {r['name']} | {answer} |")
+        lines.append("")
+    return lines
+
+
+def _plot(path: Path, rows: list[dict]) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4 * len(PLOTTED), 3.6))
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    for ax, (measure, title) in zip(axes, PLOTTED):
+        for fam in families:
+            pts = sorted((r["kv_fraction"], r["measures"][measure]) for r in rows
+                         if r["family"] == fam and r["kv_fraction"] is not None and measure in r["measures"])
+            if not pts:
+                continue
+            xs = [p[0] for p in pts]
+            if measure.startswith("ppl_"):
+                ax.plot(xs, [p[1]["ppl"] for p in pts], marker="*" if fam == "original" else "o", label=fam)
+            else:
+                ys = [p[1]["value"] for p in pts]
+                err = [[y - p[1]["ci95"][0] for y, p in zip(ys, pts)], [p[1]["ci95"][1] - y for y, p in zip(ys, pts)]]
+                ax.errorbar(xs, ys, yerr=err, marker="*" if fam == "original" else "o", capsize=2, label=fam)
+        ax.set_xlabel("KV bytes held / original's")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        if measure.startswith("ppl_"):
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=6)
+    save_figure(fig, path, dpi=110)

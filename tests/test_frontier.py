@@ -1,0 +1,208 @@
+"""The frontier measures: answers come from the stored cache, bytes held match a hand count, planted
+facts are retrievable only through the cache, and the whole study runs end to end on a tiny model."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from mea.eval import cached_measures as cm
+from mea.eval.peers import cache_system
+from mea.eval.protocol import CacheSystem, answer_from_cache, greedy_from_cache, prefill
+
+TEXT = " ".join(f"the {w} of line {i} is plain text about {v}." for i, (w, v) in
+                enumerate(zip(["cat", "dog", "sun", "sea", "map", "key"] * 200, ["rain", "code", "ships", "ink"] * 300)))
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator([TEXT, "Question: what is the code for ? Answer: 0123456789 The secret number magician"],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+def tiny_llama(vocab: int, heads: int = 2, kv_heads: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=128,  # head_dim 64 (quanto's group size)
+                      num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = tiny_tokenizer()
+    return tiny_llama(len(tok)), tok
+
+
+def test_question_is_read_through_the_stored_cache(tiny):
+    model, _ = tiny
+    ids = torch.randint(3, 300, (40,))
+    context, question, answer = ids[:30], ids[30:34], ids[34:]
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        r = answer_from_cache(model, CacheSystem(), context, question, answer)
+    finally:
+        hook.remove()
+    assert calls == [30, 4 + 6 - 1]  # one prefill of the context, then question + answer from the cache
+    with torch.no_grad():  # reference: one uncached forward over everything
+        logits = model(ids[None], use_cache=False).logits[0, 33:39].float()
+    ref = torch.log_softmax(logits, -1).gather(-1, answer[:, None]).mean().item()
+    assert r["logprob"] == pytest.approx(ref, abs=1e-4)
+
+    # what the cache holds is what answers: damage the stored values and the answer changes
+    def damaged(m):
+        from transformers import DynamicCache
+
+        class Damaged(DynamicCache):
+            def update(self, k, v, layer_idx, *a, **kw):
+                if k.shape[-2] == 30:  # the prefill: store zeroed values
+                    v = torch.zeros_like(v)
+                return super().update(k, v, layer_idx, *a, **kw)
+
+        return Damaged()
+
+    hurt = answer_from_cache(model, CacheSystem("damaged", new_cache=damaged), context, question, answer)
+    assert abs(hurt["logprob"] - r["logprob"]) > 1e-3
+
+
+def test_greedy_from_cache_matches_generate(tiny):
+    model, tok = tiny
+    prompt = torch.randint(3, 300, (12,))
+    ours = greedy_from_cache(model, CacheSystem(), prompt, max_new_tokens=6)
+    ref = model.generate(prompt[None], attention_mask=torch.ones(1, 12, dtype=torch.long), max_new_tokens=6,
+                         do_sample=False, min_new_tokens=6)[0, 12:].tolist()
+    assert ours == ref
+
+
+def test_bytes_held_match_a_hand_count(tiny):
+    model, _ = tiny
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    ctx = torch.randint(3, 300, (256,))
+    plain = prefill(model, CacheSystem(), ctx)
+    assert plain.kv_bytes == cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 256 * 4
+    # 4-bit quanto: packed codes (2 per byte) plus a float32 scale and shift per group of 64 values
+    q = prefill(model, cache_system("quanto-4"), ctx)
+    numel = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 256
+    assert q.kv_bytes == numel // 2 + 2 * (numel // 64) * 4
+    # an MEA cache holds h' component heads (and the k-scales when QK-norm applies)
+    import mea
+    from helpers import tiny_config
+
+    m = mea.MEAForCausalLM(tiny_config(mea_num_component_heads=1)).eval()
+    state = prefill(m, CacheSystem(), torch.randint(1, 97, (50,)))
+    assert state.kv_bytes == 50 * m.config.kv_cache_bytes_per_token(bytes_per_element=4)
+
+
+def test_multikey_prompt_plants_every_fact_and_asks_one(tiny):
+    _, tok = tiny
+    hay = tok(TEXT, return_tensors="pt").input_ids[0]
+    context, question, answer, depth = cm.multikey_prompt(tok, hay, length=400, keys=4, rng=random.Random(3))
+    assert context.numel() + question.numel() + answer.numel() == 400 and 0 <= depth <= 1
+    text, asked = tok.decode(context), tok.decode(question)
+    assert text.count("The code for") == 4
+    name = asked.split("code for ")[1].split("?")[0]
+    assert f"The code for {name} is{tok.decode(answer)}." in text
+    with pytest.raises(ValueError, match="too short"):
+        cm.multikey_prompt(tok, hay, length=60, keys=4, rng=random.Random(0))
+
+
+def test_cached_perplexity_equals_uncached_for_a_full_cache(tiny):
+    model, _ = tiny
+    windows = torch.randint(3, 300, (2, 64))
+    r = cm.cached_perplexity(model, CacheSystem(), windows, prefix=20, chunk=16)
+    with torch.no_grad():
+        logits = model(windows, use_cache=False).logits[:, 20:-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 21:].reshape(-1))
+    assert r["tokens"] == 2 * 43 and r["nll"] == pytest.approx(nll.item(), abs=1e-4)
+    with pytest.raises(ValueError, match="prefix"):
+        cm.cached_perplexity(model, CacheSystem(), windows, prefix=63, chunk=16)
+
+
+def test_cache_system_names():
+    assert cache_system("hqq-2").name == "hqq-2"
+    for bad in ("quanto-3", "kvpress-foo-0.5", "kvpress-snapkv-1.5", "zip"):
+        with pytest.raises(ValueError, match="cache system"):
+            cache_system(bad)
+
+
+def test_frontier_end_to_end_on_a_tiny_model(tiny, tmp_path, monkeypatch):
+    from mea.experiments.frontier import run_frontier
+    from mea.experiments.frontier_measure import Sizes
+
+    model, tok = tiny
+    src = tmp_path / "tiny"
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    monkeypatch.setattr("mea.data.heldout_text", lambda domain="shakespeare": TEXT)  # tiny held-out text
+    sizes = Sizes(bytes_context=128, ppl_windows=1, ppl_window=96, ppl_prefix=48, ppl_chunk=16, lambada=3,
+                  needle_lengths=(128,), needle_depths=(0.0, 1.0), needle_trials=1, multikey_lengths=(160,),
+                  multikey_keys=2, multikey_trials=2, chat_tokens=4)
+    out = tmp_path / "out"
+    result = run_frontier(out, src=str(src), levels=[0.5], methods=["svd"], quant=["quanto-4"], presses=[],
+                          sizes=sizes, log=lambda m: None)
+    assert result["systems"] == ["original", "quanto-4", "mea-svd-0.5-free"]
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {r["name"]: r for r in summary["rows"]}
+    assert rows["original"]["kv_fraction"] == 1.0
+    assert rows["mea-svd-0.5-free"]["kv_fraction"] == pytest.approx(0.5, abs=0.02)
+    assert rows["quanto-4"]["kv_fraction"] < 0.5
+    assert rows["original"]["measures"]["lambada"]["n"] == 3
+    md = (out / "report.md").read_text()
+    assert "| mea-svd-0.5-free | MEA svd (training-free) |" in md and "## Fixed chat prompts" in md
+    assert (out / "frontier.png").stat().st_size > 0
+    before = (out / "systems" / "original.lambada.json").stat().st_mtime_ns
+    run_frontier(out, src=str(src), levels=[0.5], methods=["svd"], quant=["quanto-4"], presses=[], sizes=sizes,
+                 log=lambda m: None)  # resumes: nothing re-run
+    assert (out / "systems" / "original.lambada.json").stat().st_mtime_ns == before
+
+
+def test_planted_text_never_overlaps_calibration_or_recovery_text():
+    """Needle and multi-key contexts are cut from the modern held-out text (the Debian Reference); none of it
+    appears in the modern calibration/recovery documents (the Python documentation)."""
+    from mea.data import domain_documents, heldout_text
+    from mea.experiments import frontier_measure
+
+    held = heldout_text("modern")
+    calibration = "\n".join(text for _, text in domain_documents("modern", "calibration"))
+    rng = random.Random(0)
+    snippets = [held[i : i + 80] for i in (rng.randrange(len(held) - 80) for _ in range(300))]
+    assert not [s for s in snippets if s in calibration]
+
+    class Tok:  # records which text the haystack is tokenized from
+        def __call__(self, text, **kw):
+            self.text = text
+            return type("Ids", (), {"input_ids": torch.zeros(1, 3, dtype=torch.long)})()
+
+    tok = Tok()
+    frontier_measure.heldout_ids(tok, "modern")
+    assert tok.text == held
+
+
+def test_study_processes_claim_systems_and_take_over_dead_claims(tmp_path):
+    from mea.experiments.frontier import _claim, level_args
+
+    lock = tmp_path / "x.lock"
+    with _claim(lock) as first:
+        with _claim(lock) as second:  # held by a live process (this one): not taken
+            assert first and not second
+    assert not lock.exists()
+    lock.write_text("999999999")  # left by a process that no longer exists
+    with _claim(lock) as mine:
+        assert mine and lock.read_text() != "999999999"
+    assert level_args(0.67, 3) == ["--virtual-heads", "2"] and level_args(0.5, 3) == ["--kv-budget", "0.5"]
+    with pytest.raises(ValueError, match="KV levels"):
+        level_args(1.5, 3)

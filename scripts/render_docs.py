@@ -3,6 +3,7 @@
     docs/performance.md   targets vs measured, training, prefill, decoding (fp32, bf16), memory, kernels
     docs/pretraining.md   the learning-rate study's report
     docs/compression.md   the compression table, the sensitivity map by task category, the needle table
+    README.md             the frontier table (between its frontier markers), from results/frontier/report.md
 
 Usage (from the repository root): python3 scripts/render_docs.py"""
 import json
@@ -133,11 +134,29 @@ def compression() -> str:
     ])
 
 
+def readme_with_frontier(readme: str) -> str:
+    """The README with the first table of the frontier report (and its note) between the frontier markers."""
+    report = read(Path("results/frontier/report.md"))
+    if not report:
+        return readme
+    lines = report.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    note = next((line for line in lines[end:] if line.strip()), "")
+    block = "\n".join(lines[start:end]) + "\n\n" + note
+    head, rest = readme.split("<!-- frontier:begin -->", 1)
+    return f"{head}<!-- frontier:begin -->\n{block}\n<!-- frontier:end -->{rest.split('<!-- frontier:end -->', 1)[1]}"
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    print(f"wrote {path}")
+
+
 if __name__ == "__main__":
     for name, text in (("performance", performance()), ("pretraining", pretraining()), ("compression", compression())):
-        path = DOCS / f"{name}.md"
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(".md.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-        print(f"wrote {path}")
+        write(DOCS / f"{name}.md", text)
+    write(Path("README.md"), readme_with_frontier(read(Path("README.md"))))

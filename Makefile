@@ -38,7 +38,7 @@ frontier: peers
 	$(MEA) study frontier out/frontier
 
 run: setup
-	$(MEA) compress smollm2 out/smollm2-kept67 --virtual-heads 2 --overwrite
+	$(MEA) compress smollm2 out/smollm2-kept67 --method rope-pair-latent --kv-budget 0.6666666666666666 --overwrite
 
 test: setup
 	$(PY) -m pytest -q

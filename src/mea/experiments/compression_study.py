@@ -14,7 +14,6 @@ resumes where it stopped:
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path

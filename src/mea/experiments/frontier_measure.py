@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 MEASURES = ("bytes", "ppl_modern", "ppl_shakespeare", "lambada", "needle", "multikey", "chat")

@@ -206,3 +206,34 @@ def test_study_processes_claim_systems_and_take_over_dead_claims(tmp_path):
     assert level_args(0.67, 3) == ["--virtual-heads", "2"] and level_args(0.5, 3) == ["--kv-budget", "0.5"]
     with pytest.raises(ValueError, match="KV levels"):
         level_args(1.5, 3)
+    assert level_args(0.67, 3, "rope-pair-latent") == ["--kv-budget", "0.67"]  # latent widths need no whole heads
+
+
+def test_plan_recovers_each_seed_from_the_training_free_model(tmp_path):
+    from mea.experiments.frontier import plan
+
+    steps, systems = plan("src", tmp_path, heads=3, levels=[0.5], methods=["svd"], quant=[], presses=[],
+                          recover_tokens=4096, peers_python=None, recover_seeds=(0, 1), recover_args="--lr 3e-4")
+    built = {target.name: cmd[cmd.index("-m") + 2:] for target, cmd in steps}
+    assert list(built) == ["svd-0.5-free", "svd-0.5-rec-s0", "svd-0.5-rec-s1"]
+    free = str(tmp_path / "models" / "svd-0.5-free")
+    assert built["svd-0.5-rec-s1"][:2] == ["recover", free]
+    assert built["svd-0.5-rec-s1"][-5:] == ["--seed", "1", "--lr", "3e-4", "--no-eval"]
+    assert [s.name for s in systems][-2:] == ["mea-svd-0.5-rec-s0", "mea-svd-0.5-rec-s1"]
+
+
+def test_target_checks_compare_with_the_original():
+    from mea.experiments.frontier_report import target_checks
+
+    def row(ppl, lam, found, level=None):
+        cells = [{"length": 512, "depth": d, "accuracy": a} for d, a in zip((0.0, 0.5, 1.0), found)]
+        return {"level": level, "measures": {"ppl_modern": {"ppl": ppl}, "lambada": {"value": lam},
+                                             "needle": {"cells": cells}}}
+
+    original = row(20.0, 0.40, (1.0, 2 / 3, 0.0))
+    checks = target_checks(row(20.8, 0.37, (1.0, 1 / 3, 1.0), level=0.67), original)
+    assert checks["ppl_modern"]["met"] and checks["ppl_modern"]["ratio"] == pytest.approx(1.04)
+    assert checks["lambada"]["met"] and checks["lambada"]["ratio"] == pytest.approx(0.925)
+    assert checks["needle"] == {"share": 0.5, "cells": 2, "target": 1.0, "met": False}  # lost the 0.5-depth cell
+    assert not target_checks(row(23.5, 0.30, (1.0, 1.0, 1.0), level=0.5), original)["ppl_modern"]["met"]
+    assert target_checks(original, original) is None  # no level, no targets

@@ -1,9 +1,9 @@
 """The KV-compression frontier: every option on the same held-out measures, against the KV bytes it
 actually holds. Each step is a subprocess skipped when its output exists, so the study resumes:
 
-    OUT/models/METHOD-LEVEL-free   mea compress SRC ... --method METHOD --recover none      (training-free)
-    OUT/models/METHOD-LEVEL-fit    mea compress SRC ... --method METHOD --fit-mode teacher  (with --recover-tokens)
-    OUT/models/METHOD-LEVEL-rec    mea recover OUT/models/METHOD-LEVEL-fit ... --tokens N
+    OUT/models/METHOD-LEVEL-free     mea compress SRC ... --method METHOD --recover none   (training-free)
+    OUT/models/METHOD-LEVEL-rec-sS   mea recover OUT/models/METHOD-LEVEL-free ... --tokens N --seed S [RECOVER_ARGS]
+                                     (with --recover-tokens, one per seed)
     OUT/systems/NAME.MEASURE.json  `frontier_measure.measure_system` (in this process; the kvpress systems
                                    in .venv-peers: python -m mea.experiments.frontier_measure ...)
     OUT/report.md, summary.json, frontier.png
@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -26,7 +27,7 @@ from pathlib import Path
 from .frontier_measure import MEASURES, QUICK, Sizes, measure_system
 
 LEVELS = (0.67, 0.5, 0.33)
-METHODS = ("whitened", "svd")
+METHODS = ("rope-pair-latent", "whitened", "svd")
 QUANT = ("quanto-4", "quanto-2", "hqq-4", "hqq-2")
 PRESSES = ("streamingllm", "snapkv", "expectedattention", "knorm")
 PEERS_PYTHON = ".venv-peers/bin/python"
@@ -39,22 +40,28 @@ class System:
     model: str  # what frontier_measure loads
     cache: str  # the cache system name (mea.eval.peers)
     python: str
+    level: float | None = None  # the KV fraction an MEA system was compressed to (its targets depend on it)
 
 
-def level_args(level: float, heads: int) -> list[str]:
-    """`mea compress` arguments for keeping `level` of the KV heads: a uniform h' when level x h is (within
-    0.05) a whole number of heads, else a KV budget allocated by the sensitivity probe."""
+def level_args(level: float, heads: int, method: str = "whitened") -> list[str]:
+    """`mea compress` arguments for keeping `level` of the KV cache: for a method with a value latent, a KV
+    budget (its widths need not be whole heads); otherwise a uniform h' when level x h is (within 0.05) a
+    whole number of heads, else a KV budget allocated by the sensitivity probe."""
+    from ..compress.methods import method_of
+
     if not 0 < level <= 1:
         raise ValueError(f"KV levels must be in (0, 1], got {level}")
     k = level * heads
-    if abs(k - round(k)) < 0.05 and round(k) >= 1:
+    if method_of(method).value_mixing != "latent" and abs(k - round(k)) < 0.05 and round(k) >= 1:
         return ["--virtual-heads", str(round(k))]
     return ["--kv-budget", str(level)]
 
 
 def plan(src: str, out: Path, *, heads: int, levels, methods, quant, presses, recover_tokens: int,
-         peers_python: str | None) -> tuple[list[tuple[Path, list[str]]], list[System]]:
-    """(model-building steps as (output, command)), (systems to measure)."""
+         peers_python: str | None, recover_seeds=(0,), recover_args: str = "") -> tuple[list[tuple[Path, list[str]]],
+                                                                                          list[System]]:
+    """(model-building steps as (output, command)), (systems to measure). `recover_args`: further
+    `mea recover` flags, e.g. "--lr 3e-4 --retrieval-frac 0.5"."""
     mea = [sys.executable, "-m", "mea"]
     steps, systems = [], [System("original", "original", src, "default", sys.executable)]
     systems += [System(q, q.split("-")[0] + " (QuantizedCache)", src, q, sys.executable) for q in quant]
@@ -63,17 +70,18 @@ def plan(src: str, out: Path, *, heads: int, levels, methods, quant, presses, re
                     for p in presses for kept in levels]
     for method in methods:
         for level in levels:
-            args = ["--method", method, *level_args(level, heads)]
-            free, fit, rec = (out / "models" / f"{method}-{level}-{k}" for k in ("free", "fit", "rec"))
+            args = ["--method", method, *level_args(level, heads, method)]
+            free = out / "models" / f"{method}-{level}-free"
             steps.append((free, mea + ["compress", src, str(free), *args, "--recover", "none", "--no-eval"]))
             systems.append(System(f"mea-{method}-{level}-free", f"MEA {method} (training-free)", str(free), "default",
-                                  sys.executable))
-            if recover_tokens:
-                steps.append((fit, mea + ["compress", src, str(fit), *args, "--fit-mode", "teacher", "--no-eval"]))
-                steps.append((rec, mea + ["recover", str(fit), str(rec), "--teacher", src, "--tokens",
-                                          str(recover_tokens), "--no-eval"]))
-                systems.append(System(f"mea-{method}-{level}-rec", f"MEA {method} (recovered)", str(rec), "default",
-                                      sys.executable))
+                                  sys.executable, level))
+            for seed in recover_seeds if recover_tokens else ():
+                rec = out / "models" / f"{method}-{level}-rec-s{seed}"
+                steps.append((rec, mea + ["recover", str(free), str(rec), "--teacher", src, "--tokens",
+                                          str(recover_tokens), "--seed", str(seed), *shlex.split(recover_args),
+                                          "--no-eval"]))
+                systems.append(System(f"mea-{method}-{level}-rec-s{seed}", f"MEA {method} (recovered)", str(rec),
+                                      "default", sys.executable, level))
     return steps, systems
 
 
@@ -86,7 +94,7 @@ def _run(cmd: list[str], log_path: Path, log) -> None:
 
 
 def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, methods=METHODS, quant=QUANT,
-                 presses=PRESSES, recover_tokens: int = 0, quick: bool = False, sizes: Sizes | None = None,
+                 presses=PRESSES, recover_tokens: int = 0, recover_seeds=(0,), recover_args: str = "", quick: bool = False, sizes: Sizes | None = None,
                  measures=MEASURES, peers_python: str = PEERS_PYTHON, heads: int | None = None, report_only: bool = False,
                  log=print) -> dict:
     """Build the MEA models, measure every system (each measure skipped when its file exists), write the
@@ -104,7 +112,8 @@ def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, method
     if heads is None:  # only MEA levels need it
         heads = load(src).model.config.num_key_value_heads if methods and not report_only else 1
     steps, systems = plan(src, out, heads=heads, levels=levels, methods=methods, quant=quant, presses=presses,
-                          recover_tokens=recover_tokens, peers_python=peers)
+                          recover_tokens=recover_tokens, peers_python=peers, recover_seeds=recover_seeds,
+                          recover_args=recover_args)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / "systems").mkdir(exist_ok=True)
     if report_only:

@@ -9,6 +9,9 @@ from ..atomic import write_json_atomic, write_text_atomic
 from ..plotting import pyplot, save_figure
 
 PROPORTIONS = ("lambada", "needle", "multikey")  # measures reported with a 95% Wilson interval
+# The quality targets of an MEA system at a KV level: (perplexity ratio at most, LAMBADA ratio at least, share of
+# the original's needle cells still found at least); a cell is found when most of its trials retrieve the needle.
+TARGETS = {0.67: (1.05, 0.9, 1.0), 0.5: (1.15, 0.8, 0.9)}
 PLOTTED = (("ppl_modern", "perplexity, modern held-out"), ("ppl_shakespeare", "perplexity, Hamlet"),
            ("lambada", "LAMBADA accuracy"), ("needle", "needle retrieval"), ("multikey", "multi-key retrieval"))
 
@@ -32,6 +35,8 @@ def load_rows(out: Path, systems: list[dict]) -> list[dict]:
         per_token = r["measures"].get("bytes", {}).get("kv_bytes_per_token")
         r["kv_bytes_per_token"] = per_token
         r["kv_fraction"] = per_token / base if per_token is not None and base else None
+        if original is not None and r is not original:
+            r["targets"] = target_checks(r, original)
     return rows
 
 
@@ -64,7 +69,7 @@ def write_frontier_report(out: Path, systems: list[dict], *, notes: list[str]) -
               "QuantizedCache keeps up to 128 recent tokens in full precision and quantizes the rest). The model runs "
               "in fp32 on CPU, so the original's cache is fp32: against a 16-bit cache a quantized cache keeps twice "
               "the fraction shown, and MEA the same fraction. Proportions: [95% Wilson interval] (n)."]
-    lines += _sizes(out, rows) + _needle_cells(rows) + _chat(rows) + [f"- {n}" for n in notes]
+    lines += _sizes(out, rows) + _targets(rows) + _needle_cells(rows) + _chat(rows) + [f"- {n}" for n in notes]
     write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
     write_json_atomic(out / "summary.json", {"rows": rows, "notes": notes})
     if rows:
@@ -89,6 +94,54 @@ def _sizes(out: Path, rows: list[dict]) -> list[str]:
     cpu = rows[0].get("cpu_capability") if rows else None
     return ["", "Sizes: " + "; ".join(f"{m} {' or '.join(sorted(v))}" for m, v in seen.items())
             + f"; CPU capability {cpu}."] if seen else []
+
+
+def _found_cells(row: dict) -> set:
+    return {(c["length"], c["depth"]) for c in row["measures"]["needle"]["cells"] if c["accuracy"] > 0.5}
+
+
+def target_checks(row: dict, original: dict) -> dict | None:
+    """The MEA system's measures against the original's, with its level's targets; None when it has none."""
+    target = TARGETS.get(row.get("level"))
+    if target is None:
+        return None
+    mine, theirs = row["measures"], original["measures"]
+    checks = {}
+    for domain in ("modern", "shakespeare"):
+        m = f"ppl_{domain}"
+        if m in mine and m in theirs:
+            ratio = mine[m]["ppl"] / theirs[m]["ppl"]
+            checks[m] = {"ratio": ratio, "target": target[0], "met": ratio <= target[0]}
+    if "lambada" in mine and "lambada" in theirs and theirs["lambada"]["value"] > 0:
+        ratio = mine["lambada"]["value"] / theirs["lambada"]["value"]
+        checks["lambada"] = {"ratio": ratio, "target": target[1], "met": ratio >= target[1]}
+    if "needle" in mine and "needle" in theirs and _found_cells(original):
+        share = len(_found_cells(row) & _found_cells(original)) / len(_found_cells(original))
+        checks["needle"] = {"share": share, "cells": len(_found_cells(original)), "target": target[2],
+                            "met": share >= target[2]}
+    return checks
+
+
+def _targets(rows: list[dict]) -> list[str]:
+    checked = [(r, r["targets"]) for r in rows if r.get("targets")]
+    if not checked:
+        return []
+    lines = ["", "## Quality targets of the MEA systems (against the original)", "",
+             "Perplexity at most 1.05x / 1.15x the original's, LAMBADA at least 0.9x / 0.8x, the needle found in "
+             "all / 90% of the cells the original finds (a cell is found when most of its trials are), at KV "
+             "kept 0.67 / 0.5.", "",
+             "| system | ppl modern ratio | ppl Hamlet ratio | LAMBADA ratio | needle cells kept |", "|---|---|---|---|---|"]
+
+    def cell(c: dict | None, key: str) -> str:
+        if c is None:
+            return "—"
+        value = f"{c[key]:.0%} of {c['cells']}" if key == "share" else f"{c[key]:.3f}x"
+        return f"{value} ({'met' if c['met'] else 'missed'})"
+
+    for r, c in checked:
+        lines.append(f"| {r['name']} | {cell(c.get('ppl_modern'), 'ratio')} | {cell(c.get('ppl_shakespeare'), 'ratio')} "
+                     f"| {cell(c.get('lambada'), 'ratio')} | {cell(c.get('needle'), 'share')} |")
+    return lines
 
 
 def _needle_cells(rows: list[dict]) -> list[str]:

@@ -154,7 +154,7 @@ def test_frontier_end_to_end_on_a_tiny_model(tiny, tmp_path, monkeypatch):
     out = tmp_path / "out"
     result = run_frontier(out, src=str(src), levels=[0.5], methods=["svd"], quant=["quanto-4"], presses=[],
                           sizes=sizes, log=lambda m: None)
-    assert result["systems"] == ["original", "quanto-4", "mea-svd-0.5-free"]
+    assert result["systems"] == ["original", "quanto-4", "mea-svd-0.5-free", "mea-svd-0.5-fit"]
     summary = json.loads((out / "summary.json").read_text())
     rows = {r["name"]: r for r in summary["rows"]}
     assert rows["original"]["kv_fraction"] == 1.0
@@ -209,15 +209,15 @@ def test_study_processes_claim_systems_and_take_over_dead_claims(tmp_path):
     assert level_args(0.67, 3, "rope-pair-latent") == ["--kv-budget", "0.67"]  # latent widths need no whole heads
 
 
-def test_plan_recovers_each_seed_from_the_training_free_model(tmp_path):
+def test_plan_recovers_each_seed_from_the_fitted_model(tmp_path):
     from mea.experiments.frontier import plan
 
     steps, systems = plan("src", tmp_path, heads=3, levels=[0.5], methods=["svd"], quant=[], presses=[],
                           recover_tokens=4096, peers_python=None, recover_seeds=(0, 1), recover_args="--lr 3e-4")
     built = {target.name: cmd[cmd.index("-m") + 2:] for target, cmd in steps}
-    assert list(built) == ["svd-0.5-free", "svd-0.5-rec-s0", "svd-0.5-rec-s1"]
-    free = str(tmp_path / "models" / "svd-0.5-free")
-    assert built["svd-0.5-rec-s1"][:2] == ["recover", free]
+    assert list(built) == ["svd-0.5-free", "svd-0.5-fit", "svd-0.5-rec-s0", "svd-0.5-rec-s1"]
+    assert "--recover" in built["svd-0.5-free"] and "--recover" not in built["svd-0.5-fit"]
+    assert built["svd-0.5-rec-s1"][:2] == ["recover", str(tmp_path / "models" / "svd-0.5-fit")]
     assert built["svd-0.5-rec-s1"][-5:] == ["--seed", "1", "--lr", "3e-4", "--no-eval"]
     assert [s.name for s in systems][-2:] == ["mea-svd-0.5-rec-s0", "mea-svd-0.5-rec-s1"]
 

@@ -2,7 +2,9 @@
 actually holds. Each step is a subprocess skipped when its output exists, so the study resumes:
 
     OUT/models/METHOD-LEVEL-free     mea compress SRC ... --method METHOD --recover none   (training-free)
-    OUT/models/METHOD-LEVEL-rec-sS   mea recover OUT/models/METHOD-LEVEL-free ... --tokens N --seed S [RECOVER_ARGS]
+    OUT/models/METHOD-LEVEL-fit      mea compress SRC ... --method METHOD   (+ the default layer-wise fit: what
+                                     `mea compress` and `make run` give)
+    OUT/models/METHOD-LEVEL-rec-sS   mea recover OUT/models/METHOD-LEVEL-fit ... --tokens N --seed S [RECOVER_ARGS]
                                      (with --recover-tokens, one per seed)
     OUT/systems/NAME.MEASURE.json  `frontier_measure.measure_system` (in this process; the kvpress systems
                                    in .venv-peers: python -m mea.experiments.frontier_measure ...)
@@ -10,7 +12,8 @@ actually holds. Each step is a subprocess skipped when its output exists, so the
 
 Systems: the original with its own cache; transformers' QuantizedCache on the original; kvpress presses
 on the original (run by the `.venv-peers` Python, `make peers`; skipped with a note when it is absent);
-MEA at each KV level for each compression method, training-free (and recovered with --recover-tokens).
+MEA at each KV level for each compression method: training-free, with the layer-wise fit, and recovered
+(with --recover-tokens).
 """
 
 from __future__ import annotations
@@ -71,13 +74,16 @@ def plan(src: str, out: Path, *, heads: int, levels, methods, quant, presses, re
     for method in methods:
         for level in levels:
             args = ["--method", method, *level_args(level, heads, method)]
-            free = out / "models" / f"{method}-{level}-free"
+            free, fit = (out / "models" / f"{method}-{level}-{k}" for k in ("free", "fit"))
             steps.append((free, mea + ["compress", src, str(free), *args, "--recover", "none", "--no-eval"]))
+            steps.append((fit, mea + ["compress", src, str(fit), *args, "--no-eval"]))
             systems.append(System(f"mea-{method}-{level}-free", f"MEA {method} (training-free)", str(free), "default",
+                                  sys.executable, level))
+            systems.append(System(f"mea-{method}-{level}-fit", f"MEA {method} (layer-wise fit)", str(fit), "default",
                                   sys.executable, level))
             for seed in recover_seeds if recover_tokens else ():
                 rec = out / "models" / f"{method}-{level}-rec-s{seed}"
-                steps.append((rec, mea + ["recover", str(free), str(rec), "--teacher", src, "--tokens",
+                steps.append((rec, mea + ["recover", str(fit), str(rec), "--teacher", src, "--tokens",
                                           str(recover_tokens), "--seed", str(seed), *shlex.split(recover_args),
                                           "--no-eval"]))
                 systems.append(System(f"mea-{method}-{level}-rec-s{seed}", f"MEA {method} (recovered)", str(rec),

@@ -67,6 +67,39 @@ def test_kv_budget_probe_and_recover(capsys, tmp_path, tiny_llama_dir):
         AutoModelForCausalLM.from_pretrained(tmp_path / "b").config.component_heads()
 
 
+def test_retrieval_probe_allocates_a_budget(capsys, tmp_path, tiny_llama_dir):
+    code, res, err = run(capsys, "probe", tiny_llama_dir, tmp_path / "p", "--windows", "2", "--window", "512",
+                         "--objective", "retrieval", "--levels", "1")
+    assert code == 0, err
+    table = json.loads((tmp_path / "p" / "probe.json").read_text())
+    assert table["objective"] == "retrieval" and 0 < table["tokens"] < 2 * 512  # only the answers' tokens
+    code, res, err = run(capsys, "compress", tiny_llama_dir, tmp_path / "b", "--kv-budget", "0.5",
+                         "--probe-objective", "both", *SMALL)
+    assert code == 0, err
+    assert sum(res["plan"]) <= 0.5 * 9 and min(res["plan"]) >= 1
+    code, res, err = run(capsys, "compress", tiny_llama_dir, tmp_path / "c", "--kv-budget", "0.5", "--method",
+                         "rope-pair-latent", "--probe-objective", "retrieval", *SMALL)
+    assert code == 2 and "--probe-objective" in err
+
+
+def test_answer_loss_scores_exactly_the_answer_tokens(tiny_llama_dir):
+    from mea.compress.probe import answer_loss
+    from mea.data.retrieval import retrieval_sequence
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    stream = torch.arange(5, 2000) % 200 + 5
+    seqs = [retrieval_sequence(tok, stream, length=160, seed=3, index=i, facts=2) for i in range(2)]
+    per_token = []
+    with torch.no_grad():
+        for seq in seqs:
+            nll = torch.nn.functional.cross_entropy(model(input_ids=seq.ids[None]).logits[0, :-1], seq.ids[1:],
+                                                    reduction="none")  # nll[t] scores token t + 1
+            per_token += [nll[t - 1].item() for start, end in seq.answers for t in range(start, end)]
+    assert answer_loss(model, seqs) == pytest.approx(sum(per_token) / len(per_token), rel=1e-5)
+
+
 def test_recover_resumes_exactly(tmp_path, tiny_llama_dir):
     from mea.compress.factor_model import factor_model
     from mea.compress.recover import DistillConfig, distill

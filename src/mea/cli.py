@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import RUNNERS
     from .compress.methods import METHODS
     from .compress.pipeline import CompressOptions
+    from .compress.probe import PROBE_OBJECTIVES
     from .compress.recover import DistillConfig
     from .demo import run_demo
     from .eval.mqar import train_mqar
@@ -224,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--levels", type=int, nargs="+", help="h' values to probe (default: 1 .. h-1)")
     s.add_argument("--method", choices=list(METHODS))
     s.add_argument("--windows", type=int, help="probe windows")
-    s.add_argument("--window", type=int, help="tokens per probe window")
+    s.add_argument("--window", type=int, help="tokens per probe window (and per retrieval sequence)")
+    s.add_argument("--objective", choices=list(PROBE_OBJECTIVES),
+                   help="loss compared: text (next token), retrieval (planted answers) or both")
 
     s = command(sub, "recover", commands.cmd_recover, "recovery training of a compressed model toward its original")
     s.add_argument("src", help="the compressed MEA checkpoint")

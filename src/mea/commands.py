@@ -67,13 +67,15 @@ def cmd_compress(src: str, out: str, overwrite: bool = False, **options) -> dict
 
 
 def cmd_probe(src: str, out: str, levels: list[int] | None = None, method: str = "whitened", windows: int = 4,
-              window: int = 512) -> dict:
-    """Probe every layer at every h' in `levels` (default 1 .. h-1); write probe.json, probe.md, probe.png."""
+              window: int = 512, objective: str = "text") -> dict:
+    """Probe every layer at every h' in `levels` (default 1 .. h-1) with the `objective` loss
+    (`mea.compress.probe.probe_loss`); write probe.json, probe.md, probe.png."""
     from .atomic import write_json_atomic, write_text_atomic
     from .compress.calibrate import input_moments, key_moments
-    from .compress.probe import plot_probe, probe_layers, probe_markdown
+    from .compress.methods import method_of
+    from .compress.probe import plot_probe, probe_layers, probe_loss, probe_markdown
     from .convert import load_source, to_mea
-    from .data import calibration_windows, probe_windows
+    from .data import calibration_windows
 
     source = load_source(src)
     model = to_mea(source.model)
@@ -82,10 +84,10 @@ def cmd_probe(src: str, out: str, levels: list[int] | None = None, method: str =
     if any(not 1 <= m < h for m in levels):
         raise ValueError(f"--levels must be in [1, {h - 1}] (h' < h = {h}), got {levels}")
     moments = keys = None
-    if method == "whitened":
+    if method_of(method).weighted:
         calib = calibration_windows(source.tokenizer, window=512, count=16)
         moments, keys = input_moments(model, calib), key_moments(model, calib)
-    result = probe_layers(model, probe_windows(source.tokenizer, window=window, count=windows), moments, keys,
+    result = probe_layers(model, probe_loss(source.tokenizer, objective, windows=windows, window=window), moments, keys,
                           levels=levels, method=method, log=log)
     result["source"] = source.description
     out_dir = Path(out)

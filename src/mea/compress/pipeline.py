@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from ..checkpoint import check_output_dir, save_atomic
 from ..console import log
 from ..convert import load_source, to_mea
-from ..data import calibration_windows, heldout_text, probe_windows, read_texts, token_windows
+from ..data import calibration_windows, heldout_text, read_texts, token_windows
 from ..eval import generate_and_measure, perplexity
 from .calibrate import input_moments, key_moments
 from .factor_model import error_curves, factor_model
 from .methods import METHODS, method_of
 from .plan import LAYER_PRESETS, budget_plan, load_sensitivity, parse_layers, preset_layers, uniform_plan, width_plan
-from .probe import probe_layers
+from .probe import PROBE_OBJECTIVES, probe_layers, quick_probe_loss
 from .recover import FIT_MODES, layerwise_fit
 
 SAMPLE_PROMPT = "What is the capital of France? Answer in one sentence."
@@ -37,6 +37,8 @@ class CompressOptions:
     allocate: str = field(  # how --kv-budget is spread: probe (whole heads by measured loss) or errors (per-layer curves)
         default="probe", metadata={"choices": ("probe", "errors")})
     sensitivity: str | None = None  # a `mea probe` probe.json for --kv-budget (else a quick probe runs)
+    probe_objective: str = field(  # the quick probe's loss: next-token (text), planted answers (retrieval), or both
+        default="text", metadata={"choices": PROBE_OBJECTIVES})
     calib: list[str] = field(default_factory=list)  # calibration text files / folders / .jsonl (none: embedded)
     calib_windows: int = 16  # calibration windows
     calib_window: int = 512  # tokens per calibration window
@@ -74,9 +76,11 @@ def validate(opts: CompressOptions) -> None:
         raise ValueError("--method svd is data-free; drop --calib or use --method whitened")
     if opts.allocate not in ALLOCATIONS:
         raise ValueError(f"--allocate must be one of {', '.join(ALLOCATIONS)}, got {opts.allocate!r}")
-    if opts.sensitivity and allocation(opts) == "errors":
-        raise ValueError("--sensitivity is the probe's allocation; with --allocate errors (and for value-latent methods) "
-                         "each layer's budget is split by its own error curves: drop --sensitivity")
+    if opts.probe_objective not in PROBE_OBJECTIVES:
+        raise ValueError(f"--probe-objective must be one of {', '.join(PROBE_OBJECTIVES)}, got {opts.probe_objective!r}")
+    if (opts.sensitivity or opts.probe_objective != "text") and allocation(opts) == "errors":
+        raise ValueError("--sensitivity and --probe-objective steer the probe's allocation; with --allocate errors (and "
+                         "for value-latent methods) each layer's budget is split by its own error curves: drop them")
 
 
 ALLOCATIONS = ("probe", "errors")
@@ -102,8 +106,8 @@ def make_plan(model, opts: CompressOptions, tokenizer, moments, keys) -> list:
     if opts.sensitivity:
         sens = load_sensitivity(opts.sensitivity)
     else:
-        log("measuring per-layer sensitivity (quick probe; `mea probe` writes a fuller one)...")
-        sens = probe_layers(model, probe_windows(tokenizer, window=256, count=2), moments, keys,
+        log(f"measuring per-layer sensitivity (quick {opts.probe_objective} probe; `mea probe` writes a fuller one)...")
+        sens = probe_layers(model, quick_probe_loss(tokenizer, opts.probe_objective), moments, keys,
                             levels=list(range(1, h)), method=opts.method, log=log)["delta_loss"]
     return budget_plan(sens, num_layers, h, opts.kv_budget)
 

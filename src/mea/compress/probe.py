@@ -1,19 +1,78 @@
-"""The paper's layer-sensitivity probe: compress one layer at a time and measure the loss."""
+"""The paper's layer-sensitivity probe: compress one layer at a time and measure the loss, either the
+next-token loss on text or the loss of planted answers that must be retrieved from far back in the context
+(a layer can matter little for the next token and much for retrieval)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
+from ..data import probe_windows
+from ..data.retrieval import retrieval_sequence
 from ..eval import perplexity
 from .factor_model import factor_attention
 
+PROBE_OBJECTIVES = ("text", "retrieval", "both")
+PROBE_SEED = 7919  # retrieval sequences of the probe: a stream of their own, not the recovery's (seed 0, 1, ...)
 
-def probe_layers(model, windows: torch.Tensor, moments, key_moments=None, *, levels: list[int],
+
+@dataclass
+class ProbeLoss:
+    """What the probe compares: `loss(model)` in nats per scored token, over `tokens` scored tokens."""
+
+    objective: str
+    loss: Callable
+    tokens: int
+
+
+def answer_loss(model, sequences) -> float:
+    """Mean NLL of the planted answers' tokens (`RetrievalSequence.answers`) given everything before them."""
+    device = next(model.parameters()).device
+    model.eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for seq in sequences:
+            logits = model(input_ids=seq.ids[None].to(device), use_cache=False).logits[0].float()
+            for start, end in seq.answers:
+                target = seq.ids[start:end].to(device)
+                nll += torch.nn.functional.cross_entropy(logits[start - 1 : end - 1], target, reduction="sum").item()
+                count += end - start
+    return nll / count
+
+
+def probe_loss(tokenizer, objective: str = "text", *, windows: int = 4, window: int = 512) -> ProbeLoss:
+    """text: next-token loss on `windows` probe windows; retrieval: the answers' loss in as many synthetic
+    retrieval sequences of `window` tokens built from the same probe text (never the held-out text); both: the
+    sum of the two (a layer's cost is then its text and its retrieval damage together)."""
+    if objective not in PROBE_OBJECTIVES:
+        raise ValueError(f"unknown probe objective {objective!r}; choose one of {', '.join(PROBE_OBJECTIVES)}")
+    texts = probe_windows(tokenizer, window=window, count=windows)
+    if objective == "text":
+        return ProbeLoss(objective, lambda model: perplexity(model, texts)["nll"], texts[:, 1:].numel())
+    stream = texts.flatten()
+    sequences = [retrieval_sequence(tokenizer, stream, length=window, seed=PROBE_SEED, index=i) for i in range(windows)]
+    answers = sum(end - start for seq in sequences for start, end in seq.answers)
+    if objective == "retrieval":
+        return ProbeLoss(objective, lambda model: answer_loss(model, sequences), answers)
+    return ProbeLoss(objective, lambda model: perplexity(model, texts)["nll"] + answer_loss(model, sequences),
+                     texts[:, 1:].numel() + answers)
+
+
+def quick_probe_loss(tokenizer, objective: str = "text") -> ProbeLoss:
+    """The small probe `mea compress --kv-budget` runs when given no probe.json: retrieval needs sequences long
+    enough to ask across a distance (two facts per 1024 tokens)."""
+    windows, window = (2, 256) if objective == "text" else (4, 1024)
+    return probe_loss(tokenizer, objective, windows=windows, window=window)
+
+
+def probe_layers(model, probe: ProbeLoss, moments, key_moments=None, *, levels: list[int],
                  method: str = "whitened", log=print) -> dict:
-    """delta_loss[layer][h'] = validation loss with only that layer at h' virtual heads, minus the
+    """delta_loss[layer][h'] = the probe's loss with only that layer at h' virtual heads, minus the
     uncompressed loss (nats per token). moments / key_moments: from `calibrate` (see `factor_model`)."""
     cfg = model.config
-    base = perplexity(model, windows)["nll"]
+    base = probe.loss(model)
     delta: dict[int, dict[int, float]] = {}
     for layer in range(cfg.num_hidden_layers):
         delta[layer] = {}
@@ -24,12 +83,12 @@ def probe_layers(model, windows: torch.Tensor, moments, key_moments=None, *, lev
                 block.self_attn, _ = factor_attention(original, m, method=method,
                                                       sigma=moments[layer] if moments is not None else None,
                                                       key_stats=key_moments[layer] if key_moments else None)
-                delta[layer][m] = perplexity(model, windows)["nll"] - base
+                delta[layer][m] = probe.loss(model) - base
         finally:
             block.self_attn = original
         log(f"layer {layer:2d}: " + ", ".join(f"h'={m}: +{delta[layer][m]:.4f}" for m in levels))
-    return {"base_loss": base, "levels": levels, "method": method, "tokens": windows[:, 1:].numel(),
-            "delta_loss": delta}
+    return {"base_loss": base, "levels": levels, "method": method, "objective": probe.objective,
+            "tokens": probe.tokens, "delta_loss": delta}
 
 
 def probe_markdown(result: dict) -> str:
@@ -38,7 +97,7 @@ def probe_markdown(result: dict) -> str:
     rows += [f"| {layer} | " + " | ".join(f"{d[m]:+.4f}" for m in levels) + " |"
              for layer, d in result["delta_loss"].items()]
     return (f"Base loss {result['base_loss']:.4f} nats/token on {result['tokens']} probe tokens "
-            f"({result['method']}).\n\n" + "\n".join(rows) + "\n")
+            f"({result['method']}, objective {result.get('objective', 'text')}).\n\n" + "\n".join(rows) + "\n")
 
 
 def plot_probe(result: dict, path) -> None:

@@ -34,8 +34,11 @@ $(PEERS)/.installed: pyproject.toml
 	touch $@
 
 # every KV-compression option on the same measures (hours on 2 CPU cores at the default sizes)
+# every system training-free and fitted, then the recovered finer factorisation (2 seeds); hours on 2 cores, resumable
 frontier: peers
 	$(MEA) study frontier out/frontier
+	$(MEA) study frontier out/frontier --methods rope-pair-latent --levels 0.67 0.5 --recover-tokens 98304 \
+		--recover-seeds 0 1 --recover-args "--lr 3e-4 --retrieval-frac 0.5"
 
 run: setup
 	$(MEA) compress smollm2 out/smollm2-kept67 --method rope-pair-latent --kv-budget 0.6666666666666666 --overwrite

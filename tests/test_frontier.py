@@ -212,14 +212,20 @@ def test_study_processes_claim_systems_and_take_over_dead_claims(tmp_path):
 def test_plan_recovers_each_seed_from_the_fitted_model(tmp_path):
     from mea.experiments.frontier import plan
 
-    steps, systems = plan("src", tmp_path, heads=3, levels=[0.5], methods=["svd"], quant=[], presses=[],
-                          recover_tokens=4096, peers_python=None, recover_seeds=(0, 1), recover_args="--lr 3e-4")
+    steps, systems = plan("src", tmp_path, heads=3, levels=[0.5], methods=["svd"], quant=["hqq-4"], presses=[],
+                          recover_tokens=4096, peers_python=None, recover_seeds=(0, 1), recover_args="--lr 3e-4",
+                          kv_bits=[4])
     built = {target.name: cmd[cmd.index("-m") + 2:] for target, cmd in steps}
     assert list(built) == ["svd-0.5-free", "svd-0.5-fit", "svd-0.5-rec-s0", "svd-0.5-rec-s1"]
     assert "--recover" in built["svd-0.5-free"] and "--recover" not in built["svd-0.5-fit"]
     assert built["svd-0.5-rec-s1"][:2] == ["recover", str(tmp_path / "models" / "svd-0.5-fit")]
     assert built["svd-0.5-rec-s1"][-5:] == ["--seed", "1", "--lr", "3e-4", "--no-eval"]
-    assert [s.name for s in systems][-2:] == ["mea-svd-0.5-rec-s0", "mea-svd-0.5-rec-s1"]
+    names = [s.name for s in systems]
+    assert names[-7:-5] == ["mea-svd-0.5-rec-s0", "mea-svd-0.5-rec-s1"]
+    # our quantized cache on the original and on every MEA model, never on another cache system (hqq-4)
+    assert names[-5:] == ["original+int4", "mea-svd-0.5-free+int4", "mea-svd-0.5-fit+int4", "mea-svd-0.5-rec-s0+int4",
+                          "mea-svd-0.5-rec-s1+int4"]
+    assert {s.cache for s in systems[-5:]} == {"mea-kv4"}
 
 
 def test_target_checks_compare_with_the_original():

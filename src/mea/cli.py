@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--recover-tokens", type=int, help="also measure MEA after recovery on N tokens (default 0: no)")
     e.add_argument("--recover-seeds", type=int, nargs="+", help="one recovery per seed (default 0)")
     e.add_argument("--recover-args", help='further `mea recover` flags, e.g. "--lr 3e-4 --retrieval-frac 0.5"')
+    e.add_argument("--kv-bits", type=int, nargs="*", help="also measure the original and each MEA model with our "
+                   "quantized cache at these bits (default none)")
     e.add_argument("--measures", nargs="+", help="subset of bytes ppl_modern ppl_shakespeare lambada needle multikey chat")
     e.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     e.add_argument("--sizes", help='JSON overriding measure sizes, e.g. \'{"lambada": 200}\'')

@@ -61,10 +61,11 @@ def level_args(level: float, heads: int, method: str = "whitened") -> list[str]:
 
 
 def plan(src: str, out: Path, *, heads: int, levels, methods, quant, presses, recover_tokens: int,
-         peers_python: str | None, recover_seeds=(0,), recover_args: str = "") -> tuple[list[tuple[Path, list[str]]],
-                                                                                          list[System]]:
+         peers_python: str | None, recover_seeds=(0,), recover_args: str = "",
+         kv_bits=()) -> tuple[list[tuple[Path, list[str]]], list[System]]:
     """(model-building steps as (output, command)), (systems to measure). `recover_args`: further
-    `mea recover` flags, e.g. "--lr 3e-4 --retrieval-frac 0.5"."""
+    `mea recover` flags, e.g. "--lr 3e-4 --retrieval-frac 0.5"; `kv_bits`: also measure the original and
+    every MEA model with our quantized cache at these bits (`mea-kvB` in `mea.eval.peers`)."""
     mea = [sys.executable, "-m", "mea"]
     steps, systems = [], [System("original", "original", src, "default", sys.executable)]
     systems += [System(q, q.split("-")[0] + " (QuantizedCache)", src, q, sys.executable) for q in quant]
@@ -88,6 +89,8 @@ def plan(src: str, out: Path, *, heads: int, levels, methods, quant, presses, re
                                           "--no-eval"]))
                 systems.append(System(f"mea-{method}-{level}-rec-s{seed}", f"MEA {method} (recovered)", str(rec),
                                       "default", sys.executable, level))
+    systems += [System(f"{s.name}+int{bits}", f"{s.family} + int{bits} cache", s.model, f"mea-kv{bits}", s.python)
+                for bits in kv_bits for s in list(systems) if s.cache == "default"]
     return steps, systems
 
 
@@ -100,7 +103,7 @@ def _run(cmd: list[str], log_path: Path, log) -> None:
 
 
 def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, methods=METHODS, quant=QUANT,
-                 presses=PRESSES, recover_tokens: int = 0, recover_seeds=(0,), recover_args: str = "", quick: bool = False, sizes: Sizes | None = None,
+                 presses=PRESSES, recover_tokens: int = 0, recover_seeds=(0,), recover_args: str = "", kv_bits=(), quick: bool = False, sizes: Sizes | None = None,
                  measures=MEASURES, peers_python: str = PEERS_PYTHON, heads: int | None = None, report_only: bool = False,
                  log=print) -> dict:
     """Build the MEA models, measure every system (each measure skipped when its file exists), write the
@@ -119,7 +122,7 @@ def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, method
         heads = load(src).model.config.num_key_value_heads if methods and not report_only else 1
     steps, systems = plan(src, out, heads=heads, levels=levels, methods=methods, quant=quant, presses=presses,
                           recover_tokens=recover_tokens, peers_python=peers, recover_seeds=recover_seeds,
-                          recover_args=recover_args)
+                          recover_args=recover_args, kv_bits=kv_bits)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / "systems").mkdir(exist_ok=True)
     if report_only:

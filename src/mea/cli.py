@@ -188,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kv-bits", type=int, nargs="*", help="also measure the original and each MEA model with our "
                    "quantized cache at these bits (default none)")
     e.add_argument("--measures", nargs="+", help="subset of bytes ppl_modern ppl_shakespeare lambada needle multikey chat")
+    e.add_argument("--only", nargs="+", help="measure only the systems matching these patterns, e.g. 'mea-*-rec-s0'")
     e.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     e.add_argument("--sizes", help='JSON overriding measure sizes, e.g. \'{"lambada": 200}\'')
     e.add_argument("--report-only", action="store_true", help="only (re)write the report from the results present")

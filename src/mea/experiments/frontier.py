@@ -19,6 +19,7 @@ MEA at each KV level for each compression method: training-free, with the layer-
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import shlex
@@ -103,11 +104,13 @@ def _run(cmd: list[str], log_path: Path, log) -> None:
 
 
 def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, methods=METHODS, quant=QUANT,
-                 presses=PRESSES, recover_tokens: int = 0, recover_seeds=(0,), recover_args: str = "", kv_bits=(), quick: bool = False, sizes: Sizes | None = None,
+                 presses=PRESSES, recover_tokens: int = 0, recover_seeds=(0,), recover_args: str = "", kv_bits=(),
+                 only=(), quick: bool = False, sizes: Sizes | None = None,
                  measures=MEASURES, peers_python: str = PEERS_PYTHON, heads: int | None = None, report_only: bool = False,
                  log=print) -> dict:
     """Build the MEA models, measure every system (each measure skipped when its file exists), write the
-    report; `report_only`: just the report from the results present."""
+    report; `only`: measure just the systems whose names match one of these patterns (fnmatch); `report_only`:
+    just the report from the results present."""
     out = Path(out)
     if quick and sizes is not None:
         raise ValueError("pass either quick or explicit sizes, not both")
@@ -136,6 +139,8 @@ def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, method
             else:
                 log(f"{target.name}: being built by another running study process; skipped")
     for s in systems:
+        if only and not any(fnmatch.fnmatch(s.name, p) for p in only):
+            continue
         if all((out / "systems" / f"{s.name}.{m}.json").exists() for m in measures):
             continue
         with _claim(out / "systems" / f"{s.name}.lock") as mine:

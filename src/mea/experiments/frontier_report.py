@@ -190,7 +190,9 @@ def _plot(path: Path, rows: list[dict]) -> None:
                 ax.plot(xs, [p[1]["ppl"] for p in pts], marker="*" if fam == "original" else "o", label=fam)
             else:
                 ys = [p[1]["value"] for p in pts]
-                err = [[y - p[1]["ci95"][0] for y, p in zip(ys, pts)], [p[1]["ci95"][1] - y for y, p in zip(ys, pts)]]
+                # clipped at 0: a Wilson bound can miss an accuracy of exactly 0 or 1 by a rounding error
+                err = [[max(0.0, y - p[1]["ci95"][0]) for y, p in zip(ys, pts)],
+                       [max(0.0, p[1]["ci95"][1] - y) for y, p in zip(ys, pts)]]
                 ax.errorbar(xs, ys, yerr=err, marker="*" if fam == "original" else "o", capsize=2, label=fam)
         ax.set_xlabel("KV bytes held / original's")
         ax.set_title(title, fontsize=9)

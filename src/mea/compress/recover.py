@@ -217,9 +217,9 @@ def batch_at(step: int, stream: torch.Tensor, cfg: DistillConfig, tokenizer=None
     return torch.stack(rows)
 
 
-def _load_trainable(student: MEAForCausalLM, state_dir: Path) -> None:
+def _load_trainable(student: MEAForCausalLM, state_dir: Path, *, fix: str) -> None:
     """Loads the trainable weights saved in `state_dir`; every one of them must match a trainable parameter of
-    `student` by name and shape, and every trainable parameter must be there."""
+    `student` by name and shape, and every trainable parameter must be there. `fix`: what the error advises."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -227,18 +227,16 @@ def _load_trainable(student: MEAForCausalLM, state_dir: Path) -> None:
     try:
         state = load_file(path)
     except (OSError, SafetensorError) as e:
-        raise ValueError(f"{path} is damaged or missing ({type(e).__name__}: {e}); delete {state_dir} to start the "
-                         "recovery again") from e
+        raise ValueError(f"{path} is damaged or missing ({type(e).__name__}: {e}); {fix}") from e
     trainable = {n for n, p in student.named_parameters() if p.requires_grad}
     try:
         missing, unexpected = student.load_state_dict(state, strict=False)
     except RuntimeError as e:  # a name matches with another shape
-        raise ValueError(f"{path} does not fit this model: {e}; resume with the same model, or delete "
-                         f"{state_dir}") from e
+        raise ValueError(f"{path} does not fit this model: {e}; resume with the same model, or {fix}") from e
     not_loaded = sorted(trainable & set(missing))
     if unexpected or not_loaded:
         raise ValueError(f"{path} does not fit this model: unexpected {sorted(unexpected)[:5]}, missing trained "
-                         f"{not_loaded[:5]}; resume with the same model and --train, or delete {state_dir}")
+                         f"{not_loaded[:5]}; resume with the same model and --train, or {fix}")
 
 
 def distill(student: MEAForCausalLM, teacher, stream: torch.Tensor, state_dir: str | Path, cfg: DistillConfig,
@@ -276,7 +274,7 @@ def distill(student: MEAForCausalLM, teacher, stream: torch.Tensor, state_dir: s
                              "use the same settings to resume, or another output directory")
         fix = f"delete {state_dir} to start the recovery over"
         verify_checksums(state_dir, fix=fix)
-        _load_trainable(student, state_dir)
+        _load_trainable(student, state_dir, fix=fix)
         opt.load_state_dict(load_torch_state(state_dir / "optimizer.pt", fix=fix))
         log(f"resuming at step {progress['step']}/{total_steps}")
 

@@ -94,3 +94,14 @@ def test_reference_rows_follow_generate_and_compare_flags_differences():
     swapped = [dict(rows[0], tokens=rows[0]["tokens"][:2] + [rows[0]["tokens"][2] + 1] + rows[0]["tokens"][3:])]
     res = compare(rows[:1], swapped)
     assert not res["tokens_equal"] and res["first_mismatch"] == [2]
+
+
+def test_serve_without_the_serving_environment_says_how_to_build_it(tmp_path):
+    from mea.commands import cmd_serve
+
+    model = mea.MEAForCausalLM(tiny_config())
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="make serve-env"):
+        cmd_serve(str(tmp_path / "m"), python=str(tmp_path / "no-such-python"))
+    with pytest.raises(ValueError, match="not a checkpoint directory"):
+        cmd_serve(str(tmp_path / "missing"))

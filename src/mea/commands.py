@@ -78,10 +78,10 @@ def serving_python(python: str | None = None) -> Path:
 
 def cmd_serve(model: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "auto", kv_cache_gib: float = 4.0,
               max_model_len: int | None = None, python: str | None = None,
-              vllm_args: Sequence[str] = ()) -> dict:
+              vllm_args: Sequence[str] = ()) -> None:
     """vLLM's OpenAI-compatible server on `model`; the MEA plugin (an entry point of this package) registers
     the architecture in the serving environment. Runs until interrupted."""
-    import subprocess
+    import os
 
     if not (Path(model) / "config.json").is_file():
         raise ValueError(f"{model} is not a checkpoint directory (no config.json); make one with `mea convert` "
@@ -94,8 +94,9 @@ def cmd_serve(model: str, host: str = "127.0.0.1", port: int = 8000, dtype: str 
         command += ["--max-model-len", str(max_model_len)]
     command += [a for a in vllm_args if a != "--"]
     log(f"serving {model} as {Path(model).name!r} on http://{host}:{port}/v1 ({' '.join(command)})")
-    code = subprocess.call(command)
-    return {"model": model, "url": f"http://{host}:{port}/v1", "exit_code": code}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)  # the server takes this process's place (signals reach it directly)
 
 
 def cmd_convert(src: str, out: str, overwrite: bool = False) -> dict:

@@ -59,18 +59,29 @@ def vllm_greedy(llm, prompts: list[list[int]], new_tokens: int) -> list[dict]:
     return rows
 
 
+def _worst(a: list[float], b: list[float]) -> float:
+    return max((abs(x - y) for x, y in zip(a, b)), default=0.0)
+
+
 def compare(reference: list[dict], served: list[dict]) -> dict:
     """Token equality and the largest |log p| difference over the tokens both agree on up to the first
-    mismatch (after it the two sides condition on different text)."""
+    mismatch (from there on the two sides score different tokens); with float64 log-probabilities in the
+    reference, also each fp32 side's own error against them."""
     same, worst, first_mismatch = True, 0.0, []
+    served_err = mea_err = 0.0
     for ref, got in zip(reference, served):
         n = next((i for i, (a, b) in enumerate(zip(ref["tokens"], got["tokens"])) if a != b), len(ref["tokens"]))
         same &= n == len(ref["tokens"]) == len(got["tokens"])
         first_mismatch.append(None if n == len(ref["tokens"]) else n)
-        diffs = [abs(a - b) for a, b in zip(ref["logprobs"][:n + 1], got["logprobs"][:n + 1])]
-        worst = max([worst, *diffs])
-    return {"tokens_equal": same, "first_mismatch": first_mismatch, "max_abs_logprob_diff": worst,
-            "logprob_tolerance": LOGPROB_TOLERANCE, "passed": same and worst <= LOGPROB_TOLERANCE}
+        worst = max(worst, _worst(ref["logprobs"][:n], got["logprobs"][:n]))
+        if "logprobs_float64" in ref:
+            served_err = max(served_err, _worst(ref["logprobs_float64"][:n], got["logprobs"][:n]))
+            mea_err = max(mea_err, _worst(ref["logprobs_float64"][:n], ref["logprobs"][:n]))
+    out = {"tokens_equal": same, "first_mismatch": first_mismatch, "max_abs_logprob_diff": worst,
+           "logprob_tolerance": LOGPROB_TOLERANCE, "passed": same and worst <= LOGPROB_TOLERANCE}
+    if all("logprobs_float64" in ref for ref in reference):
+        out.update(vllm_vs_float64=served_err, mea_vs_float64=mea_err)
+    return out
 
 
 def reference_rows(model: str, python: str, new_tokens: int) -> dict:

@@ -1,6 +1,7 @@
 """The reference side of the serving checks, run in the main environment: `mea`'s own greedy `generate` (the
 compressed cache, batch > 1, left padding) on fixed token-id prompts, with the log-probability of every
-generated token. Writes JSON that `serving.equality` compares vLLM against.
+generated token, and the same tokens' log-probabilities in float64 (the error of each fp32 side is measured
+against those). Writes JSON that `serving.check` compares vLLM against.
 
     python -m mea.serving.reference MODEL OUT.json [--new-tokens N] [--prompts P] [--prompt-tokens T]
 """
@@ -39,6 +40,18 @@ def greedy_reference(model, prompts: list[list[int]], new_tokens: int) -> list[d
     return [{"prompt": p, "tokens": t.tolist(), "logprobs": lp.tolist()} for p, t, lp in zip(prompts, tokens, chosen)]
 
 
+@torch.no_grad()
+def teacher_forced_logprobs(model, rows: list[dict]) -> list[list[float]]:
+    """Log-probabilities of each row's tokens from one uncached forward over prompt + tokens (run it in float64
+    for a reference that both fp32 sides can be measured against)."""
+    out = []
+    for row in rows:
+        ids = torch.tensor([row["prompt"] + row["tokens"]])
+        logprobs = model(ids).logits[0, len(row["prompt"]) - 1:-1].log_softmax(-1)
+        out.append(logprobs.gather(-1, torch.tensor(row["tokens"])[:, None])[:, 0].tolist())
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     from ..checkpoint import load_causal_lm
 
@@ -52,6 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     model = load_causal_lm(args.model, dtype=torch.float32).eval()
     prompts = prompt_ids(model.config.vocab_size, args.prompts, args.prompt_tokens)
     rows = greedy_reference(model, prompts, args.new_tokens)
+    exact = load_causal_lm(args.model, dtype=torch.float64).eval()
+    for row, logprobs in zip(rows, teacher_forced_logprobs(exact, rows)):
+        row["logprobs_float64"] = logprobs
     write_json_atomic(args.out, {"model": args.model, "dtype": "float32", "rows": rows})
 
 

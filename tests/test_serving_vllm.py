@@ -85,18 +85,20 @@ def _word_tokenizer(model_dir: Path, vocab: int) -> None:
     fast.save_pretrained(model_dir)
 
 
-def test_server_answers_a_chat_request(tiny_models):
+def test_server_answers_a_chat_request(tiny_models, tmp_path):
     model = Path(tiny_models[0])
     _word_tokenizer(model, BASE["vocab_size"])
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mea", "serve", str(model), "--port", str(port), "--dtype",
-                               "float32", "--kv-cache-gib", "0.0625", "--max-model-len", "256",
-                               "--python", sys.executable], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "mea", "serve", str(model), "--port", str(port), "--dtype",
+                                   "float32", "--kv-cache-gib", "0.0625", "--max-model-len", "256",
+                                   "--python", sys.executable], stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + 600
         while True:
-            assert server.poll() is None, "the server exited while starting"
+            assert server.poll() is None, f"the server exited while starting:\n{log.read_text()[-3000:]}"
             try:
                 with urllib.request.urlopen(f"{url}/models", timeout=5) as r:
                     served = [m["id"] for m in json.load(r)["data"]]

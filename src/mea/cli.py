@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-model-len", type=int, help="longest prompt + completion, tokens")
     s.add_argument("--python", help="the serving environment's interpreter (default: $MEA_SERVE_PYTHON, else "
                    ".venv-serve/bin/python in the repository)")
-    s.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: more `vllm serve` options")
+    s.add_argument("--vllm-args", help="more vLLM server options, as one quoted string (e.g. '--max-num-seqs 8')")
 
     s = command(sub, "demo", commands.cmd_demo,
                 "build a small MEA model, generate with h' = h and h' = 1, measure the cache", run_demo)

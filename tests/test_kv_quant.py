@@ -265,3 +265,40 @@ def test_cache_system_names():
     with torch.no_grad():
         model(torch.randint(1, 97, (1, 80)), cache=cache)
     assert cache.layers[0].store is not None and cache.layers[0].store.quant.bits == 8
+
+
+def test_quantize_cache_command_rewrites_config(tmp_path, capsys):
+    import json
+
+    from mea.cli import main
+
+    torch.manual_seed(0)
+    mea.MEAForCausalLM(tiny_config(mea_num_component_heads=2)).save_pretrained(tmp_path / "m")
+    assert main(["quantize-cache", str(tmp_path / "m"), "--kv-bits", "4", "--group-size", "8"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    loaded = mea.MEAForCausalLM.from_pretrained(tmp_path / "m")
+    assert (loaded.config.mea_kv_bits, loaded.config.mea_kv_group_size) == (4, 8) == (report["mea_kv_bits"], 8)
+    assert report["kv_bytes_per_token"] == loaded.config.kv_cache_bytes_per_token()
+    assert main(["quantize-cache", str(tmp_path / "m"), "--kv-bits", "4", "--group-size", "12"]) == 2  # 12 ∤ 16
+    assert "must divide head_dim" in capsys.readouterr().err
+    assert mea.MEAForCausalLM.from_pretrained(tmp_path / "m").config.mea_kv_group_size == 8  # left as it was
+    assert main(["quantize-cache", str(tmp_path / "m"), "--kv-bits", "0"]) == 0
+    assert mea.MEAForCausalLM.from_pretrained(tmp_path / "m").config.kv_quant() is None
+    save_tiny_llama(tmp_path / "llama")
+    assert main(["quantize-cache", str(tmp_path / "llama"), "--kv-bits", "8"]) == 2
+    assert "mea convert" in capsys.readouterr().err
+
+
+def test_set_kv_quant_on_a_loaded_model():
+    from mea.kv_setting import set_kv_quant
+
+    ref, _ = _pair(8)
+    model = set_kv_quant(mea.MEAForCausalLM(ref.config).eval(), 8, group_size=8, residual=4)
+    model.load_state_dict(ref.state_dict())
+    with pytest.raises(ValueError, match="mea_kv_bits must be one of"):
+        set_kv_quant(model, 2)
+    assert model.config.mea_kv_bits == 8  # a rejected setting changes nothing
+    cache = MEACache(model.config.num_hidden_layers)
+    with torch.no_grad():
+        model(torch.randint(1, 97, (1, 30)), cache=cache)
+    assert cache.layers[0].store.quant == KVQuant(bits=8, group_size=8, residual=4)

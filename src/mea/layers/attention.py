@@ -106,9 +106,17 @@ class MEAAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps=qk_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps=qk_norm_eps) if qk_norm else None
         self.head_norm = RMSNorm(head_dim, eps=head_norm_eps) if head_norm else None  # the paper's GroupNorm
-        self.cache_layout: CacheLayout = cache_layout(
-            num_kv_heads=num_kv_heads, head_dim=head_dim, key_components=m_k, value_components=self.num_value_components,
-            value_latent_dim=self.value_latent_dim, hlc=hlc, qk_norm=qk_norm, kv_quant=kv_quant)
+        self.cache_layout: CacheLayout = self._layout(kv_quant)
+
+    def _layout(self, kv_quant: KVQuant | None) -> CacheLayout:
+        return cache_layout(num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, key_components=self.num_key_components,
+                            value_components=self.num_value_components, value_latent_dim=self.value_latent_dim,
+                            hlc=self.hlc, qk_norm=self.k_norm is not None, kv_quant=kv_quant)
+
+    def set_kv_quant(self, kv_quant: KVQuant | None) -> None:
+        """Store this layer's keys and values quantized (None: in the model's dtype) from the next cache on."""
+        self.cache_layout = self._layout(kv_quant)
+        self.spec["kv_quant"] = kv_quant
 
     @property
     def _value_split(self) -> tuple[int, int]:

@@ -82,11 +82,15 @@ class KVQuant:
                      + 2 * SCALE_BYTES * (q // self.group_size * key_features + q * value_features // self.group_size))
         return quantized + (tokens - q) * (key_features + value_features) * float_bytes
 
+    def scale_bytes_per_token(self, key_features: int, value_features: int) -> float:
+        """Bytes of scales and zero points per quantized token: one pair per group of g tokens and key feature,
+        one per group of g value features."""
+        return 2 * SCALE_BYTES * (key_features + value_features) / self.group_size
+
     def bytes_per_token(self, key_features: int, value_features: int) -> float:
         """Bytes per quantized token (codes and scales), the long-context cost."""
-        g = self.group_size
         return (self.code_bytes(key_features) + self.code_bytes(value_features)
-                + 2 * SCALE_BYTES * (key_features + value_features) / g)
+                + self.scale_bytes_per_token(key_features, value_features))
 
 
 def _divisor_near(n: int, g: int) -> int:

@@ -17,8 +17,6 @@ QuantizedCache keeps transformers' defaults (groups of 64 channels, a full-preci
 
 from __future__ import annotations
 
-import math
-
 from ..ops.kvquant import KV_BITS
 from .protocol import CacheSystem
 
@@ -62,11 +60,11 @@ def cache_system(name: str) -> CacheSystem:
 
 def _mea_quantized_cache(model, bits: int):
     from ..cache import MEACache, PlainQuantizedCache
-    from ..ops.kvquant import DEFAULT_GROUP_SIZE, DEFAULT_RESIDUAL, KVQuant
+    from ..ops.kvquant import DEFAULT_RESIDUAL, KVQuant, group_size_for
 
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    quant = KVQuant(bits=bits, group_size=math.gcd(DEFAULT_GROUP_SIZE, head_dim), residual=DEFAULT_RESIDUAL)
+    quant = KVQuant(bits=bits, group_size=group_size_for(head_dim), residual=DEFAULT_RESIDUAL)
     if getattr(cfg, "model_type", None) == "mea":
         return MEACache(cfg.num_hidden_layers, kv_quant=quant)
     return PlainQuantizedCache(cfg.num_hidden_layers, quant)

@@ -21,6 +21,7 @@ least float16's smallest normal number). Elements beyond float16's range (|x| > 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,11 @@ class KVQuant:
         """Bytes per quantized token (codes and scales), the long-context cost."""
         return (self.code_bytes(key_features) + self.code_bytes(value_features)
                 + self.scale_bytes_per_token(key_features, value_features))
+
+
+def group_size_for(head_dim: int) -> int:
+    """The default group size, or its largest divisor that divides head_dim (small test models)."""
+    return math.gcd(DEFAULT_GROUP_SIZE, head_dim)
 
 
 def _divisor_near(n: int, g: int) -> int:

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from ..checkpoint import check_output_dir, save_atomic
 from ..console import log
 from ..convert import load_source, to_mea
-from ..kv_setting import set_kv_quant
-from ..ops.kvquant import KV_BITS
 from ..data import calibration_windows, heldout_text, probe_windows, read_texts, token_windows
 from ..eval import generate_and_measure, perplexity
+from ..kv_setting import set_kv_quant
+from ..ops.kvquant import KV_BITS
 from .calibrate import input_moments, key_moments
 from .factor_model import error_curves, factor_model
 from .methods import METHODS, method_of

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache import CacheLayout, MEACache, cache_layout
-from ..ops.kvquant import KVQuant
 from ..ops import (
     absorbed_attention,
     apply_rope,
@@ -38,6 +37,7 @@ from ..ops import (
     inverse_rms,
     mix,
 )
+from ..ops.kvquant import KVQuant
 from .norm import RMSNorm
 
 

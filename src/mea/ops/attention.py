@@ -15,8 +15,9 @@ M component heads (h'), D head size. Query head i reads composite head G(i) = i 
   change only the query map before and the value map after that one read.
 
 Both decode kernels also read a quantized cache (`ops.kvquant.QuantizedTokens`): `decode_blocks`
-dequantizes `DEQUANT_BLOCK` tokens at a time, attends to them and merges the partial results by their
-log-sum-exp, so the temporary full-precision memory is one block, never the whole cache.
+converts the codes of `DEQUANT_BLOCK` tokens at a time and folds the scales into the queries (keys) and the
+attention probabilities (values), so the temporary full-precision memory is one block of codes, never the
+whole cache.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kvquant import QuantizedTokens
+from .kvquant import QuantizedTokens, unpack
 from .mixing import absorb_query, mix, read_values
 
 
@@ -101,48 +102,52 @@ def decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torc
 DEQUANT_BLOCK = 1024  # tokens dequantized at a time when decoding from a quantized cache
 
 
-def _partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None, scale: float,
-                       factor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of (B, G, R, E) queries over one block of L keys/values: (output (B, G, R, E), log-sum-exp of
-    the scaled logits (B, G, R), -inf for a row that sees no key of the block). mask: bool (B, 1, R, L);
-    factor: (B, 1, R, L) per-logit multipliers (QK-norm after mixing)."""
-    if factor is None and _FLASH_CPU is not None and q.device.type == "cpu" and not torch.is_grad_enabled():
-        additive = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
-            ~mask, float("-inf"))
-        out, lse = _FLASH_CPU(q, k, v, attn_mask=additive, scale=scale)[:2]
-        if mask is not None:  # the CPU kernel returns lse 0 for a fully masked row
-            lse = lse.masked_fill(~mask.any(-1), float("-inf"))
-        return out, lse
-    scores = (q @ k.transpose(-1, -2)).float() * scale  # (B, G, R, L)
-    if factor is not None:
-        scores = scores * factor
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # (B, G, R)
-    weights = torch.exp(scores - lse.masked_fill(lse == float("-inf"), 0)[..., None])
-    return weights.to(v.dtype) @ v, lse
-
-
 def decode_blocks(q: torch.Tensor, k: QuantizedTokens, v: QuantizedTokens, *, mask: torch.Tensor | None, scale: float,
                   factor: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of (B, G, R, E) queries over (B, G, S, E) quantized keys/values, `DEQUANT_BLOCK` tokens at a
-    time (the codes in blocks on group boundaries, then the full-precision tail), merged exactly by the
-    blocks' log-sum-exp: out = sum_j exp(lse_j - lse) out_j. mask: bool (B, 1, R, S); factor: (B, 1, R, S)."""
-    s = k.shape[2]
-    block = max(DEQUANT_BLOCK // k.group_size, 1) * k.group_size
-    bounds = [*range(0, k.quantized, block), k.quantized]
-    spans = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a] + ([(k.quantized, s)] if s > k.quantized else [])
-    outs, lses = [], []
-    for a, b in spans:
-        out, lse = _partial_attention(q, k.read(a, b), v.read(a, b), scale=scale,
-                                      mask=None if mask is None else mask[..., a:b],
-                                      factor=None if factor is None else factor[..., a:b])
-        outs.append(out)
-        lses.append(lse)
-    lse = torch.stack(lses)  # (blocks, B, G, R)
-    weights = torch.exp(lse - torch.logsumexp(lse, dim=0))  # a block no row sees weighs 0
-    out = torch.stack(outs).nan_to_num_(0.0)
-    return (out * weights[..., None].to(out.dtype)).sum(dim=0)
+    """Attention of (B, G, R, E) queries over (B, G, S, E) quantized keys/values, reading the codes
+    `DEQUANT_BLOCK` tokens at a time. The scales never touch the block: keys are scaled per channel and group
+    of tokens, so a group's logits are (q * s) . codes + q . z with the scale folded into the few query rows;
+    values are scaled per token (and group of features), so the output is sum_t (p_t s_t) codes_t + p_t z_t
+    with the scale folded into the probabilities. Only the codes of one block are ever converted to floats;
+    the (B, G, R, S) logits are kept whole (R is a few query rows). mask: bool (B, 1, R, S); factor:
+    (B, 1, R, S) per-logit multipliers (QK-norm after mixing)."""
+    b, g, r, e = q.shape
+    s, n = k.shape[2], k.quantized
+    size = k.group_size
+    block = max(DEQUANT_BLOCK // size, 1) * size
+    spans = [(a, min(a + block, n)) for a in range(0, n, block)]
+    scores = q.new_empty((b, g, r, s), dtype=torch.float32)
+    for a, z in spans:  # keys: groups of `size` tokens share a per-channel scale
+        groups = (z - a) // size
+        codes = unpack(k.codes[:, :, a:z], k.bits).to(q.dtype).view(b, g, groups, size, e)  # (B, G, n, g, E)
+        k_scale = k.scale[:, :, a // size : z // size].to(q.dtype)  # (B, G, n, E)
+        k_zero = k.zero[:, :, a // size : z // size].to(q.dtype)
+        logits = (q[:, :, None] * k_scale[:, :, :, None]) @ codes.transpose(-1, -2)  # (B, G, n, R, g)
+        logits += (k_zero @ q.transpose(-1, -2))[..., None]  # q . z per group: (B, G, n, R, 1)
+        scores[..., a:z] = logits.permute(0, 1, 3, 2, 4).reshape(b, g, r, z - a)
+    if s > n:
+        scores[..., n:] = q @ k.tail.transpose(-1, -2)
+    scores *= scale
+    if factor is not None:
+        scores *= factor
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    p = torch.softmax(scores, dim=-1).to(q.dtype)  # (B, G, R, S)
+    out = p[..., n:] @ v.tail if s > n else q.new_zeros((b, g, r, v.shape[3]))
+    ev = v.shape[3]
+    for a, z in spans:  # values: groups of features of one token share a scale
+        codes = unpack(v.codes[:, :, a:z], v.bits).to(q.dtype)  # (B, G, L, E)
+        v_scale, v_zero = v.scale[:, :, a:z].to(q.dtype), v.zero[:, :, a:z].to(q.dtype)  # (B, G, L, E/g)
+        pb = p[..., a:z]  # (B, G, R, L)
+        groups = v_scale.shape[3]
+        if groups == 1:
+            out += (pb * v_scale[..., 0][:, :, None]) @ codes + pb @ v_zero
+        else:
+            weighted = (pb[..., None] * v_scale[:, :, None]).permute(0, 1, 4, 2, 3)  # (B, G, E/g, R, L)
+            per_group = weighted @ codes.view(b, g, z - a, groups, ev // groups).transpose(2, 3)  # (B, G, E/g, R, g)
+            out += per_group.permute(0, 1, 3, 2, 4).reshape(b, g, r, ev)
+            out += (pb @ v_zero).repeat_interleave(ev // groups, dim=-1)
+    return out
 
 
 def grouped_attention(

@@ -190,11 +190,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="results/kv-quant/primitives.json")
     p.add_argument("--tokens", type=int, default=1024)
-    p.add_argument("--groups", type=int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--groups", type=int, nargs="+", default=[32, 64], help="must divide head_dim (64)")
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     data = collect(args.tokens)
+    head_dim = data[0][0].shape[-1]
+    if any(head_dim % g or args.tokens % g for g in args.groups):
+        raise SystemExit(f"--groups must divide head_dim ({head_dim}) and --tokens ({args.tokens}), got {args.groups}")
     results, missing = [], {}
     for library in LIBRARIES:
         for bits in (8, 4):

@@ -17,7 +17,7 @@ RANKS = {
     "layers": 2,
     "models": 3,
     "": 3.5,  # the package itself: `import mea` registers the model
-    "checkpoint": 4, "data": 4, "info": 4,
+    "checkpoint": 4, "data": 4, "info": 4, "kv_setting": 4,
     "convert": 5,
     "serving": 5,  # runs in the serving environment: imported by nothing else (checked below)
     "eval": 6, "train": 6, "demo": 6,

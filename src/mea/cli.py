@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .compress.recover import DistillConfig
     from .demo import run_demo
     from .eval.mqar import train_mqar
+    from .ops.kvquant import KV_BITS
     from .experiments.compression_study import run_compression_study
     from .train import TrainConfig
 
@@ -140,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "versions and model registry; with MODEL, its size and KV-cache bytes per token")
     s.add_argument("model", nargs="?", help="a preset name or a checkpoint directory")
     s.add_argument("--bytes-per-element", type=int, help="cache element size (2: bf16/fp16, 4: fp32)")
+    s.add_argument("--kv-bits", type=int, choices=[0, *KV_BITS],
+                   help="report the model with its KV cache quantized to 8 or 4 bits (0: not quantized)")
 
     s = command(sub, "train", commands.cmd_train,
                 "pretrain a variant from a preset (or --config file); torchrun for DDP/FSDP2")
@@ -240,6 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     add_dataclass_options(s, CompressOptions)
 
+    s = command(sub, "quantize-cache", commands.cmd_quantize_cache,
+                "store an MEA checkpoint's KV cache as 8- or 4-bit codes with scales (rewrites its config.json)")
+    s.add_argument("checkpoint", help="an MEA checkpoint directory")
+    s.add_argument("--kv-bits", type=int, required=True, choices=[0, *KV_BITS], help="bits per cached number (0: off)")
+    s.add_argument("--group-size", type=int, help="tokens (keys) / features (values) per scale; must divide head_dim")
+    s.add_argument("--residual", type=int, help="most recent tokens kept in full precision")
+
     s = command(sub, "probe", commands.cmd_probe,
                 "layer-sensitivity probe: compress one layer at a time, measure the loss")
     s.add_argument("src")
@@ -332,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batches", type=int, nargs="+")
     b.add_argument("--steps", type=int, help="timed decode steps per round")
     b.add_argument("--rounds", type=int, help="rounds in which the systems take turns")
+    b.add_argument("--kv-bits", type=int, nargs="*", choices=KV_BITS,
+                   help="also every MEA system with its cache quantized to these bits (none: skip)")
     b = bench_command("memory", "peak memory of decoding and KV bytes held vs context, a fresh process per point")
     b.add_argument("--contexts", type=int, nargs="+")
     b.add_argument("--budgets", **budgets)

@@ -13,18 +13,27 @@ from pathlib import Path
 from .console import log
 
 
-def cmd_info(model: str | None = None, bytes_per_element: int = 2) -> dict:
+def cmd_info(model: str | None = None, bytes_per_element: int = 2, kv_bits: int | None = None) -> dict:
+    """`kv_bits`: report the model as if its cache were quantized so (`mea quantize-cache` sets it)."""
     from . import info
 
     out = {"versions": info.versions()}
     if model is None:
         out["registry"] = info.registry()
         return out
-    cfg = info.resolve_config(model)
+    cfg = info.resolve_config(model, kv_bits)
     out.update(model=model, model_type=cfg.model_type, parameters=info.count_parameters(cfg),
                layers=cfg.num_hidden_layers, query_heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
                **info.kv_report(cfg, bytes_per_element))
     return out
+
+
+def cmd_quantize_cache(checkpoint: str, kv_bits: int, group_size: int | None = None,
+                       residual: int | None = None) -> dict:
+    """Turn the quantized KV cache of an MEA checkpoint on (`kv_bits` 8 or 4) or off (0), in its config.json."""
+    from .kv_setting import quantize_cache_dir
+
+    return quantize_cache_dir(checkpoint, kv_bits, group_size, residual)
 
 
 def cmd_fold(src: str, out: str, overwrite: bool = False) -> dict:

@@ -23,8 +23,15 @@ def registry() -> dict:
             "variants": VARIANTS, "rope_types": list(SUPPORTED_ROPE_TYPES), "model_type": MEAConfig.model_type}
 
 
-def resolve_config(model: str) -> MEAConfig:
-    """A preset name, or a checkpoint directory (MEA or any Hugging Face causal LM config)."""
+def resolve_config(model: str, kv_bits: int | None = None) -> MEAConfig:
+    """A preset name, or a checkpoint directory (MEA or any Hugging Face causal LM config); `kv_bits`: with the
+    cache quantized so (0: not quantized)."""
+    if kv_bits is not None:
+        cfg = resolve_config(model)
+        if not isinstance(cfg, MEAConfig):
+            raise ValueError(f"{model} is not an MEA model; --kv-bits describes MEA's quantized cache "
+                             "(`mea convert` first)")
+        return MEAConfig.from_dict({**cfg.to_dict(), "mea_kv_bits": kv_bits or None})
     if model in PRESETS:
         return make_config(model)
     from pathlib import Path
@@ -55,6 +62,17 @@ def kv_report(cfg, bytes_per_element: int = 2) -> dict:
                                      "decode": layout.kernel} for layout in layouts])
     if cfg.mea_key_mixing != "head" or cfg.mea_value_mixing != "head":
         report["mixing"] = {"keys": cfg.mea_key_mixing, "values": cfg.mea_value_mixing}
+    quant = cfg.kv_quant()
+    if quant is not None:
+        float_tail = cfg.kv_cache_bytes(quant.residual + quant.group_size - 1, bytes_per_element)
+        report["quantized_cache"] = {
+            "bits": quant.bits, "group_size": quant.group_size, "residual": quant.residual,
+            "kv_bytes_per_token_with_scales": per_token,
+            "scale_bytes_per_token": sum(layout.storage_heads * quant.scale_bytes_per_token(
+                layout.key_features, layout.value_features) for layout in layouts),
+            "full_precision_tail_bytes_at_most": float_tail,
+            "note": "kv_bytes_per_token: codes and float16 scales/zero points per token of a long context; the most "
+                    "recent tokens (at most residual + group_size - 1) stay in full precision"}
     return report
 
 

@@ -18,7 +18,16 @@ from ..cache import cache_bytes_held
 from ..machine import machine_header
 from ..markdown import markdown_table
 from .charts import plot_vs_context
-from .systems import LLAMA, available_memory, build_systems, decode_kernels, fill_cache, predicted_kv_bytes, weight_bytes
+from .systems import (
+    LLAMA,
+    available_memory,
+    build_systems,
+    decode_kernels,
+    fill_cache,
+    float_counterpart,
+    predicted_kv_bytes,
+    weight_bytes,
+)
 from .timing import memory_bandwidth, rotated, synchronize
 
 
@@ -40,17 +49,19 @@ def timed_steps(model, cache, *, batch: int, steps: int) -> list[float]:
 
 def bench_decode(*, preset: str = "smollm2-135m", contexts=(1024, 4096, 16384, 32768), budgets=(0.67, 0.5, 0.33),
                  batches=(1, 8), steps: int = 5, rounds: int = 3, device: str = "cpu", dtype: str = "float32",
-                 seed: int = 0) -> dict:
+                 kv_bits=(8, 4), seed: int = 0) -> dict:
     """Median time per token at each (batch, context) point for every system. Where memory allows, every
     system's cache is held at once and the systems take turns for `rounds` rounds of `steps` steps (the
     order rotating), so slow drifts of the machine hit all of them alike; otherwise each system runs its
-    rounds in turn with only its own cache alive."""
+    rounds in turn with only its own cache alive. `kv_bits`: also every MEA system with its cache quantized to
+    those bits, beside the same system with its cache in `dtype`."""
     torch.manual_seed(seed)
     dev, dt = torch.device(device), getattr(torch, dtype)
     bandwidth = memory_bandwidth(dev)
     tokens = rounds * (steps + 1)  # generated per point: the caches end at context + tokens
     systems = build_systems(preset, budgets, device=dev, dtype=dt,
-                            max_len=max(max(contexts) + tokens, kv_check.PROMPT + kv_check.NEW_TOKENS) + 8)
+                            max_len=max(max(contexts) + tokens, kv_check.PROMPT + kv_check.NEW_TOKENS) + 8,
+                            kv_bits=tuple(kv_bits))
     names = list(systems)
     results, skipped = [], []
     for batch in batches:
@@ -87,7 +98,7 @@ def bench_decode(*, preset: str = "smollm2-135m", contexts=(1024, 4096, 16384, 3
         "benchmark": "decode",
         "machine": {**machine_header(dev), "read_bandwidth_GBps": bandwidth / 1e9},
         "settings": dict(preset=preset, contexts=list(contexts), batches=list(batches), steps=steps, rounds=rounds,
-                         dtype=dtype, budgets=list(budgets), seed=seed),
+                         dtype=dtype, budgets=list(budgets), kv_bits=list(kv_bits), seed=seed),
         "results": results,
         "speedups": speedups(results),
         "skipped": skipped,
@@ -96,8 +107,9 @@ def bench_decode(*, preset: str = "smollm2-135m", contexts=(1024, 4096, 16384, 3
 
 
 def speedups(results: list[dict]) -> dict:
-    """Time-per-token ratios at each point: every system vs transformers' Llama, and every compressed
-    system vs the folded (uncompressed, plain GQA) model."""
+    """Time-per-token ratios at each point (above 1: faster): every system vs transformers' Llama, every
+    compressed system vs the folded (uncompressed, plain GQA) model, and every quantized-cache system vs the
+    same model with its cache in the compute dtype."""
     by = {(r["system"], r["context"], r["batch"]): r["ms_per_token"] for r in results}
     out = {}
     for (name, context, batch), ms in by.items():
@@ -105,6 +117,9 @@ def speedups(results: list[dict]) -> dict:
             out[f"{name} vs {LLAMA} @ {context} x{batch}"] = by[(LLAMA, context, batch)] / ms
         if name.startswith("mea KV"):
             out[f"{name} vs mea folded @ {context} x{batch}"] = by[("mea folded", context, batch)] / ms
+        base = float_counterpart(name)
+        if base is not None:
+            out[f"{name} vs {base} @ {context} x{batch}"] = by[(base, context, batch)] / ms
     return out
 
 
@@ -113,11 +128,12 @@ def markdown(result: dict) -> str:
     rows = []
     for r in result["results"]:
         vs = ratio.get(f"{r['system']} vs {LLAMA} @ {r['context']} x{r['batch']}")
+        vs_float = ratio.get(f"{r['system']} vs {float_counterpart(r['system'])} @ {r['context']} x{r['batch']}")
         rows.append([r["batch"], r["context"], r["system"], f"{r['ms_per_token']:.1f}", f"{r['tokens_per_s']:.1f}",
-                     "" if vs is None else f"{vs:.2f}×", f"{r['kv_bytes'] / 2**20:.1f}", f"{r['bound_ms']:.1f}",
-                     f"{r['of_bound']:.2f}"])
-    table = markdown_table(["batch", "context", "system", "ms/token", "tokens/s", "vs Llama", "KV MiB held",
-                            "bound ms", "× bound"], rows)
+                     "" if vs is None else f"{vs:.2f}×", "" if vs_float is None else f"{vs_float:.2f}×",
+                     f"{r['kv_bytes'] / 2**20:.1f}", f"{r['bound_ms']:.1f}", f"{r['of_bound']:.2f}"])
+    table = markdown_table(["batch", "context", "system", "ms/token", "tokens/s", "vs Llama",
+                            f"vs {result['settings']['dtype']} cache", "KV MiB held", "bound ms", "× bound"], rows)
     table += "".join(f"\nSkipped batch {s['batch']} x context {s['context']}: {s['reason']}.\n"
                      for s in result.get("skipped", []))
     return table + ("\n" + kv_check.markdown(result["kv_generate"]) if "kv_generate" in result else "")

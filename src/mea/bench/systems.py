@@ -1,7 +1,9 @@
 """The systems every inference benchmark compares, built from one set of weights: transformers'
 `LlamaForCausalLM` with its own cache, our model with h' = h, our folded model (HLC folded into k/v:
-plain GQA through our code) and compressed models at KV budgets. Also: caches filled to a context
-length without prefill compute, and the KV bytes a system should hold.
+plain GQA through our code) and compressed models at KV budgets; with `kv_bits`, also our model at h' = h
+and every compressed model with the cache quantized to those bits ("... int4"), beside the same model
+with its cache in the compute dtype. Also: caches filled to a context length without prefill compute, and
+the KV bytes a system should hold.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from ..cache import MEACache
 from ..convert.fold import fold_hlc, plain_config_fields
 from ..models import MEAForCausalLM, make_config
+from ..ops.kvquant import group_size_for
 
 LLAMA = "transformers-llama"
 FILL_CHUNK = 256  # tokens per cache write when filling an MEACache
@@ -29,39 +32,58 @@ def heads_for_budget(num_kv_heads: int, num_layers: int, budget: float) -> list[
     return [base + ((i + 1) * extra // num_layers - i * extra // num_layers) for i in range(num_layers)]
 
 
-def system_specs(preset: str, budgets) -> dict[str, list[int] | None]:
-    """name -> per-layer h' of each compressed system (None for the uncompressed ones), in benchmark order."""
+def system_specs(preset: str, budgets, kv_bits=()) -> dict[str, tuple[list[int] | None, int | None]]:
+    """name -> (per-layer h' of each compressed system (None for the uncompressed ones), cache bits (None: the
+    compute dtype)), in benchmark order."""
     cfg = make_config(preset, "mea-no-groupnorm")
     h, layers = cfg.num_key_value_heads, cfg.num_hidden_layers
-    specs: dict[str, list[int] | None] = {LLAMA: None, f"mea h'={h}": None, "mea folded": None}
+    specs: dict[str, tuple[list[int] | None, int | None]] = {LLAMA: (None, None), f"mea h'={h}": (None, None),
+                                                             "mea folded": (None, None)}
+    specs.update((f"mea h'={h} int{bits}", (None, bits)) for bits in kv_bits)
     for budget in budgets:
         heads = heads_for_budget(h, layers, budget)
         kept = sum(heads) / (h * layers)
         if kept < 1:
-            specs[f"mea KV -{1 - kept:.0%}"] = heads
+            specs[f"mea KV -{1 - kept:.0%}"] = (heads, None)
+            specs.update((f"mea KV -{1 - kept:.0%} int{bits}", (heads, bits)) for bits in kv_bits)
     return specs
 
 
-def build_systems(preset: str, budgets, *, max_len: int, device, dtype, only: list[str] | None = None) -> dict:
+def float_counterpart(name: str) -> str | None:
+    """The system whose cache a quantized system's replaces ("mea KV -50% int4" -> "mea KV -50%")."""
+    base, _, bits = name.rpartition(" int")
+    return base if base and bits.isdigit() else None
+
+
+def build_systems(preset: str, budgets, *, max_len: int, device, dtype, only: list[str] | None = None,
+                  kv_bits=()) -> dict:
     """name -> model (`only`: build just these). The reference model has random weights (seeded by the
-    caller); Llama and the folded model compute the same function. Compressed models keep fewer component
-    heads of the same shape (their outputs differ; their cost is what is measured)."""
+    caller); Llama, the folded model and the quantized-cache model at h' = h compute the same function (up to
+    the cache's rounding). Compressed models keep fewer component heads of the same shape (their outputs
+    differ; their cost is what is measured); a compressed model and its quantized-cache twin share weights."""
     cfg = make_config(preset, "mea-no-groupnorm", max_position_embeddings=max_len)
     full = MEAForCausalLM(cfg).eval()
-    specs = {name: heads for name, heads in system_specs(preset, budgets).items() if only is None or name in only}
+    specs = {name: spec for name, spec in system_specs(preset, budgets, kv_bits).items() if only is None or name in only}
     folded = fold_hlc(full) if {LLAMA, "mea folded"} & set(specs) else None
-    systems = {}
-    for name, heads in specs.items():
+    systems, weights = {}, {}
+    for name, (heads, bits) in specs.items():
         if name == LLAMA:
             model = LlamaForCausalLM(LlamaConfig(**plain_config_fields(cfg), attn_implementation="sdpa")).eval()
             model.load_state_dict(folded.state_dict(), strict=True)
         elif name == "mea folded":
             model = folded
-        elif heads is not None:
-            model = MEAForCausalLM(make_config(preset, "mea-no-groupnorm", max_position_embeddings=max_len,
-                                               mea_num_component_heads=heads)).eval()
-        else:
+        elif heads is None and bits is None:
             model = full
+        else:
+            model = MEAForCausalLM(make_config(preset, "mea-no-groupnorm", max_position_embeddings=max_len,
+                                               mea_num_component_heads=heads, mea_kv_bits=bits,
+                                               mea_kv_group_size=group_size_for(cfg.head_dim))).eval()
+            key = tuple(heads) if heads is not None else None
+            if key is None:
+                model.load_state_dict(full.state_dict())
+            elif key in weights:
+                model.load_state_dict(weights[key])
+            weights.setdefault(key, model.state_dict())
         systems[name] = model.to(device, dtype)
     return systems
 
@@ -82,7 +104,7 @@ def fill_cache(model, batch: int, context: int, capacity: int):
                 k, v = (torch.randn(batch, t, *shape, device=p.device, dtype=p.dtype)
                         for shape in (layout.key_shape, layout.value_shape))
                 scale = torch.ones(batch, t, layout.k_scale_heads, device=p.device) if layout.k_scale_heads else None
-                layer.update(k, v, k_scale=scale, heads_first=layout.heads_first)  # copied into the cache
+                layer.update(k, v, k_scale=scale, heads_first=layout.heads_first, quant=layout.quant)  # stored
         return cache
     cache = DynamicCache(config=cfg)
     for i in range(cfg.num_hidden_layers):
@@ -101,11 +123,12 @@ def decode_kernels(model) -> dict[str, int]:
 
 def predicted_kv_bytes(model, batch: int, tokens: int) -> int:
     """What the configuration says a cache of `tokens` tokens should hold: sum over layers of 2 h' D per
-    token (h' = h for Llama), plus MEA's k-scales where they apply."""
+    token (h' = h for Llama), plus MEA's k-scales where they apply; a quantized cache its codes, scales and
+    full-precision tail (`MEAConfig.kv_cache_bytes`)."""
     cfg = model.config
     elem = next(model.parameters()).element_size()
     if isinstance(model, MEAForCausalLM):
-        return batch * tokens * cfg.kv_cache_bytes_per_token(bytes_per_element=elem)
+        return batch * cfg.kv_cache_bytes(tokens, bytes_per_element=elem)
     return batch * tokens * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * elem
 
 

@@ -12,6 +12,8 @@ from ..console import log
 from ..convert import load_source, to_mea
 from ..data import calibration_windows, heldout_text, read_texts, token_windows
 from ..eval import generate_and_measure, perplexity
+from ..kv_setting import set_kv_quant
+from ..ops.kvquant import KV_BITS
 from .calibrate import input_moments, key_moments
 from .factor_model import error_curves, factor_model
 from .methods import METHODS, method_of
@@ -56,6 +58,8 @@ class CompressOptions:
         default=True, metadata={"flag": "--skip-original-eval"})
     eval_windows: int = 8  # held-out perplexity windows
     eval_window: int = 1024  # tokens per held-out window
+    kv_bits: int | None = field(  # also store the KV cache as 8- or 4-bit codes with scales (mea_kv_bits)
+        default=None, metadata={"choices": KV_BITS})
 
 
 def validate(opts: CompressOptions) -> None:
@@ -72,6 +76,8 @@ def validate(opts: CompressOptions) -> None:
         raise ValueError(f"--preset must be one of {', '.join(LAYER_PRESETS)}, got {opts.preset!r}")
     if opts.recover not in RECOVER_MODES:
         raise ValueError(f"--recover must be one of {', '.join(RECOVER_MODES)}, got {opts.recover!r}")
+    if opts.kv_bits is not None and opts.kv_bits not in KV_BITS:
+        raise ValueError(f"--kv-bits must be one of {KV_BITS}, got {opts.kv_bits}")
     if opts.method == "svd" and opts.calib:
         raise ValueError("--method svd is data-free; drop --calib or use --method whitened")
     if opts.allocate not in ALLOCATIONS:
@@ -157,6 +163,8 @@ def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = Fal
         raise ValueError(f"{src} has no tokenizer files; compression needs one for calibration text")
     tok = source.tokenizer
     student, plan, factor_report, fit_report, windows = compress_model(teacher, tok, opts)
+    if opts.kv_bits is not None:
+        set_kv_quant(student, opts.kv_bits)
     provenance = {
         "source": source.description, "method": opts.method, "plan": plan,
         "kv_fraction": student.config.kv_cache_bytes_per_token() / teacher.config.kv_cache_bytes_per_token(),

@@ -5,6 +5,11 @@
     hqq-4, hqq-2                the same with the HQQ backend
     kvpress-PRESS-KEPT          an NVIDIA kvpress press pruning the context at prefill to the fraction KEPT
                                 (PRESS: streamingllm, snapkv, expectedattention, knorm), e.g. kvpress-snapkv-0.5
+    mea-kv8, mea-kv4            our quantized cache (`mea.cache`; the default residual, and the default group size
+                                or its largest divisor that divides head_dim): for an MEA
+                                model its MEACache with those bits; for an original model the same storage
+                                behind its own attention layers (`PlainQuantizedCache`), which holds exactly
+                                what the model converted to MEA at h' = h would hold
 
 QuantizedCache keeps transformers' defaults (groups of 64 channels, a full-precision residual of up to
 128 recent tokens). kvpress needs transformers < 5.3: it runs in the `.venv-peers` environment (`make peers`).
@@ -12,6 +17,7 @@ QuantizedCache keeps transformers' defaults (groups of 64 channels, a full-preci
 
 from __future__ import annotations
 
+from ..ops.kvquant import KV_BITS
 from .protocol import CacheSystem
 
 QUANT_BACKENDS = ("quanto", "hqq")
@@ -44,7 +50,24 @@ def cache_system(name: str) -> CacheSystem:
         if not 0 < fraction < 1:
             raise ValueError(f"bad cache system {name!r}: the kept fraction must be in (0, 1), e.g. kvpress-{press}-0.5")
         return CacheSystem(name, during_prefill=_press(press, fraction))
-    raise ValueError(f"unknown cache system {name!r}; use default, quanto-4/2, hqq-4/2 or kvpress-PRESS-KEPT")
+    if backend == "mea" and rest.startswith("kv"):
+        if rest[2:] not in map(str, KV_BITS):
+            raise ValueError(f"bad cache system {name!r}: bits must be one of {KV_BITS}, e.g. mea-kv4")
+        return CacheSystem(name, new_cache=lambda model: _mea_quantized_cache(model, int(rest[2:])))
+    raise ValueError(f"unknown cache system {name!r}; use default, quanto-4/2, hqq-4/2, mea-kv8/4 or "
+                     "kvpress-PRESS-KEPT")
+
+
+def _mea_quantized_cache(model, bits: int):
+    from ..cache import MEACache, PlainQuantizedCache
+    from ..ops.kvquant import DEFAULT_RESIDUAL, KVQuant, group_size_for
+
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    quant = KVQuant(bits=bits, group_size=group_size_for(head_dim), residual=DEFAULT_RESIDUAL)
+    if getattr(cfg, "model_type", None) == "mea":
+        return MEACache(cfg.num_hidden_layers, kv_quant=quant)
+    return PlainQuantizedCache(cfg.num_hidden_layers, quant)
 
 
 def _quantized_cache(model, backend: str, bits: int):

@@ -37,6 +37,7 @@ from ..ops import (
     inverse_rms,
     mix,
 )
+from ..ops.kvquant import KVQuant
 from .norm import RMSNorm
 
 
@@ -64,6 +65,7 @@ class MEAAttention(nn.Module):
         qk_norm_eps: float = 1e-6,
         qkv_bias: bool = False,
         out_bias: bool = False,
+        kv_quant: KVQuant | None = None,
         layer_idx: int = 0,
     ):
         super().__init__()
@@ -73,7 +75,7 @@ class MEAAttention(nn.Module):
                          num_value_components=num_value_components, key_mixing=key_mixing,
                          value_mixing=value_mixing, value_latent_dim=value_latent_dim, hlc=hlc, head_norm=head_norm,
                          head_norm_eps=head_norm_eps, qk_norm=qk_norm, qk_norm_eps=qk_norm_eps, qkv_bias=qkv_bias,
-                         out_bias=out_bias, layer_idx=layer_idx)
+                         out_bias=out_bias, kv_quant=kv_quant, layer_idx=layer_idx)
         head_dim = head_dim or hidden_size // num_heads
         num_component_heads = num_kv_heads if num_component_heads is None else num_component_heads
         if num_heads % num_kv_heads:
@@ -104,9 +106,17 @@ class MEAAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps=qk_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps=qk_norm_eps) if qk_norm else None
         self.head_norm = RMSNorm(head_dim, eps=head_norm_eps) if head_norm else None  # the paper's GroupNorm
-        self.cache_layout: CacheLayout = cache_layout(
-            num_kv_heads=num_kv_heads, head_dim=head_dim, key_components=m_k, value_components=self.num_value_components,
-            value_latent_dim=self.value_latent_dim, hlc=hlc, qk_norm=qk_norm)
+        self.cache_layout: CacheLayout = self._layout(kv_quant)
+
+    def _layout(self, kv_quant: KVQuant | None) -> CacheLayout:
+        return cache_layout(num_kv_heads=self.num_kv_heads, head_dim=self.head_dim, key_components=self.num_key_components,
+                            value_components=self.num_value_components, value_latent_dim=self.value_latent_dim,
+                            hlc=self.hlc, qk_norm=self.k_norm is not None, kv_quant=kv_quant)
+
+    def set_kv_quant(self, kv_quant: KVQuant | None) -> None:
+        """Store this layer's keys and values quantized (None: in the model's dtype) from the next cache on."""
+        self.cache_layout = self._layout(kv_quant)
+        self.spec["kv_quant"] = kv_quant
 
     @property
     def _value_split(self) -> tuple[int, int]:
@@ -179,14 +189,15 @@ class MEAAttention(nn.Module):
             if self.k_norm is not None:
                 k = self.k_norm(k)
             k = apply_rope(k, cos, sin)
-            k_cached, v_cached = cache.update(k, v, self.layer_idx, heads_first=layout.heads_first)
+            k_cached, v_cached = cache.update(k, v, self.layer_idx, heads_first=layout.heads_first, quant=layout.quant)
             return self._attend(q, k, v, mask) if past == 0 else self._attend(q, k_cached, v_cached, mask, decode=True)
         k_scale = None  # (B, T, h): 1/RMS of each composite key, when QK-norm follows mixing
         if self.k_norm is not None:  # "head" mixing only (checked): the norm's feature scale commutes with it
             k_scale = inverse_rms(mix(k, self.hlc_k, self.key_mixing), self.k_norm.eps)
             k = k * self.k_norm.weight
         k = apply_rope(k, cos, sin)
-        k_cached, v_cached = cache.update(k, v, self.layer_idx, k_scale=k_scale, heads_first=layout.heads_first)
+        k_cached, v_cached = cache.update(k, v, self.layer_idx, k_scale=k_scale, heads_first=layout.heads_first,
+                                          quant=layout.quant)
         if past == 0:  # prefill: expand to h heads over the new tokens only
             k_h, v_h = mix(k, self.hlc_k, self.key_mixing), mix(v, self.hlc_v, self.value_mixing)
             if k_scale is not None:

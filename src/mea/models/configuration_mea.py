@@ -6,6 +6,7 @@ from transformers import PreTrainedConfig
 
 from ..cache import CacheLayout, cache_layout
 from ..ops import HLC_INITS, check_mixing
+from ..ops.kvquant import DEFAULT_GROUP_SIZE, DEFAULT_RESIDUAL, KVQuant
 from ..ops.rope import SUPPORTED_ROPE_TYPES
 
 
@@ -47,6 +48,9 @@ class MEAConfig(PreTrainedConfig):
     mea_value_latent_dim: int | list | None = None  # R per layer (with mea_value_mixing="latent")
     mea_hlc_init: str | None = None  # "identity" (default when h' = h) or "shared" (default when h' < h)
     mea_differential: bool = False  # Differential attention (Ye et al. 2024) instead of softmax attention
+    mea_kv_bits: int | None = None  # store the KV cache as 8- or 4-bit codes with scales; None: the model's dtype
+    mea_kv_group_size: int = DEFAULT_GROUP_SIZE  # tokens (keys, per channel) / features (values, per token) per scale
+    mea_kv_residual: int = DEFAULT_RESIDUAL  # most recent tokens kept in full precision by a quantized cache
 
     def __post_init__(self, **kwargs):
         unknown = sorted(k for k in kwargs if k.startswith("mea_"))
@@ -82,6 +86,12 @@ class MEAConfig(PreTrainedConfig):
         if self.mea_differential and (self.mea_hlc or self.use_qk_norm or n % 2 or h % 2):
             raise ValueError("mea_differential=True is the Differential Transformer baseline: it needs mea_hlc=False, "
                              f"use_qk_norm=False and even head counts (got {n} query, {h} KV heads)")
+        quant = self.kv_quant()
+        if quant is not None and self.mea_differential:
+            raise ValueError("mea_kv_bits: the quantized cache does not apply to differential attention; set "
+                             "mea_kv_bits=None")
+        if quant is not None:
+            quant.check_features(self.head_dim, "head_dim")
         components = self.component_heads()
         for layer, m in enumerate(components):
             if not 1 <= m <= h:
@@ -135,25 +145,38 @@ class MEAConfig(PreTrainedConfig):
             raise ValueError("mea_value_mixing='latent' needs mea_value_latent_dim (the latent width R per layer)")
         return self._per_layer("mea_value_latent_dim", [])
 
+    def kv_quant(self) -> KVQuant | None:
+        """How the cache stores keys and values: quantized (`mea_kv_*`), or None for the model's dtype."""
+        if self.mea_kv_bits is None:
+            return None
+        return KVQuant(bits=self.mea_kv_bits, group_size=self.mea_kv_group_size, residual=self.mea_kv_residual)
+
     def attention_kwargs(self, layer: int) -> dict:
         """The key/value cache arguments of layer `layer`'s `MEAAttention`."""
         latent = self.value_latent_dims()[layer]
         return dict(num_component_heads=self.component_heads()[layer],
                     num_key_components=self.key_components()[layer],
                     num_value_components=None if latent is not None else self.value_components()[layer],
-                    key_mixing=self.mea_key_mixing, value_mixing=self.mea_value_mixing, value_latent_dim=latent)
+                    key_mixing=self.mea_key_mixing, value_mixing=self.mea_value_mixing, value_latent_dim=latent,
+                    kv_quant=self.kv_quant())
 
     def cache_layouts(self) -> list[CacheLayout]:
         """What every layer caches per token and which kernel decodes it (the layers use the same rule)."""
         return [cache_layout(num_kv_heads=self.num_key_value_heads, head_dim=self.head_dim,
                              key_components=kw["num_key_components"], value_components=kw["num_value_components"],
-                             value_latent_dim=kw["value_latent_dim"], hlc=self.mea_hlc, qk_norm=self.use_qk_norm)
+                             value_latent_dim=kw["value_latent_dim"], hlc=self.mea_hlc, qk_norm=self.use_qk_norm,
+                             kv_quant=kw["kv_quant"])
                 for kw in map(self.attention_kwargs, range(self.num_hidden_layers))]
 
-    def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> int:
+    def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> float:
         """Bytes the cache holds per token, all layers: h'_K D + (h'_V D or R) per layer (+ h float32 k-scales
-        per compressed layer with QK-norm), as `cache_layouts` says."""
+        per compressed layer with QK-norm), as `cache_layouts` says; quantized: codes and scales per token of a
+        long context (the full-precision tail aside, see `kv_cache_bytes`)."""
         return sum(layout.bytes_per_token(bytes_per_element) for layout in self.cache_layouts())
+
+    def kv_cache_bytes(self, tokens: int, bytes_per_element: int = 2) -> int:
+        """Bytes a cache of `tokens` tokens (one sequence) holds, exactly, all layers."""
+        return sum(layout.bytes(tokens, bytes_per_element) for layout in self.cache_layouts())
 
 
 def _mea_fields() -> list[str]:

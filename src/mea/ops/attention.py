@@ -13,6 +13,11 @@ M component heads (h'), D head size. Query head i reads composite head G(i) = i 
   by a per-head recombination with W^V. The cache is read once; no H-head tensor over S is built.
   The finer mixings of `ops.mixing` (complex per RoPE pair for keys, a latent of any width for values)
   change only the query map before and the value map after that one read.
+
+Both decode kernels also read a quantized cache (`ops.kvquant.QuantizedTokens`): `decode_blocks`
+converts the codes of `DEQUANT_BLOCK` tokens at a time and folds the scales into the queries (keys) and the
+attention probabilities (values), so the temporary full-precision memory is one block of codes, never the
+whole cache.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .kvquant import QuantizedTokens, unpack
 from .mixing import absorb_query, mix, read_values
 
 
@@ -93,6 +99,57 @@ def decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torc
     return torch.stack(out)
 
 
+DEQUANT_BLOCK = 1024  # tokens dequantized at a time when decoding from a quantized cache
+
+
+def decode_blocks(q: torch.Tensor, k: QuantizedTokens, v: QuantizedTokens, *, mask: torch.Tensor | None, scale: float,
+                  factor: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of (B, G, R, E) queries over (B, G, S, E) quantized keys/values, reading the codes
+    `DEQUANT_BLOCK` tokens at a time. The scales never touch the block: keys are scaled per channel and group
+    of tokens, so a group's logits are (q * s) . codes + q . z with the scale folded into the few query rows;
+    values are scaled per token (and group of features), so the output is sum_t (p_t s_t) codes_t + p_t z_t
+    with the scale folded into the probabilities. Only the codes of one block are ever converted to floats;
+    the (B, G, R, S) logits are kept whole (R is a few query rows). mask: bool (B, 1, R, S); factor:
+    (B, 1, R, S) per-logit multipliers (QK-norm after mixing)."""
+    b, g, r, e = q.shape
+    s, n = k.shape[2], k.quantized
+    size = k.group_size
+    block = max(DEQUANT_BLOCK // size, 1) * size
+    spans = [(a, min(a + block, n)) for a in range(0, n, block)]
+    scores = q.new_empty((b, g, r, s), dtype=torch.float32)
+    for a, z in spans:  # keys: groups of `size` tokens share a per-channel scale
+        groups = (z - a) // size
+        codes = unpack(k.codes[:, :, a:z], k.bits).to(q.dtype).view(b, g, groups, size, e)  # (B, G, n, g, E)
+        k_scale = k.scale[:, :, a // size : z // size].to(q.dtype)  # (B, G, n, E)
+        k_zero = k.zero[:, :, a // size : z // size].to(q.dtype)
+        logits = (q[:, :, None] * k_scale[:, :, :, None]) @ codes.transpose(-1, -2)  # (B, G, n, R, g)
+        logits += (k_zero @ q.transpose(-1, -2))[..., None]  # q . z per group: (B, G, n, R, 1)
+        scores[..., a:z] = logits.permute(0, 1, 3, 2, 4).reshape(b, g, r, z - a)
+    if s > n:
+        scores[..., n:] = q @ k.tail.transpose(-1, -2)
+    scores *= scale
+    if factor is not None:
+        scores *= factor
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    p = torch.softmax(scores, dim=-1).to(q.dtype)  # (B, G, R, S)
+    out = p[..., n:] @ v.tail if s > n else q.new_zeros((b, g, r, v.shape[3]))
+    ev = v.shape[3]
+    for a, z in spans:  # values: groups of features of one token share a scale
+        codes = unpack(v.codes[:, :, a:z], v.bits).to(q.dtype)  # (B, G, L, E)
+        v_scale, v_zero = v.scale[:, :, a:z].to(q.dtype), v.zero[:, :, a:z].to(q.dtype)  # (B, G, L, E/g)
+        pb = p[..., a:z]  # (B, G, R, L)
+        groups = v_scale.shape[3]
+        if groups == 1:
+            out += (pb * v_scale[..., 0][:, :, None]) @ codes + pb @ v_zero
+        else:
+            weighted = (pb[..., None] * v_scale[:, :, None]).permute(0, 1, 4, 2, 3)  # (B, G, E/g, R, L)
+            per_group = weighted @ codes.view(b, g, z - a, groups, ev // groups).transpose(2, 3)  # (B, G, E/g, R, g)
+            out += per_group.permute(0, 1, 3, 2, 4).reshape(b, g, r, ev)
+            out += (pb @ v_zero).repeat_interleave(ev // groups, dim=-1)
+    return out
+
+
 def grouped_attention(
     q_BTND: torch.Tensor,
     k_BSHD: torch.Tensor,
@@ -101,12 +158,17 @@ def grouped_attention(
     mask: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """GQA decode: the queries of each KV group become rows of one attention over that head."""
+    """GQA decode: the queries of each KV group become rows of one attention over that head. k, v: (B, S, H, D)
+    views of a float cache, or `QuantizedTokens` of (B, H, S, D) read block by block."""
     b, t, n, d = q_BTND.shape
-    h, e = k_BSHD.shape[2], v_BSHD.shape[3]  # values may be wider than keys (differential attention)
-    g = n // h
+    quantized = isinstance(k_BSHD, QuantizedTokens)
+    h, e = (k_BSHD.shape[1], v_BSHD.shape[3]) if quantized else (k_BSHD.shape[2], v_BSHD.shape[3])
+    g = n // h  # values may be wider than keys (differential attention)
     q = q_BTND.reshape(b, t, h, g, d).permute(0, 2, 1, 3, 4).reshape(b, h, t * g, d)  # (B, H, T*g, D)
-    out = decode_sdpa(q, k_BSHD.transpose(1, 2), v_BSHD.transpose(1, 2), mask=_rows_mask(mask, g), scale=scale)
+    if quantized:
+        out = decode_blocks(q, k_BSHD, v_BSHD, mask=_rows_mask(mask, g), scale=scale)
+    else:
+        out = decode_sdpa(q, k_BSHD.transpose(1, 2), v_BSHD.transpose(1, 2), mask=_rows_mask(mask, g), scale=scale)
     return out.view(b, h, t, g, e).permute(0, 2, 1, 3, 4).reshape(b, t, n, e)
 
 
@@ -125,19 +187,27 @@ def absorbed_attention(
 ) -> torch.Tensor:
     """Attention from the compressed cache. k: (B, S, M_K, D) key components (after RoPE); v: (B, S, M_V, D)
     value components or (B, S, 1, R) a value latent; w_k, w_v: their mixing weights (see `ops.mixing`);
-    k_scale (B, S, H): optional per-token factor on composite keys (QK-norm after mixing). Returns (B, T, N, D)."""
+    k_scale (B, S, H): optional per-token factor on composite keys (QK-norm after mixing). Returns (B, T, N, D).
+    A quantized cache passes k, v as `QuantizedTokens` of (B, 1, S, M_K*D) and (B, 1, S, M_V*D or R), read
+    block by block."""
     b, t, n, d = q_BTND.shape
-    s = k_BSMD.shape[1]
+    quantized = isinstance(k_BSMD, QuantizedTokens)
+    s = k_BSMD.shape[2 if quantized else 1]
     h = k_scale_BSH.shape[2] if k_scale_BSH is not None else w_k.shape[1]
     q = absorb_query(q_BTND, w_k, key_mixing, h).reshape(b, 1, t * n, -1)  # rows (t, i)
-    k = k_BSMD.reshape(b, 1, s, -1)  # concatenated components, a view of the cache
-    v = v_BSMF.reshape(b, 1, s, -1)
     rows_mask = _rows_mask(mask, n)
-    if k_scale_BSH is None:
-        u = decode_sdpa(q, k, v, mask=rows_mask, scale=scale)
-    else:  # a per-(key, head) logit factor, which SDPA cannot take: two matmuls, each reading the cache once
+    factor = None
+    if k_scale_BSH is not None:  # a per-(key, head) logit factor, which SDPA cannot take
         factor = k_scale_BSH.repeat_interleave(n // h, dim=2).transpose(1, 2).to(q.dtype)  # (B, N, S)
         factor = factor[:, None, None].expand(b, 1, t, n, s).reshape(b, 1, t * n, s)
+    if quantized:
+        u = decode_blocks(q, k_BSMD, v_BSMF, mask=rows_mask, scale=scale, factor=factor)
+        return read_values(u.view(b, t, n, -1), w_v, value_mixing, h, d)
+    k = k_BSMD.reshape(b, 1, s, -1)  # concatenated components, a view of the cache
+    v = v_BSMF.reshape(b, 1, s, -1)
+    if factor is None:
+        u = decode_sdpa(q, k, v, mask=rows_mask, scale=scale)
+    else:  # two matmuls, each reading the cache once
         scores = (q @ k.transpose(-1, -2)) * (factor * scale)  # (B, 1, T*N, S)
         if rows_mask is not None:
             scores = scores.masked_fill(~rows_mask, float("-inf"))

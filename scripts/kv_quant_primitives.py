@@ -10,6 +10,10 @@ and the error of the attention logits q.k of the last query against every key (w
 median CPU seconds of quantizing and of dequantizing every layer once (one thread, process time, so the
 shared machine's other load counts less). Bytes: codes plus scales and zero points per element, as each
 library stores them (torchao's quantize_affine leaves 4-bit codes one per byte; `packed` says so).
+
+torchao is not installed by `make setup` (installed, it is imported by transformers at start-up and prints
+warnings on every command): `pip install torchao==0.18.0` to include it; a library that is missing is
+recorded as such in the JSON.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ def input_moments(model: MEAForCausalLM, windows: torch.Tensor, *, batch_size: i
     def hook(idx):
         def fn(module, args, kwargs):
             x1 = _with_one(args[0])
-            moments[idx] += x1.T @ x1
+            moments[idx] += (x1.T @ x1).cpu()  # the factorisation reads the moments on the CPU
         return fn
 
     _run_with_hooks(model, windows, {i: hook(i) for i in range(len(layers))}, batch_size)
@@ -69,9 +69,9 @@ def key_moments(model: MEAForCausalLM, windows: torch.Tensor, *,
             if sums[idx] is None:
                 sums[idx] = [torch.zeros(x1.shape[1], x1.shape[1], dtype=torch.float64),
                              torch.zeros(r.shape[1], dtype=torch.float64), torch.zeros((), dtype=torch.float64)]
-            sums[idx][0] += (x1 * s[:, None]).T @ x1
-            sums[idx][1] += r.sum(dim=0)
-            sums[idx][2] += s.sum()
+            sums[idx][0] += ((x1 * s[:, None]).T @ x1).cpu()
+            sums[idx][1] += r.sum(dim=0).cpu()
+            sums[idx][2] += s.sum().cpu()
         return fn
 
     _run_with_hooks(model, windows, {i: hook(i) for i, layer in enumerate(layers) if layer.self_attn.k_norm is not None},

@@ -7,6 +7,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from .. import precision
 from ..checkpoint import check_output_dir, save_atomic
 from ..console import log
 from ..convert import load_source, to_mea
@@ -54,6 +55,9 @@ class CompressOptions:
         default=True, metadata={"flag": "--skip-original-eval"})
     eval_windows: int = 8  # held-out perplexity windows
     eval_window: int = 1024  # tokens per held-out window
+    device: str | None = None  # where the model runs (default cuda when a GPU is visible, else cpu); the factorisation runs on the CPU in float64
+    dtype: str = field(  # weights: auto (bf16 on GPUs and CPUs with native bf16, else fp32), fp32 or bf16
+        default=precision.DEFAULT_DTYPE, metadata={"choices": precision.PRECISIONS})
 
 
 def validate(opts: CompressOptions) -> None:
@@ -144,11 +148,13 @@ def heldout_windows(tok, opts: CompressOptions):
 
 def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = False) -> dict:
     validate(opts)
+    device, dtype = precision.placement(opts.device, opts.dtype)
     check_output_dir(out, overwrite=overwrite)
     t_start = time.perf_counter()
-    log(f"loading {src} ...")
-    source = load_source(src)
-    teacher = to_mea(source.model)
+    log(f"loading {src} ({precision.name(dtype)} on {device}) ...")
+    source = load_source(src, dtype=dtype)
+    source.model.to(device)
+    teacher = to_mea(source.model).to(device)
     if source.tokenizer is None:
         raise ValueError(f"{src} has no tokenizer files; compression needs one for calibration text")
     tok = source.tokenizer
@@ -158,12 +164,13 @@ def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = Fal
         "kv_fraction": student.config.kv_cache_bytes_per_token() / teacher.config.kv_cache_bytes_per_token(),
         "options": vars(opts), "calibration": opts.calib or "embedded corpus (mea.data.calibration_windows)",
         "calibration_tokens": windows.numel(), "command": " ".join(sys.argv),
+        "placement": precision.describe(device, dtype),
     }
     save_atomic(student, out, tokenizer=tok, copy_from=source.path, overwrite=overwrite,
                 extra_json={"mea_provenance.json": {**provenance, "factor_report": factor_report,
                                                     "layerwise_fit": fit_report}})
     log(f"wrote {out}")
-    report = {"out": out, **{k: provenance[k] for k in ("source", "method", "plan", "kv_fraction")}}
+    report = {"out": out, **{k: provenance[k] for k in ("source", "method", "plan", "kv_fraction", "placement")}}
     report["kv_bytes_per_token_fp32"] = {
         "original": generate_and_measure(source.model, tok, SAMPLE_PROMPT),
         "compressed": generate_and_measure(student, tok, SAMPLE_PROMPT),

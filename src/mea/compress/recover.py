@@ -31,7 +31,7 @@ from ..ops import rope_cos_sin
 
 
 def _positions_cos_sin(model: MEAForCausalLM, batch: int, length: int, dtype):
-    pos = torch.arange(length)[None].expand(batch, length)
+    pos = torch.arange(length, device=model.device)[None].expand(batch, length)
     return rope_cos_sin(model.model.inv_freq, pos, model.model.rope_scaling, dtype)
 
 
@@ -99,7 +99,7 @@ def layerwise_fit(student: MEAForCausalLM, teacher: MEAForCausalLM, windows: tor
     def attend(attn, x):
         return attn(x, cos[: len(x)], sin[: len(x)])
 
-    h_t = _batched(teacher.model.embed_tokens, windows, batch)
+    h_t = _batched(teacher.model.embed_tokens, windows.to(teacher.device), batch)
     h_s = h_t.clone()
     report = []
     for i, (s_block, t_block) in enumerate(zip(student.model.layers, teacher.model.layers)):

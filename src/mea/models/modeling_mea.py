@@ -57,6 +57,33 @@ def position_ids_from_mask(attention_mask: torch.Tensor | None, past: int, q_len
     return pos.clamp(min=0)[:, -q_len:]
 
 
+def decoder_layer(config: MEAConfig, i: int) -> MEADecoderLayer:
+    """Decoder block `i` of a model with `config` (also built alone, to compress a checkpoint one layer at a time)."""
+    attention_class = DifferentialAttention if config.mea_differential else MEAAttention
+    return MEADecoderLayer(
+        attention=attention_class(
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=config.head_dim,
+            **config.attention_kwargs(i),
+            hlc=config.mea_hlc,
+            head_norm=config.mea_head_norm,
+            head_norm_eps=config.mea_head_norm_eps,
+            hlc_init=config.mea_hlc_init,
+            qk_norm=config.use_qk_norm,
+            qk_norm_eps=config.qk_norm_eps,
+            qkv_bias=config.attention_bias,
+            out_bias=config.attention_out_bias,
+            layer_idx=i,
+        ),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        rms_norm_eps=config.rms_norm_eps,
+        mlp_bias=config.mlp_bias,
+    )
+
+
 class MEAPreTrainedModel(PreTrainedModel):
     config_class = MEAConfig
     config: MEAConfig
@@ -101,32 +128,7 @@ class MEAModel(MEAPreTrainedModel):
     def __init__(self, config: MEAConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        attention_class = DifferentialAttention if config.mea_differential else MEAAttention
-        self.layers = nn.ModuleList(
-            MEADecoderLayer(
-                attention=attention_class(
-                    hidden_size=config.hidden_size,
-                    num_heads=config.num_attention_heads,
-                    num_kv_heads=config.num_key_value_heads,
-                    head_dim=config.head_dim,
-                    **config.attention_kwargs(i),
-                    hlc=config.mea_hlc,
-                    head_norm=config.mea_head_norm,
-                    head_norm_eps=config.mea_head_norm_eps,
-                    hlc_init=config.mea_hlc_init,
-                    qk_norm=config.use_qk_norm,
-                    qk_norm_eps=config.qk_norm_eps,
-                    qkv_bias=config.attention_bias,
-                    out_bias=config.attention_out_bias,
-                    layer_idx=i,
-                ),
-                hidden_size=config.hidden_size,
-                intermediate_size=config.intermediate_size,
-                rms_norm_eps=config.rms_norm_eps,
-                mlp_bias=config.mlp_bias,
-            )
-            for i in range(config.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(decoder_layer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         inv_freq, self.rope_scaling = rope_inv_freq(config.rope_parameters or {}, config.head_dim,
                                                     config.max_position_embeddings)

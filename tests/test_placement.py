@@ -1,26 +1,17 @@
 """--device and --dtype: one default (mea.precision), checked names, recorded in results; the compression
 agrees between fp32 and bf16 on the CPU."""
 
-import json
-
 import pytest
 import torch
-from helpers import save_tiny_llama
+from helpers import run_cli, save_tiny_llama
 from safetensors.torch import load_file
 
 from mea import precision
-from mea.cli import main
 
 
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory):
     return save_tiny_llama(tmp_path_factory.mktemp("src"))
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, (json.loads(out.out) if code == 0 else None), out.err
 
 
 def test_default_device_and_dtype_follow_the_hardware(monkeypatch):
@@ -42,13 +33,13 @@ def test_default_device_and_dtype_follow_the_hardware(monkeypatch):
                                   ["recover", "a", "b", "--teacher", "smollm2"],
                                   ["eval", "needle", "smollm2", "out"], ["eval", "tasks", "smollm2"]])
 def test_a_missing_gpu_is_named_before_any_work(capsys, tmp_path, argv):
-    code, _, err = run(capsys, *[a if a != "out" else tmp_path / "out" for a in argv], "--device", "cuda")
+    code, _, err = run_cli(capsys, *[a if a != "out" else tmp_path / "out" for a in argv], "--device", "cuda")
     assert code == 2 and "no CUDA device is visible" in err and "--device cpu" in err
     assert not (tmp_path / "out").exists()
 
 
 def test_results_record_where_and_in_what_they_ran(capsys, tiny_llama_dir):
-    code, res, err = run(capsys, "eval", "ppl", tiny_llama_dir, "--windows", "1", "--window", "32",
+    code, res, err = run_cli(capsys, "eval", "ppl", tiny_llama_dir, "--windows", "1", "--window", "32",
                          "--device", "cpu", "--dtype", "fp32")
     assert code == 0, err
     assert res["placement"]["device"] == "cpu" and res["placement"]["precision"] == "fp32"
@@ -60,7 +51,7 @@ def test_compression_in_fp32_and_bf16_agrees(capsys, tmp_path, tiny_llama_dir):
     of its calibration activations (bf16 keeps 8 bits: relative error 2^-8 = 0.4% per value)."""
     outs = {}
     for dtype in ("fp32", "bf16"):
-        code, res, err = run(capsys, "compress", tiny_llama_dir, tmp_path / dtype, "--virtual-heads", "1",
+        code, res, err = run_cli(capsys, "compress", tiny_llama_dir, tmp_path / dtype, "--virtual-heads", "1",
                              "--calib-windows", "4", "--calib-window", "64", "--recover", "none", "--no-eval",
                              "--device", "cpu", "--dtype", dtype)
         assert code == 0, err

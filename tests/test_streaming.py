@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import save_tiny_llama
+from helpers import run_cli, save_tiny_llama
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import mea.compress.pipeline as pipeline
@@ -28,21 +28,15 @@ def sharded_llama(tmp_path_factory):
     return root
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, (json.loads(out.out) if code == 0 else None), out.err
-
-
 @pytest.mark.parametrize("extra", [
     pytest.param(["--virtual-heads", "1"], id="whitened"),
     pytest.param(["--virtual-heads", "2", "--layers", "0,2"], id="some-layers", marks=pytest.mark.slow),
     pytest.param(["--virtual-heads", "1", "--method", "svd"], id="svd", marks=pytest.mark.slow),
 ])
 def test_streamed_output_equals_the_in_memory_path(capsys, tmp_path, sharded_llama, extra):
-    code, mem, err = run(capsys, "compress", sharded_llama, tmp_path / "mem", *SMALL, *extra)
+    code, mem, err = run_cli(capsys, "compress", sharded_llama, tmp_path / "mem", *SMALL, *extra)
     assert code == 0, err
-    code, streamed, err = run(capsys, "compress", sharded_llama, tmp_path / "stream", *SMALL, *extra, "--stream")
+    code, streamed, err = run_cli(capsys, "compress", sharded_llama, tmp_path / "stream", *SMALL, *extra, "--stream")
     assert code == 0, err
     assert streamed["plan"] == mem["plan"] and streamed["kv_fraction"] == mem["kv_fraction"]
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "mem").state_dict()
@@ -68,7 +62,7 @@ def test_an_interrupted_streamed_compression_leaves_nothing_and_reruns(capsys, t
         main([str(a) for a in ("compress", sharded_llama, tmp_path / "out", "--virtual-heads", "1", *SMALL, "--stream")])
     assert list(tmp_path.iterdir()) == []  # no output, no partial directory beside it
     monkeypatch.setattr(streaming, "factor_attention", real)
-    code, res, err = run(capsys, "compress", sharded_llama, tmp_path / "out", "--virtual-heads", "1", *SMALL, "--stream")
+    code, res, err = run_cli(capsys, "compress", sharded_llama, tmp_path / "out", "--virtual-heads", "1", *SMALL, "--stream")
     assert code == 0, err
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert model.config.component_heads() == [1, 1, 1]
@@ -77,7 +71,7 @@ def test_an_interrupted_streamed_compression_leaves_nothing_and_reruns(capsys, t
 
 def test_too_large_for_memory_names_the_streaming_option(capsys, tmp_path, sharded_llama, monkeypatch):
     monkeypatch.setattr(pipeline, "available_memory", lambda device: 100_000)
-    code, _, err = run(capsys, "compress", sharded_llama, tmp_path / "out", "--virtual-heads", "1", *SMALL)
+    code, _, err = run_cli(capsys, "compress", sharded_llama, tmp_path / "out", "--virtual-heads", "1", *SMALL)
     assert code == 2 and "--stream" in err and "GiB" in err
     assert not (tmp_path / "out").exists()
 
@@ -87,12 +81,12 @@ def test_too_large_for_memory_names_the_streaming_option(capsys, tmp_path, shard
     (["--virtual-heads", "1"], "--recover none"),
 ])
 def test_what_streaming_does_not_do_is_named(capsys, tmp_path, sharded_llama, argv, message):
-    code, _, err = run(capsys, "compress", sharded_llama, tmp_path / "out", *argv, "--stream")
+    code, _, err = run_cli(capsys, "compress", sharded_llama, tmp_path / "out", *argv, "--stream")
     assert code == 2 and message in err
     assert not (tmp_path / "out").exists()
 
 
 def test_streaming_needs_a_checkpoint_directory(capsys, tmp_path):
-    code, _, err = run(capsys, "compress", "smollm2", tmp_path / "out", "--virtual-heads", "1", "--recover", "none",
+    code, _, err = run_cli(capsys, "compress", "smollm2", tmp_path / "out", "--virtual-heads", "1", "--recover", "none",
                        "--stream")
     assert code == 2 and "checkpoint directory" in err

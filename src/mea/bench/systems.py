@@ -12,7 +12,6 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from ..cache import MEACache
 from ..convert.fold import fold_hlc, plain_config_fields
-from ..machine import available_memory  # noqa: F401  (the benchmarks read it from here)
 from ..models import MEAForCausalLM, make_config
 
 LLAMA = "transformers-llama"

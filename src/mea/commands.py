@@ -117,20 +117,24 @@ def cmd_recover(src: str, out: str, teacher: str, layerwise_steps: int = 0, text
                 evaluate: bool = True, overwrite: bool = False, device: str | None = None, **distill_options) -> dict:
     """Recovery training of the compressed checkpoint `src` toward `teacher` on `device` (weights in float32,
     autocast by --precision); `distill_options`: DistillConfig fields. Progress lives in `{out}.state` until
-    the model is written, so a killed run resumes."""
+    the model is written, so a killed run resumes, also under another number of processes. Under torchrun each
+    process takes its device and a share of every batch (DDP, or FSDP2 with --fsdp); the first one evaluates
+    and writes."""
     import time
 
     from .atomic import remove_tree
     from .checkpoint import check_output_dir, load_causal_lm, save_atomic
-    from .compress.recover import DistillConfig, distill, layerwise_fit
+    from .compress.recover import DistillConfig, distill, layerwise_fit, load_trained
     from .convert import load_source, to_mea
     from .data import calibration_windows, heldout_text, read_texts, token_windows, training_tokens
     from .eval import perplexity
     from .models import MEAForCausalLM
     from .precision import resolve_device
+    from .train.distributed import barrier, setup, teardown
 
     cfg = DistillConfig(**distill_options)
-    dev = resolve_device(device)
+    d = setup()
+    dev = d.device if d.world > 1 else resolve_device(device)
     check_output_dir(out, overwrite=overwrite)
     cfg.check()
     if cfg.tokens < cfg.batch * cfg.seq_len and layerwise_steps == 0:
@@ -146,6 +150,7 @@ def cmd_recover(src: str, out: str, teacher: str, layerwise_steps: int = 0, text
         raise ValueError(f"teacher vocabulary ({teacher_model.config.vocab_size}) differs from the student's "
                          f"({student.config.vocab_size}); recover from the model it was compressed from")
     report = {"src": src, "teacher": teacher_source.description}
+    evaluate = evaluate and d.main  # one process scores
     held = (token_windows(tok, heldout_text(cfg.domain), window=1024, count=8, what="held-out text") if evaluate
             else None)
     report["heldout"] = f"{cfg.domain} held-out text (mea.data.heldout_text)" if evaluate else None
@@ -158,6 +163,12 @@ def cmd_recover(src: str, out: str, teacher: str, layerwise_steps: int = 0, text
         stream = (tok(read_texts(text), add_special_tokens=False, return_tensors="pt").input_ids[0] if text
                   else training_tokens(tok, domain=cfg.domain))
         report["distill"] = distill(student, teacher_model, stream, Path(f"{out}.state"), cfg, tokenizer=tok, log=log)
+        if d.world > 1:  # the trained weights, whole, as the last checkpoint holds them
+            student = load_trained(load_causal_lm(src), Path(f"{out}.state"), cfg).to(dev)
+    if not d.main:
+        barrier(d)
+        teardown(d)
+        return {}
     provenance_file = Path(src) / "mea_provenance.json"
     provenance = json.loads(provenance_file.read_text()) if provenance_file.exists() else {}
     provenance["recovery"] = {**report, "config": vars(cfg), "layerwise_steps": layerwise_steps,
@@ -168,6 +179,8 @@ def cmd_recover(src: str, out: str, teacher: str, layerwise_steps: int = 0, text
     remove_tree(f"{out}.state")
     report["out"] = out
     report["seconds"] = round(time.perf_counter() - t0, 1)
+    barrier(d)
+    teardown(d)
     return report
 
 

@@ -320,7 +320,7 @@ def distill(student: MEAForCausalLM, teacher, stream: torch.Tensor, state_dir: s
 
     try:
         from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=progress["step"], desc="recover", unit="step", disable=not d.main)
+        bar = tqdm(total=total_steps, initial=progress["step"], desc="recover", unit="step") if d.main else None
     except ImportError:  # pragma: no cover
         bar = None
     student.train()

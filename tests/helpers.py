@@ -89,3 +89,14 @@ def padding_mask(b, t, s, lengths):
     valid = torch.stack([key >= s - n for n in lengths])  # (B, S)
     m = causal[None] & valid[:, None]
     return (m | (key[None, :] == torch.arange(past, s)[:, None])[None])[:, None]
+
+
+def run_cli(capsys, *argv):
+    """`mea ARGV` in this process: (exit code, the printed JSON when it succeeded, stderr)."""
+    import json
+
+    from mea.cli import main
+
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, (json.loads(out.out) if code == 0 else None), out.err

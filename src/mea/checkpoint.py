@@ -17,8 +17,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "chat_template.jinja", "generation_config.json")
 
 
-def load_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Load a local causal-LM checkpoint directory (safetensors weights; never runs checkpoint code)."""
+def load_causal_lm(path: str | Path, *, dtype: torch.dtype | str = torch.float32) -> PreTrainedModel:
+    """Load a local causal-LM checkpoint directory (safetensors weights; never runs checkpoint code). dtype "auto":
+    as stored."""
     import mea  # noqa: F401  (registers model_type "mea")
 
     path = Path(path)

@@ -110,6 +110,16 @@ def show_defaults(parser: argparse.ArgumentParser, *functions) -> None:
                     break
 
 
+def add_placement_flags(parser: argparse.ArgumentParser, *, dtype: bool = True) -> None:
+    """--device (and --dtype) of a command that loads or trains a model; defaults in `mea.precision`."""
+    from .precision import PRECISIONS
+
+    parser.add_argument("--device", help="cpu, cuda, cuda:N (default cuda when a GPU is visible, else cpu)")
+    if dtype:
+        parser.add_argument("--dtype", choices=PRECISIONS, help="model weights: auto is bf16 on GPUs and on CPUs "
+                            "with native bf16 (AVX512-BF16, AMX), else fp32")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .bench import RUNNERS
     from .compress.methods import METHODS
@@ -203,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("src")
     s.add_argument("out")
     s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--dtype", choices=("fp32", "bf16"), help="weights written (default: as stored in SRC)")
 
     s = command(sub, "export", commands.cmd_export,
                 "export an MEA model with h' = 1 in every layer as an exact multi-query Llama (one KV head)")
@@ -260,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--window", type=int, help="tokens per probe window (and per retrieval sequence)")
     s.add_argument("--objective", choices=list(PROBE_OBJECTIVES),
                    help="loss compared: text (next token), retrieval (planted answers) or both")
+    add_placement_flags(s)
 
     s = command(sub, "recover", commands.cmd_recover, "recovery training of a compressed model toward its original")
     s.add_argument("src", help="the compressed MEA checkpoint")
@@ -269,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text", nargs="+", help="training text files (default: the --domain calibration documents)")
     s.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the perplexity before and after")
     s.add_argument("--overwrite", action="store_true")
+    add_placement_flags(s, dtype=False)  # weights stay float32; --precision sets the autocast
     add_dataclass_options(s, DistillConfig)
 
     s = sub.add_parser("eval", help="evaluation")
@@ -281,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="at most this many examples per task")
     e.add_argument("--batch-size", type=int)
     e.add_argument("--out", help="write OUT.json and OUT.md")
+    add_placement_flags(e)
     e = command(ev, "needle", commands.cmd_eval_needle,
                 "needle-in-a-haystack retrieval over context lengths x depths -> json + heatmap")
     e.add_argument("model")
@@ -289,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--depths", type=float, nargs="+")
     e.add_argument("--trials", type=int)
     e.add_argument("--seed", type=int)
+    add_placement_flags(e)
     e = command(ev, "hlc", commands.cmd_eval_hlc,
                 "HLC matrices, their movement, and head importance (loss when a head is removed)")
     e.add_argument("model", help="an MEA checkpoint directory (trained, converted, compressed or recovered)")
@@ -308,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lr", type=float)
     e.add_argument("--component-heads", type=int, help="h' for HLC variants (KV-cache compression from scratch)")
     e.add_argument("--out", help="also write the JSON result here")
+    add_placement_flags(e, dtype=False)  # trained from scratch in float32
     e = command(ev, "ppl", commands.cmd_eval_ppl, "perplexity on the documented held-out text (or --text files)")
     e.add_argument("model")
     e.add_argument("--text", nargs="+")
@@ -315,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="whose held-out text, without --text: shakespeare (Hamlet, the default) or modern (Debian Reference)")
     e.add_argument("--windows", type=int)
     e.add_argument("--window", type=int)
+    add_placement_flags(e)
 
     s = sub.add_parser("bench", help="speed benchmarks (JSON with a machine header)")
     bench = s.add_subparsers(dest="what", required=True)

@@ -11,6 +11,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .console import log
+from .precision import DEFAULT_DTYPE
+
+
+def load_placed(src: str, device: str | None, dtype: str, *, mea: bool = False, tokenizer_for: str | None = None):
+    """The model of `src` (as an MEA model with `mea`) on `--device` in `--dtype`, and the placement a result
+    records: (source, model, placement)."""
+    from .convert import load_source, to_mea
+    from .precision import describe, placement
+
+    dev, dt = placement(device, dtype)
+    source = load_source(src, dtype=dt, tokenizer_for=tokenizer_for)
+    model = (to_mea(source.model) if mea else source.model).to(dev)
+    return source, model, describe(dev, dt)
 
 
 def cmd_info(model: str | None = None, bytes_per_element: int = 2, kv_bits: int | None = None) -> dict:
@@ -36,17 +49,20 @@ def cmd_quantize_cache(checkpoint: str, kv_bits: int, group_size: int | None = N
     return quantize_cache_dir(checkpoint, kv_bits, group_size, residual)
 
 
-def cmd_fold(src: str, out: str, overwrite: bool = False) -> dict:
+def cmd_fold(src: str, out: str, overwrite: bool = False, dtype: str | None = None) -> dict:
+    """Fold on the CPU (no forward pass; exact): the weights are written in the dtype they were stored in, or in
+    `dtype` (fp32, bf16)."""
     from .checkpoint import load_causal_lm, save_atomic
     from .convert import export_plain
     from .models import MEAForCausalLM
+    from .precision import resolve
 
-    model = load_causal_lm(src)
+    model = load_causal_lm(src, dtype="auto" if dtype is None else resolve(dtype, "cpu"))
     if not isinstance(model, MEAForCausalLM):
         raise ValueError(f"{src} is a {type(model).__name__}, not an MEA checkpoint; nothing to fold")
     plain = export_plain(model)
     save_atomic(plain, out, copy_from=src, overwrite=overwrite)
-    return {"src": src, "out": out, "architecture": type(plain).__name__}
+    return {"src": src, "out": out, "architecture": type(plain).__name__, "dtype": str(plain.dtype).removeprefix("torch.")}
 
 
 def cmd_export(src: str, out: str, to: str = "llama", overwrite: bool = False) -> dict:
@@ -136,18 +152,17 @@ def cmd_compress(src: str, out: str, overwrite: bool = False, **options) -> dict
 
 
 def cmd_probe(src: str, out: str, levels: list[int] | None = None, method: str = "whitened", windows: int = 4,
-              window: int = 512, objective: str = "text") -> dict:
+              window: int = 512, objective: str = "text", device: str | None = None,
+              dtype: str = DEFAULT_DTYPE) -> dict:
     """Probe every layer at every h' in `levels` (default 1 .. h-1) with the `objective` loss
     (`mea.compress.probe.probe_loss`); write probe.json, probe.md, probe.png."""
     from .atomic import write_json_atomic, write_text_atomic
     from .compress.calibrate import input_moments, key_moments
     from .compress.methods import method_of
     from .compress.probe import plot_probe, probe_layers, probe_loss, probe_markdown
-    from .convert import load_source, to_mea
     from .data import calibration_windows
 
-    source = load_source(src)
-    model = to_mea(source.model)
+    source, model, placed = load_placed(src, device, dtype, mea=True)
     h = model.config.num_key_value_heads
     levels = levels or list(range(1, h))
     if any(not 1 <= m < h for m in levels):
@@ -159,6 +174,7 @@ def cmd_probe(src: str, out: str, levels: list[int] | None = None, method: str =
     result = probe_layers(model, probe_loss(source.tokenizer, objective, windows=windows, window=window), moments, keys,
                           levels=levels, method=method, log=log)
     result["source"] = source.description
+    result["placement"] = placed
     out_dir = Path(out)
     write_json_atomic(out_dir / "probe.json", result)
     write_text_atomic(out_dir / "probe.md", probe_markdown(result))
@@ -170,35 +186,43 @@ def cmd_probe(src: str, out: str, levels: list[int] | None = None, method: str =
 
 
 def cmd_recover(src: str, out: str, teacher: str, layerwise_steps: int = 0, text: list[str] | None = None,
-                evaluate: bool = True, overwrite: bool = False, **distill_options) -> dict:
-    """Recovery training of the compressed checkpoint `src` toward `teacher`; `distill_options`: DistillConfig
-    fields. Progress lives in `{out}.state` until the model is written, so a killed run resumes."""
+                evaluate: bool = True, overwrite: bool = False, device: str | None = None, **distill_options) -> dict:
+    """Recovery training of the compressed checkpoint `src` toward `teacher` on `device` (weights in float32,
+    autocast by --precision); `distill_options`: DistillConfig fields. Progress lives in `{out}.state` until
+    the model is written, so a killed run resumes, also under another number of processes. Under torchrun each
+    process takes its device and a share of every batch (DDP, or FSDP2 with --fsdp); the first one evaluates
+    and writes."""
     import time
 
     from .atomic import remove_tree
     from .checkpoint import check_output_dir, load_causal_lm, save_atomic
-    from .compress.recover import DistillConfig, distill, layerwise_fit
+    from .compress.recover import DistillConfig, distill, layerwise_fit, load_trained
     from .convert import load_source, to_mea
     from .data import calibration_windows, heldout_text, read_texts, token_windows, training_tokens
     from .eval import perplexity
     from .models import MEAForCausalLM
+    from .precision import resolve_device
+    from .train.distributed import barrier, setup, teardown
 
     cfg = DistillConfig(**distill_options)
+    d = setup()
+    dev = d.device if d.world > 1 else resolve_device(device)
     check_output_dir(out, overwrite=overwrite)
     cfg.check()
     if cfg.tokens < cfg.batch * cfg.seq_len and layerwise_steps == 0:
         raise ValueError("nothing to do: --tokens is below one step and --layerwise-steps is 0")
     t0 = time.perf_counter()
-    student = load_causal_lm(src)
+    student = load_causal_lm(src).to(dev)
     if not isinstance(student, MEAForCausalLM):
         raise ValueError(f"{src} is a {type(student).__name__}; recover expects a compressed MEA checkpoint")
     teacher_source = load_source(teacher, tokenizer_for="recovery (training text)")
     tok = teacher_source.tokenizer
-    teacher_model = to_mea(teacher_source.model)
+    teacher_model = to_mea(teacher_source.model).to(dev)
     if teacher_model.config.vocab_size != student.config.vocab_size:
         raise ValueError(f"teacher vocabulary ({teacher_model.config.vocab_size}) differs from the student's "
                          f"({student.config.vocab_size}); recover from the model it was compressed from")
     report = {"src": src, "teacher": teacher_source.description}
+    evaluate = evaluate and d.main  # one process scores
     held = (token_windows(tok, heldout_text(cfg.domain), window=1024, count=8, what="held-out text") if evaluate
             else None)
     report["heldout"] = f"{cfg.domain} held-out text (mea.data.heldout_text)" if evaluate else None
@@ -211,6 +235,12 @@ def cmd_recover(src: str, out: str, teacher: str, layerwise_steps: int = 0, text
         stream = (tok(read_texts(text), add_special_tokens=False, return_tensors="pt").input_ids[0] if text
                   else training_tokens(tok, domain=cfg.domain))
         report["distill"] = distill(student, teacher_model, stream, Path(f"{out}.state"), cfg, tokenizer=tok, log=log)
+        if d.world > 1:  # the trained weights, whole, as the last checkpoint holds them
+            student = load_trained(load_causal_lm(src), Path(f"{out}.state"), cfg).to(dev)
+    if not d.main:
+        barrier(d)
+        teardown(d)
+        return {}
     provenance_file = Path(src) / "mea_provenance.json"
     provenance = json.loads(provenance_file.read_text()) if provenance_file.exists() else {}
     provenance["recovery"] = {**report, "config": vars(cfg), "layerwise_steps": layerwise_steps,
@@ -221,32 +251,32 @@ def cmd_recover(src: str, out: str, teacher: str, layerwise_steps: int = 0, text
     remove_tree(f"{out}.state")
     report["out"] = out
     report["seconds"] = round(time.perf_counter() - t0, 1)
+    barrier(d)
+    teardown(d)
     return report
 
 
 def cmd_eval_ppl(model: str, text: list[str] | None = None, domain: str = "shakespeare", windows: int = 8,
-                 window: int = 1024) -> dict:
-    from .convert import load_source
+                 window: int = 1024, device: str | None = None, dtype: str = DEFAULT_DTYPE) -> dict:
     from .data import heldout_text, read_texts, token_windows
     from .eval import perplexity
 
-    source = load_source(model, tokenizer_for="perplexity")
+    source, lm, placed = load_placed(model, device, dtype, tokenizer_for="perplexity")
     body = read_texts(text) if text else heldout_text(domain)
     ids = token_windows(source.tokenizer, body, window=window, count=windows, what="evaluation text")
     return {"model": source.description, "text": text or f"{domain} held-out text (mea.data.heldout_text)",
-            **perplexity(source.model, ids)}
+            **perplexity(lm, ids), "placement": placed}
 
 
 def cmd_eval_tasks(model: str, tasks: Sequence[str] = ("table1",), limit: int | None = None, batch_size: int = 8,
-                   out: str | None = None) -> dict:
-    from .convert import load_source
+                   out: str | None = None, device: str | None = None, dtype: str = DEFAULT_DTYPE) -> dict:
     from .eval.harness import resolve_tasks, run_tasks, task_table
 
     tasks = list(tasks)
     resolve_tasks(tasks)  # unknown names fail before the model loads
-    source = load_source(model, tokenizer_for="the harness")
-    result = {"model": source.description, **run_tasks(source.model, source.tokenizer, tasks, limit=limit,
-                                                       batch_size=batch_size)}
+    source, lm, placed = load_placed(model, device, dtype, tokenizer_for="the harness")
+    result = {"model": source.description, "placement": placed,
+              **run_tasks(lm, source.tokenizer, tasks, limit=limit, batch_size=batch_size, device=str(lm.device))}
     if out:
         from .atomic import write_json_atomic, write_text_atomic
 
@@ -256,14 +286,14 @@ def cmd_eval_tasks(model: str, tasks: Sequence[str] = ("table1",), limit: int | 
 
 
 def cmd_eval_needle(model: str, out: str, lengths: Sequence[int] = (512, 1024, 2048, 4096, 8192),
-                    depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), trials: int = 3, seed: int = 0) -> dict:
+                    depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0), trials: int = 3, seed: int = 0,
+                    device: str | None = None, dtype: str = DEFAULT_DTYPE) -> dict:
     from .atomic import write_json_atomic
-    from .convert import load_source
     from .eval.needle import needle_grid, plot_heatmap
 
-    source = load_source(model, tokenizer_for="the needle test")
-    result = {"model": source.description, **needle_grid(
-        source.model, source.tokenizer, lengths=list(lengths), depths=list(depths), trials=trials, seed=seed,
+    source, lm, placed = load_placed(model, device, dtype, tokenizer_for="the needle test")
+    result = {"model": source.description, "placement": placed, **needle_grid(
+        lm, source.tokenizer, lengths=list(lengths), depths=list(depths), trials=trials, seed=seed,
         log=log)}
     Path(out).mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(out) / "needle.json", result)
@@ -295,7 +325,7 @@ def cmd_eval_hlc(model: str, out: str, reference: str | None = None, windows: in
 
 def cmd_eval_mqar(variants: Sequence[str] = ("baseline", "mea"), seeds: Sequence[int] = (0, 1, 2),
                   out: str | None = None, component_heads: int | None = None, **settings) -> dict:
-    """`settings`: keyword arguments of `mea.eval.mqar.train_mqar` (pairs, queries, steps, lr, ...)."""
+    """`settings`: keyword arguments of `mea.eval.mqar.train_mqar` (pairs, queries, steps, lr, device, ...)."""
     from .eval.mqar import mqar_sweep
 
     overrides = {"mea_num_component_heads": component_heads} if component_heads else {}

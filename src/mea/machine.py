@@ -48,3 +48,16 @@ def machine_header(device: torch.device) -> dict:
     if device.type == "cuda":
         header["gpu"] = torch.cuda.get_device_name(device)
     return header
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new tensors: CUDA free memory, or the kernel's MemAvailable on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

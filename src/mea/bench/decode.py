@@ -15,12 +15,11 @@ import torch
 
 from . import kv_check
 from ..cache import cache_bytes_held
-from ..machine import machine_header
+from ..machine import available_memory, machine_header
 from ..markdown import markdown_table
 from .charts import plot_vs_context
 from .systems import (
     LLAMA,
-    available_memory,
     build_systems,
     decode_kernels,
     fill_cache,

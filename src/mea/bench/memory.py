@@ -14,10 +14,10 @@ import torch
 
 from . import kv_check
 from ..cache import cache_bytes_held
-from ..machine import machine_header
+from ..machine import available_memory, machine_header
 from ..markdown import markdown_table
 from .charts import plot_vs_context
-from .systems import available_memory, build_systems, fill_cache, predicted_kv_bytes, system_specs
+from .systems import build_systems, fill_cache, predicted_kv_bytes, system_specs
 from .timing import in_fresh_process
 
 

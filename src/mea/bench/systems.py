@@ -8,7 +8,6 @@ the KV bytes a system should hold.
 
 from __future__ import annotations
 
-import os
 
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
@@ -135,16 +134,3 @@ def predicted_kv_bytes(model, batch: int, tokens: int) -> int:
 def weight_bytes(model) -> int:
     """Bytes of weights read per decode step: every parameter once (a tied embedding is one parameter)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def available_memory(device: torch.device) -> int:
-    """Bytes free for new tensors: CUDA free memory, or the kernel's MemAvailable on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

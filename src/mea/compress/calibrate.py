@@ -20,12 +20,17 @@ def input_moments(model: MEAForCausalLM, windows: torch.Tensor, *, batch_size: i
 
     def hook(idx):
         def fn(module, args, kwargs):
-            x1 = _with_one(args[0])
-            moments[idx] += x1.T @ x1
+            add_input_moment(moments[idx], args[0])
         return fn
 
     _run_with_hooks(model, windows, {i: hook(i) for i in range(len(layers))}, batch_size)
     return moments
+
+
+def add_input_moment(moment: torch.Tensor, x: torch.Tensor) -> None:
+    """moment (C+1, C+1) += the moment of attention inputs x (..., C), on the CPU (where the factorisation reads it)."""
+    x1 = _with_one(x)
+    moment += (x1.T @ x1).cpu()
 
 
 def _with_one(x: torch.Tensor) -> torch.Tensor:
@@ -62,18 +67,29 @@ def key_moments(model: MEAForCausalLM, windows: torch.Tensor, *,
 
     def hook(idx):
         def fn(module, args, kwargs):
-            k, _ = module.composite_kv(args[0])  # (B, T, h, D), before the norm
-            r = inverse_rms(k, module.k_norm.eps).double().pow(2).reshape(-1, k.shape[2])  # (B*T, h)
-            s = r.mean(dim=1)
-            x1 = _with_one(args[0])
-            if sums[idx] is None:
-                sums[idx] = [torch.zeros(x1.shape[1], x1.shape[1], dtype=torch.float64),
-                             torch.zeros(r.shape[1], dtype=torch.float64), torch.zeros((), dtype=torch.float64)]
-            sums[idx][0] += (x1 * s[:, None]).T @ x1
-            sums[idx][1] += r.sum(dim=0)
-            sums[idx][2] += s.sum()
+            sums[idx] = add_key_sums(sums[idx], module, args[0])
         return fn
 
     _run_with_hooks(model, windows, {i: hook(i) for i, layer in enumerate(layers) if layer.self_attn.k_norm is not None},
                     batch_size)
-    return [None if acc is None else (acc[0], acc[1] / acc[2]) for acc in sums]
+    return [key_moment(acc) for acc in sums]
+
+
+def add_key_sums(sums: list | None, attn, x: torch.Tensor) -> list:
+    """The running sums of `key_moments` (None: none yet) plus those of attention inputs x (..., C) of `attn`."""
+    k, _ = attn.composite_kv(x)  # (B, T, h, D), before the norm
+    r = inverse_rms(k, attn.k_norm.eps).double().pow(2).reshape(-1, k.shape[2])  # (B*T, h)
+    s = r.mean(dim=1)
+    x1 = _with_one(x)
+    if sums is None:
+        sums = [torch.zeros(x1.shape[1], x1.shape[1], dtype=torch.float64),
+                torch.zeros(r.shape[1], dtype=torch.float64), torch.zeros((), dtype=torch.float64)]
+    sums[0] += ((x1 * s[:, None]).T @ x1).cpu()
+    sums[1] += r.sum(dim=0).cpu()
+    sums[2] += s.sum().cpu()
+    return sums
+
+
+def key_moment(sums: list | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A `key_moments` entry from its running sums."""
+    return None if sums is None else (sums[0], sums[1] / sums[2])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from ..layers import MEAAttention
@@ -76,14 +78,29 @@ def output_weights(attn) -> torch.Tensor:
     return m / m.diagonal(dim1=-2, dim2=-1).mean()
 
 
+def on_cpu(attn, *stats):
+    """The factorisation runs on the CPU in float64 whatever device the model is on: a CPU copy of one layer
+    (the layer itself when it is there already) and its calibration statistics (tensors, tuples, None)."""
+    def cpu(x):
+        return tuple(map(cpu, x)) if isinstance(x, tuple) else None if x is None else x.cpu()
+
+    return (attn if attn.q_proj.weight.device.type == "cpu" else copy.deepcopy(attn).cpu()), *map(cpu, stats)
+
+
 @torch.no_grad()
 def factor_attention(attn, target, *, method: str = "whitened", sigma: torch.Tensor | None = None,
                      key_stats: tuple[torch.Tensor, torch.Tensor] | None = None, key_weighting: bool = True,
                      value_weighting: bool = True, iterations: int = 30):
-    """A new `MEAAttention` approximating `attn` with `target` (see `layer_target`), and its error report:
-    k_error / v_error on the method's objective, k_rel_error / v_rel_error unweighted on the inputs
-    (Sigma when given, else the weights alone). sigma: the layer's (C+1, C+1) input moment; key_stats: its
-    `key_moments` entry (needed by weighted methods when the layer has QK-norm)."""
+    """A new `MEAAttention` approximating `attn` with `target` (see `layer_target`), on `attn`'s device, and its
+    error report: k_error / v_error on the method's objective, k_rel_error / v_rel_error unweighted on the
+    inputs (Sigma when given, else the weights alone). sigma: the layer's (C+1, C+1) input moment; key_stats:
+    its `key_moments` entry (needed by weighted methods when the layer has QK-norm)."""
+    new, row = _factor_attention(*on_cpu(attn, sigma, key_stats), target, method=method, key_weighting=key_weighting,
+                                 value_weighting=value_weighting, iterations=iterations)
+    return new.to(attn.q_proj.weight.device), row
+
+
+def _factor_attention(attn, sigma, key_stats, target, *, method, key_weighting, value_weighting, iterations):
     spec = method_of(method)
     if not attn.hlc:
         raise ValueError("compression needs an MEA layer with HLC (hlc=True); convert the model first")
@@ -159,6 +176,7 @@ def error_curves(attn, sigma: torch.Tensor | None, method: str, *, iterations: i
     spec = method_of(method)
     if spec.weighted and sigma is None:
         raise ValueError(f"method {method!r} needs calibration moments")
+    attn, sigma = on_cpu(attn, sigma)
     h, d = attn.num_kv_heads, attn.head_dim
     c = attn.q_proj.in_features
     metric = sigma if spec.weighted else torch.eye(c + 1, dtype=torch.float64)
@@ -178,6 +196,25 @@ def error_curves(attn, sigma: torch.Tensor | None, method: str, *, iterations: i
     return {"key": keys, "value": values}
 
 
+def keeps_layer(target: tuple[int, int], spec: Method, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether a layer with `target` stays as it is: the uncompressed size in the heads' own mixing."""
+    full = (num_kv_heads, num_kv_heads * head_dim if spec.value_mixing == "latent" else num_kv_heads)
+    return target == full and spec.key_mixing == "head" and spec.value_mixing == "head"
+
+
+def compressed_config(cfg: MEAConfig, targets: list[tuple[int, int]], spec: Method) -> MEAConfig:
+    """The config of the model whose layers have `targets` (see `layer_target`), compressed by `spec`."""
+    keys, values = [k for k, _ in targets], [v for _, v in targets]
+    fields = {"mea_num_component_heads": keys, "mea_num_key_components": None, "mea_num_value_components": None,
+              "mea_key_mixing": spec.key_mixing, "mea_value_mixing": spec.value_mixing, "mea_value_latent_dim": None,
+              "mea_hlc_init": None}
+    if spec.value_mixing == "latent":
+        fields["mea_value_latent_dim"] = values
+    elif keys != values:
+        fields.update(mea_num_key_components=keys, mea_num_value_components=values)
+    return MEAConfig(**{**cfg.to_dict(), **fields})
+
+
 @torch.no_grad()
 def factor_model(model: MEAForCausalLM, plan: list, *, method: str = "whitened",
                  moments: list[torch.Tensor] | None = None, key_moments: list | None = None,
@@ -194,11 +231,10 @@ def factor_model(model: MEAForCausalLM, plan: list, *, method: str = "whitened",
         raise ValueError("compression needs an MEA model with HLC (mea_hlc=True); convert it first")
     h, d = cfg.num_key_value_heads, cfg.head_dim
     targets = [layer_target(t, spec, d) for t in plan]
-    full = (h, h * d if spec.value_mixing == "latent" else h)
     state = dict(model.state_dict())
     report = []
     for i, (layer, target) in enumerate(zip(model.model.layers, targets)):
-        if target == full and spec.key_mixing == "head" and spec.value_mixing == "head":
+        if keeps_layer(target, spec, h, d):
             continue
         new, row = factor_attention(layer.self_attn, target, method=method,
                                     sigma=moments[i] if moments is not None else None,
@@ -207,15 +243,6 @@ def factor_model(model: MEAForCausalLM, plan: list, *, method: str = "whitened",
                                     value_weighting=value_weighting, iterations=iterations)
         state.update({f"model.layers.{i}.self_attn.{k}": v for k, v in new.state_dict().items()})
         report.append({"layer": i, **row})
-    keys, values = [k for k, _ in targets], [v for _, v in targets]
-    fields = {"mea_num_component_heads": keys, "mea_num_key_components": None, "mea_num_value_components": None,
-              "mea_key_mixing": spec.key_mixing, "mea_value_mixing": spec.value_mixing, "mea_value_latent_dim": None,
-              "mea_hlc_init": None}
-    if spec.value_mixing == "latent":
-        fields["mea_value_latent_dim"] = values
-    elif keys != values:
-        fields.update(mea_num_key_components=keys, mea_num_value_components=values)
-    new_cfg = MEAConfig(**{**cfg.to_dict(), **fields})
-    compressed = MEAForCausalLM(new_cfg).to(model.dtype)
+    compressed = MEAForCausalLM(compressed_config(cfg, targets, spec)).to(model.device, model.dtype)
     compressed.load_state_dict(state, strict=True)
     return compressed.eval(), report

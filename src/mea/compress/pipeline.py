@@ -7,6 +7,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
+import torch
+
+from .. import precision
+from ..atomic import atomic_dir
 from ..checkpoint import check_output_dir, save_atomic
 from ..console import log
 from ..convert import load_source, to_mea
@@ -14,12 +20,14 @@ from ..data import calibration_windows, heldout_text, read_texts, token_windows
 from ..eval import generate_and_measure, perplexity
 from ..kv_setting import set_kv_quant
 from ..ops.kvquant import KV_BITS
+from ..machine import available_memory
 from .calibrate import input_moments, key_moments
 from .factor_model import error_curves, factor_model
 from .methods import METHODS, method_of
 from .plan import LAYER_PRESETS, budget_plan, load_sensitivity, parse_layers, preset_layers, uniform_plan, width_plan
 from .probe import PROBE_OBJECTIVES, probe_layers, quick_probe_loss
 from .recover import FIT_MODES, layerwise_fit
+from .streaming import Shards, check_streamable, compress_streamed, copy_tokenizer_files, finish
 
 SAMPLE_PROMPT = "What is the capital of France? Answer in one sentence."
 
@@ -60,6 +68,10 @@ class CompressOptions:
     eval_window: int = 1024  # tokens per held-out window
     kv_bits: int | None = field(  # also store the KV cache as 8- or 4-bit codes with scales (mea_kv_bits)
         default=None, metadata={"choices": KV_BITS})
+    stream: bool = False  # load, compress and write one decoder layer at a time (checkpoints larger than memory; needs --recover none)
+    device: str | None = None  # where the model runs (default cuda when a GPU is visible, else cpu); the factorisation runs on the CPU in float64
+    dtype: str = field(  # weights: auto (bf16 on GPUs and CPUs with native bf16, else fp32), fp32 or bf16
+        default=precision.DEFAULT_DTYPE, metadata={"choices": precision.PRECISIONS})
 
 
 def validate(opts: CompressOptions) -> None:
@@ -97,14 +109,20 @@ def allocation(opts: CompressOptions) -> str:
     return "errors" if method_of(opts.method).value_mixing == "latent" else opts.allocate
 
 
+def heads_plan(cfg, opts: CompressOptions) -> list[int]:
+    """The plan of --virtual-heads: h' on the chosen layers, h elsewhere."""
+    h, num_layers = cfg.num_key_value_heads, cfg.num_hidden_layers
+    if opts.virtual_heads > h:
+        raise ValueError(f"--virtual-heads {opts.virtual_heads} is larger than the model's h = {h} KV heads")
+    layers = parse_layers(opts.layers, num_layers) if opts.layers else preset_layers(opts.preset, num_layers)
+    return uniform_plan(num_layers, h, opts.virtual_heads, layers)
+
+
 def make_plan(model, opts: CompressOptions, tokenizer, moments, keys) -> list:
     cfg = model.config
     h, num_layers = cfg.num_key_value_heads, cfg.num_hidden_layers
     if opts.virtual_heads is not None:
-        if opts.virtual_heads > h:
-            raise ValueError(f"--virtual-heads {opts.virtual_heads} is larger than the model's h = {h} KV heads")
-        layers = parse_layers(opts.layers, num_layers) if opts.layers else preset_layers(opts.preset, num_layers)
-        return uniform_plan(num_layers, h, opts.virtual_heads, layers)
+        return heads_plan(cfg, opts)
     if allocation(opts) == "errors":  # the same share of every layer, split between keys and values by error
         curves = [error_curves(layer.self_attn, moments[i], opts.method) for i, layer in enumerate(model.model.layers)]
         return width_plan(curves, h, cfg.head_dim, opts.kv_budget,
@@ -118,17 +136,21 @@ def make_plan(model, opts: CompressOptions, tokenizer, moments, keys) -> list:
     return budget_plan(sens, num_layers, h, opts.kv_budget)
 
 
+def calibration_set(tok, opts: CompressOptions):
+    """The calibration windows (N, T): --calib files, else the embedded corpus."""
+    if opts.calib:
+        return token_windows(tok, read_texts(opts.calib), window=opts.calib_window, count=opts.calib_windows,
+                             what="calibration text")
+    return calibration_windows(tok, window=opts.calib_window, count=opts.calib_windows)
+
+
 def compress_model(teacher, tok, opts: CompressOptions) -> tuple:
     """The compression steps on a loaded MEA teacher: calibration, plan, factorisation and the optional
     layer-wise fit. Returns (student, plan, factor report, fit report, calibration windows)."""
     if teacher.config.use_qk_norm and method_of(opts.method).key_mixing != "head":
         raise ValueError(f"--method {opts.method} mixes keys per RoPE pair, which QK-norm's per-feature scale does not "
                          "commute with; for this model (QK-norm) use --method whitened or svd")
-    if opts.calib:
-        windows = token_windows(tok, read_texts(opts.calib), window=opts.calib_window, count=opts.calib_windows,
-                                what="calibration text")
-    else:
-        windows = calibration_windows(tok, window=opts.calib_window, count=opts.calib_windows)
+    windows = calibration_set(tok, opts)
     moments = keys = None
     weighted = method_of(opts.method).weighted
     if weighted or opts.recover == "layerwise" or opts.kv_budget is not None:
@@ -152,13 +174,37 @@ def heldout_windows(tok, opts: CompressOptions):
     return token_windows(tok, heldout_text(), window=opts.eval_window, count=opts.eval_windows, what="held-out text")
 
 
+IN_MEMORY_COPIES = 3  # the in-memory path holds the source model, its MEA copy and the compressed student
+
+
+def check_memory(src: str, dtype: torch.dtype, device: torch.device) -> None:
+    """A checkpoint directory too large to compress in memory is an error naming --stream, not a process the
+    operating system kills."""
+    path = Path(src)
+    if not path.is_dir() or not any(path.glob("*.safetensors")):
+        return
+    need = IN_MEMORY_COPIES * Shards(path).bytes(torch.tensor([], dtype=dtype).element_size())
+    free = available_memory(torch.device("cpu"))  # loaded there first
+    if device.type != "cpu":
+        free = min(free, available_memory(device))
+    if need > free:
+        raise ValueError(f"compressing {src} in memory needs about {need / 2**30:.1f} GiB ({IN_MEMORY_COPIES} copies "
+                         f"in {precision.name(dtype)}), {free / 2**30:.1f} GiB are available: add --stream "
+                         "--recover none to compress one layer at a time")
+
+
 def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = False) -> dict:
     validate(opts)
+    device, dtype = precision.placement(opts.device, opts.dtype)
     check_output_dir(out, overwrite=overwrite)
+    if opts.stream:
+        return compress_streaming(src, out, opts, device=device, dtype=dtype)
+    check_memory(src, dtype, device)
     t_start = time.perf_counter()
-    log(f"loading {src} ...")
-    source = load_source(src)
-    teacher = to_mea(source.model)
+    log(f"loading {src} ({precision.name(dtype)} on {device}) ...")
+    source = load_source(src, dtype=dtype)
+    source.model.to(device)
+    teacher = to_mea(source.model).to(device)
     if source.tokenizer is None:
         raise ValueError(f"{src} has no tokenizer files; compression needs one for calibration text")
     tok = source.tokenizer
@@ -170,12 +216,13 @@ def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = Fal
         "kv_fraction": student.config.kv_cache_bytes_per_token() / teacher.config.kv_cache_bytes_per_token(),
         "options": vars(opts), "calibration": opts.calib or "embedded corpus (mea.data.calibration_windows)",
         "calibration_tokens": windows.numel(), "command": " ".join(sys.argv),
+        "placement": precision.describe(device, dtype),
     }
     save_atomic(student, out, tokenizer=tok, copy_from=source.path, overwrite=overwrite,
                 extra_json={"mea_provenance.json": {**provenance, "factor_report": factor_report,
                                                     "layerwise_fit": fit_report}})
     log(f"wrote {out}")
-    report = {"out": out, **{k: provenance[k] for k in ("source", "method", "plan", "kv_fraction")}}
+    report = {"out": out, **{k: provenance[k] for k in ("source", "method", "plan", "kv_fraction", "placement")}}
     report["kv_bytes_per_token_fp32"] = {
         "original": generate_and_measure(source.model, tok, SAMPLE_PROMPT),
         "compressed": generate_and_measure(student, tok, SAMPLE_PROMPT),
@@ -188,3 +235,37 @@ def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = Fal
             report["perplexity"]["original"] = perplexity(source.model, held)["ppl"]
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     return report
+
+
+def compress_streaming(src: str, out: str, opts: CompressOptions, *, device, dtype) -> dict:
+    """`mea compress --stream`: the checkpoint directory `src` compressed one decoder layer at a time into `out`
+    (complete or absent: written beside it, then renamed)."""
+    from transformers import AutoConfig
+
+    from ..checkpoint import load_tokenizer
+    from ..convert.hf_to_mea import mea_config_from
+
+    check_streamable(opts)
+    path = Path(src)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--stream reads a checkpoint directory (config.json and safetensors shards); {src} is not one")
+    t_start = time.perf_counter()
+    config = mea_config_from(AutoConfig.from_pretrained(path))
+    tok = load_tokenizer(path, vocab_size=config.vocab_size)
+    if tok is None:
+        raise ValueError(f"{src} has no tokenizer files; compression needs one for calibration text")
+    windows = calibration_set(tok, opts)
+    plan = heads_plan(config, opts)
+    log(f"streaming {src} one layer at a time ({precision.name(dtype)} on {device}); plan per layer: {plan}")
+    with atomic_dir(out) as tmp:
+        result = compress_streamed(path, tmp, opts, config, plan, device=device, dtype=dtype, windows=windows, log=log)
+        copy_tokenizer_files(path, tmp)
+        provenance = {"source": str(path), "method": opts.method, "plan": plan,
+                      "kv_fraction": result["config"].kv_cache_bytes_per_token() / config.kv_cache_bytes_per_token(),
+                      "options": vars(opts), "calibration": opts.calib or "embedded corpus (mea.data.calibration_windows)",
+                      "calibration_tokens": windows.numel(), "command": " ".join(sys.argv),
+                      "placement": precision.describe(device, dtype), "streamed": True}
+        finish(tmp, {**provenance, "factor_report": result["factor_report"], "layerwise_fit": None})
+    log(f"wrote {out}")
+    return {"out": out, **{k: provenance[k] for k in ("source", "method", "plan", "kv_fraction", "placement")},
+            "streamed": True, "seconds": round(time.perf_counter() - t_start, 1)}

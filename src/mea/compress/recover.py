@@ -28,10 +28,13 @@ from ..data import DEFAULT_DOMAIN, DOMAINS
 from ..data.retrieval import retrieval_sequence
 from ..models import MEAForCausalLM
 from ..ops import rope_cos_sin
+from ..train.distributed import barrier, full_state, mean_over_processes, setup, wrap
+
+LAYOUT_FIELDS = ("fsdp", "activation_checkpointing")  # how a run is laid out: a run may resume under another
 
 
 def _positions_cos_sin(model: MEAForCausalLM, batch: int, length: int, dtype):
-    pos = torch.arange(length)[None].expand(batch, length)
+    pos = torch.arange(length, device=model.device)[None].expand(batch, length)
     return rope_cos_sin(model.model.inv_freq, pos, model.model.rope_scaling, dtype)
 
 
@@ -99,7 +102,7 @@ def layerwise_fit(student: MEAForCausalLM, teacher: MEAForCausalLM, windows: tor
     def attend(attn, x):
         return attn(x, cos[: len(x)], sin[: len(x)])
 
-    h_t = _batched(teacher.model.embed_tokens, windows, batch)
+    h_t = _batched(teacher.model.embed_tokens, windows.to(teacher.device), batch)
     h_s = h_t.clone()
     report = []
     for i, (s_block, t_block) in enumerate(zip(student.model.layers, teacher.model.layers)):
@@ -140,6 +143,8 @@ class DistillConfig:
     seed: int = 0  # seed of the retrieval sequences
     precision: str = field(  # autocast dtype: auto (bf16 where the hardware computes it natively), fp32 or bf16
         default="auto", metadata={"choices": precision.PRECISIONS})
+    fsdp: bool = False  # under torchrun: shard the student with FSDP2 instead of replicating it (DDP)
+    activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
 
     def check(self) -> None:
         if self.tokens < 0:
@@ -217,6 +222,15 @@ def batch_at(step: int, stream: torch.Tensor, cfg: DistillConfig, tokenizer=None
     return torch.stack(rows)
 
 
+def load_trained(student: MEAForCausalLM, state_dir: Path, cfg: DistillConfig) -> MEAForCausalLM:
+    """`student` with the weights a recovery in `state_dir` trained (the whole model, however it was laid out)."""
+    _trainable(student, cfg.train)
+    _load_trainable(student, state_dir, fix=f"recover again into a new directory, or delete {state_dir}")
+    for p in student.parameters():
+        p.requires_grad_(True)
+    return student.eval()
+
+
 def _load_trainable(student: MEAForCausalLM, state_dir: Path, *, fix: str) -> None:
     """Loads the trainable weights saved in `state_dir`; every one of them must match a trainable parameter of
     `student` by name and shape, and every trainable parameter must be there. `fix`: what the error advises."""
@@ -250,14 +264,18 @@ def distill(student: MEAForCausalLM, teacher, stream: torch.Tensor, state_dir: s
     cfg.check()
     if cfg.retrieval_frac and tokenizer is None:
         raise ValueError("retrieval sequences need the tokenizer: pass tokenizer=, or set retrieval_frac=0")
+    d = setup()  # under torchrun: one process per device, each a share of every batch; alone: world 1
+    if cfg.batch % d.world:
+        raise ValueError(f"--batch {cfg.batch} (sequences per step, all processes together) must be a multiple of "
+                         f"the {d.world} processes")
     state_dir = Path(state_dir)
     tokens_per_step = cfg.batch * cfg.seq_len
     total_steps = max(1, cfg.tokens // tokens_per_step)
     if stream.numel() < tokens_per_step + 1:
         raise ValueError(f"training text too short: {stream.numel()} tokens, one step needs {tokens_per_step + 1}")
     dtype = precision.resolve(cfg.precision, student.device)
-    params = _trainable(student, cfg.train)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    _trainable(student, cfg.train)
+    trained = [n for n, p in student.named_parameters() if p.requires_grad]
 
     def lr_at(step):  # linear warm-up, cosine decay to 10%
         if step < cfg.warmup_steps:
@@ -267,29 +285,40 @@ def distill(student: MEAForCausalLM, teacher, stream: torch.Tensor, state_dir: s
 
     progress_file = state_dir / "progress.json"
     progress = {"step": 0, "losses": [], "config": asdict(cfg)}
+    optim_state = None
     if progress_file.exists():
         progress = json.loads(progress_file.read_text())
-        if progress["config"] != asdict(cfg):
+        if _settings(progress["config"]) != _settings(asdict(cfg)):
             raise ValueError(f"{state_dir} holds a run with other settings {progress['config']}; "
                              "use the same settings to resume, or another output directory")
+        progress["config"] = asdict(cfg)
         fix = f"delete {state_dir} to start the recovery over"
         verify_checksums(state_dir, fix=fix)
         _load_trainable(student, state_dir, fix=fix)
-        opt.load_state_dict(load_torch_state(state_dir / "optimizer.pt", fix=fix))
+        optim_state = load_torch_state(state_dir / "optimizer.pt", fix=fix)
         log(f"resuming at step {progress['step']}/{total_steps}")
+    if cfg.activation_checkpointing:
+        student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model = wrap(student, d, fsdp=cfg.fsdp)  # FSDP2 swaps the parameters in place: the optimizer comes after
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    if optim_state is not None:
+        _load_optimizer(model, opt, optim_state, state_dir, sharded=cfg.fsdp and d.world > 1)
 
-    def save():  # weights, optimizer and position replace the previous ones together
-        trainable_state = {n: p.detach().contiguous() for n, p in student.named_parameters() if p.requires_grad}
-        with atomic_dir(state_dir) as tmp:
-            save_file(trainable_state, tmp / "student.safetensors")
-            with open(tmp / "optimizer.pt", "wb") as f:
-                torch.save(opt.state_dict(), f)
-            (tmp / progress_file.name).write_text(json.dumps(progress, indent=2) + "\n")
-            write_checksums(tmp)
+    def save():  # weights, optimizer and position replace the previous ones together; unsharded, by name
+        model_state, opt_state = full_state(model, opt)  # collective
+        if d.main:
+            with atomic_dir(state_dir) as tmp:
+                save_file({n: model_state[n].contiguous() for n in trained}, tmp / "student.safetensors")
+                with open(tmp / "optimizer.pt", "wb") as f:
+                    torch.save(opt_state, f)
+                (tmp / progress_file.name).write_text(json.dumps(progress, indent=2) + "\n")
+                write_checksums(tmp)
+        barrier(d)
 
     try:
         from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=progress["step"], desc="recover", unit="step")
+        bar = tqdm(total=total_steps, initial=progress["step"], desc="recover", unit="step") if d.main else None
     except ImportError:  # pragma: no cover
         bar = None
     student.train()
@@ -298,13 +327,13 @@ def distill(student: MEAForCausalLM, teacher, stream: torch.Tensor, state_dir: s
     match = cfg.attn_match_weight > 0
     while progress["step"] < total_steps:
         step = progress["step"]
-        ids = batch_at(step, stream, cfg, tokenizer).to(student.device)
+        ids = batch_at(step, stream, cfg, tokenizer).chunk(d.world)[d.rank].to(student.device)  # this process's rows
         x, y = ids[:, :-1], ids[:, 1:]
         with torch.autocast(student.device.type, dtype=dtype, enabled=dtype != torch.float32):
             with torch.no_grad(), attention_outputs(teacher, match) as t_attn:
                 t_logits = teacher(input_ids=x, use_cache=False).logits
             with attention_outputs(student, match) as s_attn:
-                s_logits = student(input_ids=x, use_cache=False).logits
+                s_logits = model(input_ids=x, use_cache=False).logits
         loss = cfg.kl_weight * kl_loss(s_logits, t_logits)
         if cfg.lm_weight:
             loss = loss + cfg.lm_weight * F.cross_entropy(s_logits.flatten(0, 1).float(), y.flatten())
@@ -317,7 +346,7 @@ def distill(student: MEAForCausalLM, teacher, stream: torch.Tensor, state_dir: s
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         progress["step"] = step + 1
-        progress["losses"].append(round(loss.item(), 5))
+        progress["losses"].append(round(mean_over_processes(loss.detach(), d).item(), 5))  # the whole batch's
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_at(step):.1e}",
@@ -332,8 +361,27 @@ def distill(student: MEAForCausalLM, teacher, stream: torch.Tensor, state_dir: s
     run_steps = progress["step"] - first_step
     return {"steps": progress["step"], "tokens": progress["step"] * tokens_per_step,
             "first_loss": progress["losses"][0] if progress["losses"] else None,
-            "last_loss": progress["losses"][-1] if progress["losses"] else None,
+            "last_loss": progress["losses"][-1] if progress["losses"] else None, "losses": progress["losses"],
             "seconds_per_step": round((time.perf_counter() - t0) / run_steps, 3) if run_steps else None,
             # CPU time of this process (all threads) per step: comparable across machines under load
             "cpu_seconds_per_step": round((time.process_time() - cpu0) / run_steps, 3) if run_steps else None,
+            "processes": d.world, "layout": ("fsdp2" if cfg.fsdp else "ddp") if d.world > 1 else "one process",
             **precision.describe(student.device, dtype)}
+
+
+def _settings(config: dict) -> dict:
+    """What must match to resume a run: every setting but the layout (defaults for fields added since)."""
+    return {k: v for k, v in {**asdict(DistillConfig()), **config}.items() if k not in LAYOUT_FIELDS}
+
+
+def _load_optimizer(model, opt: torch.optim.Optimizer, state: dict, state_dir: Path, *, sharded: bool) -> None:
+    """The optimizer state saved by name (any process count or layout); a state saved by position (before
+    runs could change layout) loads into one process or DDP only."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if all(isinstance(k, str) for k in state.get("state", {})):
+        set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+    elif not sharded:
+        opt.load_state_dict(state)
+    else:
+        raise ValueError(f"{state_dir} was saved by an older version for one process: resume it without --fsdp")

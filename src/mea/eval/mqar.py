@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import MEAForCausalLM, make_config
+from ..precision import resolve_device
 
 
 def mqar_batch(batch: int, *, pairs: int, queries: int, num_keys: int, num_values: int,
@@ -42,11 +43,13 @@ def mqar_config(variant: str, *, num_keys: int, num_values: int, hidden_size: in
 
 def train_mqar(variant: str, *, seed: int = 0, pairs: int = 4, queries: int = 4, num_keys: int = 16,
                num_values: int = 16, steps: int = 800, batch: int = 64, lr: float = 1e-3, eval_size: int = 512,
-               **model_overrides) -> dict:
-    """Train one small model on MQAR and return its held-out recall accuracy."""
+               device: str | None = None, **model_overrides) -> dict:
+    """Train one small model on MQAR (on `device`, default `precision.default_device`, in float32) and return
+    its held-out recall accuracy."""
     torch.manual_seed(seed)
+    dev = resolve_device(device)
     cfg = mqar_config(variant, num_keys=num_keys, num_values=num_values, **model_overrides)
-    model = MEAForCausalLM(cfg)
+    model = MEAForCausalLM(cfg).to(dev)
     model.config.use_cache = False
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
@@ -54,7 +57,7 @@ def train_mqar(variant: str, *, seed: int = 0, pairs: int = 4, queries: int = 4,
     spec = dict(pairs=pairs, queries=queries, num_keys=num_keys, num_values=num_values)
     model.train()
     for _ in range(steps):
-        ids, answer = mqar_batch(batch, generator=gen, **spec)
+        ids, answer = (x.to(dev) for x in mqar_batch(batch, generator=gen, **spec))
         logits = model(input_ids=ids[:, :-1]).logits
         loss = F.cross_entropy(logits[answer], ids[:, 1:][answer])
         loss.backward()
@@ -62,7 +65,8 @@ def train_mqar(variant: str, *, seed: int = 0, pairs: int = 4, queries: int = 4,
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-    ids, answer = mqar_batch(eval_size, generator=torch.Generator().manual_seed(10_000 + seed), **spec)  # fixed set
+    ids, answer = (x.to(dev) for x in mqar_batch(eval_size, generator=torch.Generator().manual_seed(10_000 + seed),
+                                                  **spec))  # fixed set
     model.eval()
     with torch.no_grad():
         pred = model(input_ids=ids[:, :-1]).logits.argmax(-1)

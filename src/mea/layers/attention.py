@@ -37,8 +37,30 @@ from ..ops import (
     inverse_rms,
     mix,
 )
-from ..ops.kvquant import KVQuant
+from ..ops.kvquant import KVQuant, QuantizedTokens
+from ..ops.eager import eager_attention
 from .norm import RMSNorm
+
+
+class AttentionMap(nn.Module):
+    """Passes the attention probabilities through unchanged: the point where `output_attentions=True` records
+    them (a forward hook), so that the attention layer itself always returns one tensor."""
+
+    def forward(self, weights: torch.Tensor) -> torch.Tensor:
+        return weights
+
+
+def _float(k, v, layout: CacheLayout):
+    """The cached keys and values as float tensors in the layout the float cache returns ((B, S, heads, features)):
+    a quantized cache's `QuantizedTokens` dequantized whole (the eager path, which materialises probabilities
+    anyway; decoding reads the codes block by block instead)."""
+    if not isinstance(k, QuantizedTokens):
+        return k, v
+    k, v = k.dequantize(), v.dequantize()  # (B, G, S, E)
+    if layout.heads_first:  # (B, h, S, D) -> (B, S, h, D)
+        return k.transpose(1, 2), v.transpose(1, 2)
+    b, s = k.shape[0], k.shape[2]
+    return k.reshape(b, s, *layout.key_shape), v.reshape(b, s, *layout.value_shape)
 
 
 class MEAAttention(nn.Module):
@@ -106,6 +128,7 @@ class MEAAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps=qk_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps=qk_norm_eps) if qk_norm else None
         self.head_norm = RMSNorm(head_dim, eps=head_norm_eps) if head_norm else None  # the paper's GroupNorm
+        self.attention_map = AttentionMap()  # eager attention hands its probabilities through here
         self.cache_layout: CacheLayout = self._layout(kv_quant)
 
     def _layout(self, kv_quant: KVQuant | None) -> CacheLayout:
@@ -152,17 +175,19 @@ class MEAAttention(nn.Module):
         *,
         mask: torch.Tensor | None = None,
         cache: MEACache | None = None,
+        eager: bool = False,
     ) -> torch.Tensor:
-        """x (B, T, C); cos/sin (B, T, 1, D); mask bool (B, 1, T, past+T) or None (causal, no padding)."""
+        """x (B, T, C); cos/sin (B, T, 1, D); mask bool (B, 1, T, past+T) or None (causal, no padding).
+        eager: compute the attention probabilities explicitly and pass them through `attention_map`."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)  # (B, T, N, D)
         if self.q_norm is not None:
             q = self.q_norm(q)
         q = apply_rope(q, cos, sin)
         if cache is None:
-            out = self._attend_uncached(x, q, cos, sin, mask)
+            out = self._attend_uncached(x, q, cos, sin, mask, eager)
         else:
-            out = self._attend_cached(x, q, cos, sin, mask, cache)
+            out = self._attend_cached(x, q, cos, sin, mask, cache, eager)
         return self.o_proj(self.combine_heads(out).reshape(b, t, self.num_heads * self.head_dim))
 
     def combine_heads(self, out: torch.Tensor) -> torch.Tensor:
@@ -171,13 +196,13 @@ class MEAAttention(nn.Module):
             out = self.head_norm(out)  # GroupNorm: RMSNorm of each head's output on its own
         return out
 
-    def _attend_uncached(self, x, q, cos, sin, mask):
+    def _attend_uncached(self, x, q, cos, sin, mask, eager):
         k, v = self.composite_kv(x)  # (B, T, h, D)
         if self.k_norm is not None:
             k = self.k_norm(k)
-        return self._attend(q, apply_rope(k, cos, sin), v, mask)
+        return self._attend(q, apply_rope(k, cos, sin), v, mask, eager=eager)
 
-    def _attend_cached(self, x, q, cos, sin, mask, cache: MEACache):
+    def _attend_cached(self, x, q, cos, sin, mask, cache: MEACache, eager):
         b, t, _ = x.shape
         layout = self.cache_layout
         k = self.k_proj(x).view(b, t, self.num_key_components, self.head_dim)  # (B, T, h'_K, D)
@@ -190,7 +215,11 @@ class MEAAttention(nn.Module):
                 k = self.k_norm(k)
             k = apply_rope(k, cos, sin)
             k_cached, v_cached = cache.update(k, v, self.layer_idx, heads_first=layout.heads_first, quant=layout.quant)
-            return self._attend(q, k, v, mask) if past == 0 else self._attend(q, k_cached, v_cached, mask, decode=True)
+            if past == 0:
+                return self._attend(q, k, v, mask, eager=eager)
+            if eager:
+                k_cached, v_cached = _float(k_cached, v_cached, layout)
+            return self._attend(q, k_cached, v_cached, mask, decode=True, eager=eager)
         k_scale = None  # (B, T, h): 1/RMS of each composite key, when QK-norm follows mixing
         if self.k_norm is not None:  # "head" mixing only (checked): the norm's feature scale commutes with it
             k_scale = inverse_rms(mix(k, self.hlc_k, self.key_mixing), self.k_norm.eps)
@@ -202,19 +231,34 @@ class MEAAttention(nn.Module):
             k_h, v_h = mix(k, self.hlc_k, self.key_mixing), mix(v, self.hlc_v, self.value_mixing)
             if k_scale is not None:
                 k_h = k_h * k_scale[..., None].to(k_h.dtype)
-            return self._attend(q, k_h, v_h, mask)
+            return self._attend(q, k_h, v_h, mask, eager=eager)
+        k_scale_cached = cache.layers[self.layer_idx].cached_k_scale()
+        if eager:  # the probabilities need the h composite heads over the whole cache
+            k_cached, v_cached = _float(k_cached, v_cached, layout)
+            k_h, v_h = mix(k_cached, self.hlc_k, self.key_mixing), mix(v_cached, self.hlc_v, self.value_mixing)
+            if k_scale_cached is not None:
+                k_h = k_h * k_scale_cached[..., None].to(k_h.dtype)
+            return self._attend(q, k_h, v_h, mask, eager=True)
         # decoding from the compressed cache, read once
         return absorbed_attention(q, k_cached, v_cached, self.hlc_k, self.hlc_v, mask=mask, scale=self.scale,
-                                  k_scale_BSH=cache.layers[self.layer_idx].cached_k_scale(),
-                                  key_mixing=self.key_mixing, value_mixing=self.value_mixing)
+                                  k_scale_BSH=k_scale_cached, key_mixing=self.key_mixing,
+                                  value_mixing=self.value_mixing)
 
+    def _attend(self, q, k, v, mask, *, decode: bool = False, eager: bool = False):
+        """Attention over h KV heads; under eager, its probabilities pass through `attention_map`."""
+        out, weights = self._attention(q, k, v, mask, decode=decode, eager=eager)
+        if weights is not None:
+            self.attention_map(weights)
+        return out
 
-
-    def _attend(self, q, k, v, mask, *, decode: bool = False):
-        """Plain (no HLC) attention over h KV heads; the hook where variants change the attention map."""
+    def _attention(self, q, k, v, mask, *, decode: bool, eager: bool):
+        """Plain (no HLC) attention -> (outputs (B, T, N, D), probabilities (B, N, T, S) under eager, else None);
+        the hook where variants change the attention map."""
+        if eager:
+            return eager_attention(q, k, v, mask=mask, scale=self.scale)
         if decode:
-            return grouped_attention(q, k, v, mask=mask, scale=self.scale)
-        return expanded_attention(q, k, v, mask=mask, scale=self.scale)
+            return grouped_attention(q, k, v, mask=mask, scale=self.scale), None
+        return expanded_attention(q, k, v, mask=mask, scale=self.scale), None
 
     def extra_repr(self) -> str:
         values = (f"value_latent={self.value_latent_dim}" if self.value_latent_dim

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..cache import MEACache
 from .attention import MEAAttention
@@ -22,7 +23,10 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class MEADecoderLayer(nn.Module):
+class MEADecoderLayer(GradientCheckpointingLayer):
+    """With `model.gradient_checkpointing_enable()`, training recomputes each block in the backward pass
+    (transformers' `GradientCheckpointingLayer`: x, cos, sin positional, the cache dropped while training)."""
+
     def __init__(self, *, attention: MEAAttention, hidden_size: int, intermediate_size: int,
                  rms_norm_eps: float = 1e-6, mlp_bias: bool = False):
         super().__init__()
@@ -31,6 +35,7 @@ class MEADecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden_size, eps=rms_norm_eps)
         self.mlp = SwiGLU(hidden_size=hidden_size, intermediate_size=intermediate_size, bias=mlp_bias)
 
-    def forward(self, x, cos, sin, *, mask: torch.Tensor | None = None, cache: MEACache | None = None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask=mask, cache=cache)
+    def forward(self, x, cos, sin, *, mask: torch.Tensor | None = None, cache: MEACache | None = None,
+                eager: bool = False):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask=mask, cache=cache, eager=eager)
         return x + self.mlp(self.post_attention_layernorm(x))

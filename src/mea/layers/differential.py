@@ -56,15 +56,17 @@ class DifferentialAttention(MEAAttention):
         q1, k1, q2, k2 = (p.to(wide) for p in (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2))
         return torch.exp(torch.dot(q1, k1)) - torch.exp(torch.dot(q2, k2)) + self.lambda_init
 
-    def _attend(self, q, k, v, mask, *, decode: bool = False):
+    def _attention(self, q, k, v, mask, *, decode: bool, eager: bool):
+        """The differential map softmax_1 - lambda softmax_2: outputs and, under eager, the map (B, N/2, T, S)."""
         b, t, n, d = q.shape
         s, h = k.shape[1], k.shape[2]
         q = q.view(b, t, n // 2, 2, d)  # (B, T, N/2, 2, D): the two query halves of each differential head
         k = k.view(b, s, h // 2, 2, d)  # (B, S, h/2, 2, D)
         v = v.reshape(b, s, h // 2, 2 * d)  # (B, S, h/2, 2D): one wide value per KV group
-        a1 = super()._attend(q[:, :, :, 0], k[:, :, :, 0], v, mask, decode=decode)  # (B, T, N/2, 2D)
-        a2 = super()._attend(q[:, :, :, 1], k[:, :, :, 1], v, mask, decode=decode)
-        return a1 - self.lambda_full().to(a1.dtype) * a2
+        a1, w1 = super()._attention(q[:, :, :, 0], k[:, :, :, 0], v, mask, decode=decode, eager=eager)
+        a2, w2 = super()._attention(q[:, :, :, 1], k[:, :, :, 1], v, mask, decode=decode, eager=eager)
+        lam = self.lambda_full()
+        return a1 - lam.to(a1.dtype) * a2, None if w1 is None else w1 - lam.to(w1.dtype) * w2
 
     def combine_heads(self, out: torch.Tensor) -> torch.Tensor:
         return super().combine_heads(out) * (1.0 - self.lambda_init)

@@ -11,28 +11,41 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from ..cache import MEACache
 from ..layers import DifferentialAttention, MEAAttention, MEADecoderLayer, RMSNorm
+from ..layers.attention import AttentionMap
 from ..ops import rope_cos_sin, rope_inv_freq
+from ..ops.eager import causal_mask
 from .configuration_mea import MEAConfig
 
+# what `attn_implementation` may be: the fused kernels (default) or explicit probabilities (output_attentions)
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
-def build_attention_mask(attention_mask: torch.Tensor | None, past: int, q_len: int) -> torch.Tensor | None:
-    """2D padding mask (B, past+T) -> bool (B, 1, T, past+T), or None when plain causal attention is exact
-    (no padding, and either no past or a single query). Padded query rows may see their own slot, so
-    that no row is fully masked (their outputs are never used)."""
-    no_padding = attention_mask is None or bool(attention_mask.all())
-    if no_padding and (past == 0 or q_len == 1):
-        return None
+
+def build_attention_mask(attention_mask: torch.Tensor | None, past: int, q_len: int,
+                         device: torch.device | str) -> torch.Tensor | None:
+    """2D padding mask (B, past+T) -> bool (B, 1, T, past+T) on `device`, or None when plain causal attention is
+    exact (no padding, and either no past or a single query). Padded query rows may see their own slot, so
+    that no row is fully masked (their outputs are never used).
+
+    Whether a mask has padding is read on the host only where that costs no device synchronisation: once per
+    prompt (past = 0), and at every step for a mask held in CPU memory. A decoding step with an accelerator's
+    mask builds the mask without looking at it (exact with or without padding)."""
     total = past + q_len
-    device = attention_mask.device if attention_mask is not None else None
-    key_pos = torch.arange(total, device=device)
-    query_pos = torch.arange(past, total, device=device)[:, None]
-    allowed = (key_pos <= query_pos)[None, None]  # (1, 1, T, S)
-    if not no_padding:
-        allowed = allowed & attention_mask[:, None, None, -total:].bool()
-        allowed = allowed | (key_pos == query_pos)[None, None]
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, -total:]
+        if (past == 0 or attention_mask.device.type == "cpu") and bool(attention_mask.all()):
+            attention_mask = None
+    if attention_mask is None and (past == 0 or q_len == 1):
+        return None
+    allowed = causal_mask(q_len, total, device)  # (1, 1, T, S)
+    if attention_mask is not None:
+        own_slot = torch.arange(total, device=device) == torch.arange(past, total, device=device)[:, None]  # (T, S)
+        allowed = (allowed & attention_mask.to(device=device, dtype=torch.bool)[:, None, None]) | own_slot
     return allowed
 
 
@@ -44,17 +57,55 @@ def position_ids_from_mask(attention_mask: torch.Tensor | None, past: int, q_len
     return pos.clamp(min=0)[:, -q_len:]
 
 
+def decoder_layer(config: MEAConfig, i: int) -> MEADecoderLayer:
+    """Decoder block `i` of a model with `config` (also built alone, to compress a checkpoint one layer at a time)."""
+    attention_class = DifferentialAttention if config.mea_differential else MEAAttention
+    return MEADecoderLayer(
+        attention=attention_class(
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=config.head_dim,
+            **config.attention_kwargs(i),
+            hlc=config.mea_hlc,
+            head_norm=config.mea_head_norm,
+            head_norm_eps=config.mea_head_norm_eps,
+            hlc_init=config.mea_hlc_init,
+            qk_norm=config.use_qk_norm,
+            qk_norm_eps=config.qk_norm_eps,
+            qkv_bias=config.attention_bias,
+            out_bias=config.attention_out_bias,
+            layer_idx=i,
+        ),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        rms_norm_eps=config.rms_norm_eps,
+        mlp_bias=config.mlp_bias,
+    )
+
+
 class MEAPreTrainedModel(PreTrainedModel):
     config_class = MEAConfig
     config: MEAConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["MEADecoderLayer"]
     _supports_sdpa = True
+    # output_hidden_states: the embeddings, then each block's output (the last one after the final norm);
+    # output_attentions: each layer's probabilities (B, N, T, S), recorded under attn_implementation="eager"
+    _can_record_outputs = {"hidden_states": MEADecoderLayer, "attentions": OutputRecorder(AttentionMap, index=0)}
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the model brings its own cache (MEACache)
+
+    def attn_implementation(self) -> str:
+        """The attention implementation the config asks for (transformers' `attn_implementation`), checked."""
+        chosen = self.config._attn_implementation or "sdpa"
+        if chosen not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"MEA models run attn_implementation {' or '.join(map(repr, ATTN_IMPLEMENTATIONS))}, "
+                             f"got {chosen!r}")
+        return chosen
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -77,38 +128,16 @@ class MEAModel(MEAPreTrainedModel):
     def __init__(self, config: MEAConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        attention_class = DifferentialAttention if config.mea_differential else MEAAttention
-        self.layers = nn.ModuleList(
-            MEADecoderLayer(
-                attention=attention_class(
-                    hidden_size=config.hidden_size,
-                    num_heads=config.num_attention_heads,
-                    num_kv_heads=config.num_key_value_heads,
-                    head_dim=config.head_dim,
-                    **config.attention_kwargs(i),
-                    hlc=config.mea_hlc,
-                    head_norm=config.mea_head_norm,
-                    head_norm_eps=config.mea_head_norm_eps,
-                    hlc_init=config.mea_hlc_init,
-                    qk_norm=config.use_qk_norm,
-                    qk_norm_eps=config.qk_norm_eps,
-                    qkv_bias=config.attention_bias,
-                    out_bias=config.attention_out_bias,
-                    layer_idx=i,
-                ),
-                hidden_size=config.hidden_size,
-                intermediate_size=config.intermediate_size,
-                rms_norm_eps=config.rms_norm_eps,
-                mlp_bias=config.mlp_bias,
-            )
-            for i in range(config.num_hidden_layers)
-        )
+        self.layers = nn.ModuleList(decoder_layer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         inv_freq, self.rope_scaling = rope_inv_freq(config.rope_parameters or {}, config.head_dim,
                                                     config.max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.gradient_checkpointing = False  # set by gradient_checkpointing_enable(); then training runs uncached
         self.post_init()
 
+    @merge_with_config_defaults
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -119,6 +148,11 @@ class MEAModel(MEAPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        eager = self.attn_implementation() == "eager"
+        if kwargs.get("output_attentions", self.config.output_attentions) and not eager:
+            raise ValueError("output_attentions=True needs the eager attention (the fused kernels never form the "
+                             "probabilities): load with attn_implementation='eager' or call "
+                             "model.set_attn_implementation('eager')")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if cache is not None and not isinstance(cache, MEACache):
@@ -133,9 +167,9 @@ class MEAModel(MEAPreTrainedModel):
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask, past, q_len, x.device)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids.to(x.device), self.rope_scaling, x.dtype)
-        mask = build_attention_mask(attention_mask, past, q_len)
+        mask = build_attention_mask(attention_mask, past, q_len, x.device)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask=mask, cache=cache)
+            x = layer(x, cos, sin, mask=mask, cache=cache, eager=eager)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x), cache=cache if use_cache else None)
 
 
@@ -156,6 +190,7 @@ class MEAForCausalLM(MEAPreTrainedModel, GenerationMixin):
                                                          batch_size, max_cache_length)
         model_kwargs["cache"] = MEACache(self.config.num_hidden_layers, capacity=max_cache_length)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -169,7 +204,7 @@ class MEAForCausalLM(MEAPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache)
+                         cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -179,4 +214,5 @@ class MEAForCausalLM(MEAPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states,
+                                      attentions=out.attentions)

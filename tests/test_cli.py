@@ -91,7 +91,7 @@ def _check_generated_kv(checks: list[dict], systems: list[str]) -> None:
 def test_bench_runs_end_to_end_and_writes_json(capsys, tmp_path):
     out = tmp_path / "d.json"
     code, stdout, _ = run_cli(capsys, "bench", "decode", "--preset", "tiny", "--contexts", "64", "--steps", "2",
-                              "--rounds", "2", "--budgets", "0.5", "0.33", "--batches", "2", "--out", str(out))
+                              "--rounds", "2", "--budgets", "0.5", "0.33", "--batches", "2", "--kv-bits", "--out", str(out))
     data = json.loads(out.read_text())
     kv = {r["system"]: r["kv_bytes"] for r in data["results"]}
     assert code == 0 and data["benchmark"] == "decode" and data["machine"]["read_bandwidth_GBps"] > 0

@@ -33,7 +33,8 @@ def load(name: str) -> dict:
 
 
 def kv_bytes(d: dict, which: str) -> float:
-    return d["kv_bytes_per_token_fp32"][which]["kv_bytes_per_token"]
+    generated = d["generated"] if "generated" in d else d["kv_bytes_per_token_fp32"]  # the fp32-only name of older files
+    return generated[which]["kv_bytes_per_token"]
 
 
 compressed = {name: load(name) for name, *_ in ROWS + [(start, None) for _, start, *_ in RECOVERED]

@@ -32,7 +32,7 @@ def test_convert_compress_load_generate(capsys, tmp_path, tiny_llama_dir):
     code, res, err = run(capsys, "compress", tiny_llama_dir, tmp_path / "c", "--virtual-heads", "2", *SMALL)
     assert code == 0, err
     assert res["plan"] == [2, 2, 2] and res["kv_fraction"] == pytest.approx(2 / 3)
-    measured = res["kv_bytes_per_token_fp32"]
+    measured = res["generated"]
     assert measured["compressed"]["kv_bytes_per_token"] == pytest.approx(
         measured["original"]["kv_bytes_per_token"] * 2 / 3, rel=0.02)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "c")
@@ -185,6 +185,6 @@ def test_finer_method_with_a_budget_that_is_not_whole_heads(capsys, tmp_path, ti
     assert model.config.mea_key_mixing == "rope_pair" and model.config.value_latent_dims() == [r for _, r in res["plan"]]
     provenance = json.loads((tmp_path / "f" / "mea_provenance.json").read_text())
     assert all(row["rel_error_after"] < row["rel_error_before"] for row in provenance["layerwise_fit"])
-    measured = res["kv_bytes_per_token_fp32"]
+    measured = res["generated"]
     assert measured["compressed"]["kv_bytes_per_token"] == pytest.approx(
         measured["original"]["kv_bytes_per_token"] * 40 / 96, rel=0.02)

@@ -223,7 +223,7 @@ def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = Fal
                                                     "layerwise_fit": fit_report}})
     log(f"wrote {out}")
     report = {"out": out, **{k: provenance[k] for k in ("source", "method", "plan", "kv_fraction", "placement")}}
-    report["kv_bytes_per_token_fp32"] = {
+    report["generated"] = {  # the sample answer and the KV bytes per token held for it, in the placement's dtype
         "original": generate_and_measure(source.model, tok, SAMPLE_PROMPT),
         "compressed": generate_and_measure(student, tok, SAMPLE_PROMPT),
     }

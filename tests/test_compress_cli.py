@@ -90,7 +90,7 @@ def test_answer_loss_scores_exactly_the_answer_tokens(tiny_llama_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     stream = torch.arange(5, 2000) % 200 + 5
-    seqs = [retrieval_sequence(tok, stream, length=160, seed=3, index=i, facts=2) for i in range(2)]
+    seqs = [retrieval_sequence(tok, stream, length=512, seed=3, index=i, facts=2) for i in range(2)]
     per_token = []
     with torch.no_grad():
         for seq in seqs:

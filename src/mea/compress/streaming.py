@@ -36,7 +36,18 @@ class Shards:
     a file is opened for each read and closed after it, so that no mapping keeps its pages resident."""
 
     def __init__(self, path: str | Path):
+        from safetensors import SafetensorError
+
         path = Path(path)
+        try:
+            self.files, self.shapes = self._headers(path)
+        except (OSError, SafetensorError, KeyError, json.JSONDecodeError) as e:
+            raise ValueError(f"could not load the model in {path}: {type(e).__name__}: {e}; its safetensors files "
+                             "are damaged or incomplete (copy or convert the checkpoint again)") from e
+
+    @staticmethod
+    def _headers(path: Path) -> tuple[dict[str, Path], dict[str, tuple[int, ...]]]:
+        """(the file of every tensor, the shape of every tensor), from the index and the files' headers."""
         index = path / "model.safetensors.index.json"
         if index.is_file():
             files = {name: path / f for name, f in json.loads(index.read_text())["weight_map"].items()}
@@ -45,11 +56,11 @@ class Shards:
                 files = dict.fromkeys(f.keys(), path / "model.safetensors")
         else:
             raise ValueError(f"{path} has no model.safetensors(.index.json): --stream reads safetensors checkpoints")
-        self.files = files
-        self.shapes: dict[str, tuple[int, ...]] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
         for file in set(files.values()):
             with safe_open(file, "pt") as f:
-                self.shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+                shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+        return files, shapes
 
     def bytes(self, element_size: int) -> int:
         """The size of all tensors at `element_size` bytes per value."""

@@ -181,8 +181,9 @@ def _plot(path: Path, rows: list[dict]) -> None:
     families = list(dict.fromkeys(r["family"] for r in rows))
     for ax, (measure, title) in zip(axes, PLOTTED):
         for fam in families:
-            pts = sorted((r["kv_fraction"], r["measures"][measure]) for r in rows
-                         if r["family"] == fam and r["kv_fraction"] is not None and measure in r["measures"])
+            pts = sorted(((r["kv_fraction"], r["measures"][measure]) for r in rows  # seeds share a fraction
+                          if r["family"] == fam and r["kv_fraction"] is not None and measure in r["measures"]),
+                         key=lambda p: p[0])
             if not pts:
                 continue
             xs = [p[0] for p in pts]

@@ -243,3 +243,14 @@ def test_target_checks_compare_with_the_original():
     assert checks["needle"] == {"share": 0.5, "cells": 2, "target": 1.0, "met": False}  # lost the 0.5-depth cell
     assert not target_checks(row(23.5, 0.30, (1.0, 1.0, 1.0), level=0.5), original)["ppl_modern"]["met"]
     assert target_checks(original, original) is None  # no level, no targets
+
+
+def test_plot_takes_seeds_that_share_a_kv_fraction(tmp_path):
+    from mea.experiments.frontier_report import _plot
+
+    def row(name, ppl, value):
+        return {"name": name, "family": "MEA x (recovered)", "kv_fraction": 0.5,
+                "measures": {"ppl_modern": {"ppl": ppl}, "lambada": {"value": value, "ci95": [value - 0.1, 1.0]}}}
+
+    _plot(tmp_path / "f.png", [row("s0", 30.0, 0.2), row("s1", 31.0, 0.3)])
+    assert (tmp_path / "f.png").stat().st_size > 0

@@ -49,14 +49,18 @@ def probe_loss(tokenizer, objective: str = "text", *, windows: int = 4, window: 
     if objective not in PROBE_OBJECTIVES:
         raise ValueError(f"unknown probe objective {objective!r}; choose one of {', '.join(PROBE_OBJECTIVES)}")
     texts = probe_windows(tokenizer, window=window, count=windows)
+
+    def text_loss(model) -> float:
+        return perplexity(model, texts)["nll"]
+
     if objective == "text":
-        return ProbeLoss(objective, lambda model: perplexity(model, texts)["nll"], texts[:, 1:].numel())
+        return ProbeLoss(objective, text_loss, texts[:, 1:].numel())
     stream = texts.flatten()
     sequences = [retrieval_sequence(tokenizer, stream, length=window, seed=PROBE_SEED, index=i) for i in range(windows)]
     answers = sum(end - start for seq in sequences for start, end in seq.answers)
     if objective == "retrieval":
         return ProbeLoss(objective, lambda model: answer_loss(model, sequences), answers)
-    return ProbeLoss(objective, lambda model: perplexity(model, texts)["nll"] + answer_loss(model, sequences),
+    return ProbeLoss(objective, lambda model: text_loss(model) + answer_loss(model, sequences),
                      texts[:, 1:].numel() + answers)
 
 

@@ -126,10 +126,10 @@ def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, method
     steps, systems = plan(src, out, heads=heads, levels=levels, methods=methods, quant=quant, presses=presses,
                           recover_tokens=recover_tokens, peers_python=peers, recover_seeds=recover_seeds,
                           recover_args=recover_args, kv_bits=kv_bits)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    (out / "systems").mkdir(exist_ok=True)
+    (out / "systems").mkdir(parents=True, exist_ok=True)
     if report_only:
         return write_report(out, systems, notes=notes)
+    (out / "logs").mkdir(exist_ok=True)
     for target, cmd in steps:
         if target.exists():
             continue

@@ -213,19 +213,22 @@ def test_plan_recovers_each_seed_from_the_fitted_model(tmp_path):
     from mea.experiments.frontier import plan
 
     steps, systems = plan("src", tmp_path, heads=3, levels=[0.5], methods=["svd"], quant=["hqq-4"], presses=[],
-                          recover_tokens=4096, peers_python=None, recover_seeds=(0, 1), recover_args="--lr 3e-4",
-                          kv_bits=[4])
+                          recover_tokens=(4096, 8192), peers_python=None, recover_seeds=(0, 1),
+                          recover_args="--lr 3e-4", kv_bits=[4])
     built = {target.name: cmd[cmd.index("-m") + 2:] for target, cmd in steps}
-    assert list(built) == ["svd-0.5-free", "svd-0.5-fit", "svd-0.5-rec-s0", "svd-0.5-rec-s1"]
+    # the first budget keeps the plain name; a further one is a longer run named by its size
+    assert list(built) == ["svd-0.5-free", "svd-0.5-fit", "svd-0.5-rec-s0", "svd-0.5-rec-s1", "svd-0.5-rec8k-s0",
+                           "svd-0.5-rec8k-s1"]
+    assert built["svd-0.5-rec8k-s1"][built["svd-0.5-rec8k-s1"].index("--tokens") + 1] == "8192"
     assert "--recover" in built["svd-0.5-free"] and "--recover" not in built["svd-0.5-fit"]
     assert built["svd-0.5-rec-s1"][:2] == ["recover", str(tmp_path / "models" / "svd-0.5-fit")]
     assert built["svd-0.5-rec-s1"][-5:] == ["--seed", "1", "--lr", "3e-4", "--no-eval"]
     names = [s.name for s in systems]
-    assert names[-7:-5] == ["mea-svd-0.5-rec-s0", "mea-svd-0.5-rec-s1"]
+    assert names[-11:-7] == ["mea-svd-0.5-rec-s0", "mea-svd-0.5-rec-s1", "mea-svd-0.5-rec8k-s0", "mea-svd-0.5-rec8k-s1"]
     # our quantized cache on the original and on every MEA model, never on another cache system (hqq-4)
-    assert names[-5:] == ["original+int4", "mea-svd-0.5-free+int4", "mea-svd-0.5-fit+int4", "mea-svd-0.5-rec-s0+int4",
-                          "mea-svd-0.5-rec-s1+int4"]
-    assert {s.cache for s in systems[-5:]} == {"mea-kv4"}
+    assert names[-7:] == ["original+int4", "mea-svd-0.5-free+int4", "mea-svd-0.5-fit+int4", "mea-svd-0.5-rec-s0+int4",
+                          "mea-svd-0.5-rec-s1+int4", "mea-svd-0.5-rec8k-s0+int4", "mea-svd-0.5-rec8k-s1+int4"]
+    assert {s.cache for s in systems[-7:]} == {"mea-kv4"}
 
 
 def test_target_checks_compare_with_the_original():

@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--methods", nargs="*", help="`mea compress --method` names (default whitened svd)")
     e.add_argument("--quant", nargs="*", help="QuantizedCache systems (default quanto-4 quanto-2 hqq-4 hqq-2)")
     e.add_argument("--presses", nargs="*", help="kvpress presses (default streamingllm snapkv expectedattention knorm)")
-    e.add_argument("--recover-tokens", type=int, help="also measure MEA after recovery on N tokens (default 0: no)")
+    e.add_argument("--recover-tokens", type=int, nargs="+", help="also measure MEA after recovery on N tokens; "
+                   "further budgets are longer runs of the same recipe, named recNk (default: no recovery)")
     e.add_argument("--recover-seeds", type=int, nargs="+", help="one recovery per seed (default 0)")
     e.add_argument("--recover-args", help='further `mea recover` flags, e.g. "--lr 3e-4 --retrieval-frac 0.5"')
     e.add_argument("--kv-bits", type=int, nargs="*", help="also measure the original and each MEA model with our "

@@ -346,7 +346,7 @@ def cmd_study_compression(out: str, **options) -> dict:
 
 def cmd_study_frontier(out: str, src: str = "smollm2", levels: list[float] | None = None,
                        methods: list[str] | None = None, quant: list[str] | None = None, presses: list[str] | None = None,
-                       recover_tokens: int = 0, recover_seeds: list[int] | None = None, recover_args: str = "",
+                       recover_tokens: list[int] | None = None, recover_seeds: list[int] | None = None, recover_args: str = "",
                        kv_bits: list[int] | None = None, only: list[str] | None = None,
                        quick: bool = False, sizes: str = "", measures: list[str] | None = None,
                        report_only: bool = False) -> dict:
@@ -355,7 +355,7 @@ def cmd_study_frontier(out: str, src: str = "smollm2", levels: list[float] | Non
 
     return f.run_frontier(out, src=src, levels=f.LEVELS if levels is None else levels,
                           methods=f.METHODS if methods is None else methods, quant=f.QUANT if quant is None else quant,
-                          presses=f.PRESSES if presses is None else presses, recover_tokens=recover_tokens,
+                          presses=f.PRESSES if presses is None else presses, recover_tokens=tuple(recover_tokens or ()),
                           recover_seeds=recover_seeds or (0,), recover_args=recover_args or "", kv_bits=kv_bits or (),
                           only=only or (),
                           quick=quick, sizes=f.Sizes.from_json(sizes) if sizes else None,

@@ -5,7 +5,8 @@ actually holds. Each step is a subprocess skipped when its output exists, so the
     OUT/models/METHOD-LEVEL-fit      mea compress SRC ... --method METHOD   (+ the default layer-wise fit: what
                                      `mea compress` and `make run` give)
     OUT/models/METHOD-LEVEL-rec-sS   mea recover OUT/models/METHOD-LEVEL-fit ... --tokens N --seed S [RECOVER_ARGS]
-                                     (with --recover-tokens, one per seed)
+                                     (with --recover-tokens, one per seed; a further budget M is named
+                                     METHOD-LEVEL-rec{M/1024}k-sS, a longer run of the same recipe)
     OUT/systems/NAME.MEASURE.json  `frontier_measure.measure_system` (in this process; the kvpress systems
                                    in .venv-peers: python -m mea.experiments.frontier_measure ...)
     OUT/report.md, summary.json, frontier.png
@@ -61,11 +62,18 @@ def level_args(level: float, heads: int, method: str = "whitened") -> list[str]:
     return ["--kv-budget", str(level)]
 
 
-def plan(src: str, out: Path, *, heads: int, levels, methods, quant, presses, recover_tokens: int,
+def rec_tag(tokens: int, first: int) -> str:
+    """The recovered models' name part: `rec` for the study's main budget (`first`), `recNk` (N = tokens / 1024)
+    for every further budget, so that adding a budget renames nothing already measured."""
+    return "rec" if tokens == first else f"rec{tokens // 1024}k"
+
+
+def plan(src: str, out: Path, *, heads: int, levels, methods, quant, presses, recover_tokens=(),
          peers_python: str | None, recover_seeds=(0,), recover_args: str = "",
          kv_bits=()) -> tuple[list[tuple[Path, list[str]]], list[System]]:
     """(model-building steps as (output, command)), (systems to measure). `recover_args`: further
-    `mea recover` flags, e.g. "--lr 3e-4 --retrieval-frac 0.5"; `kv_bits`: also measure the original and
+    `mea recover` flags, e.g. "--lr 3e-4 --retrieval-frac 0.5"; `recover_tokens`: the recovery budgets (the
+    first is the main one, see `rec_tag`); `kv_bits`: also measure the original and
     every MEA model with our quantized cache at these bits (`mea-kvB` in `mea.eval.peers`)."""
     mea = [sys.executable, "-m", "mea"]
     steps, systems = [], [System("original", "original", src, "default", sys.executable)]
@@ -83,13 +91,16 @@ def plan(src: str, out: Path, *, heads: int, levels, methods, quant, presses, re
                                   sys.executable, level))
             systems.append(System(f"mea-{method}-{level}-fit", f"MEA {method} (layer-wise fit)", str(fit), "default",
                                   sys.executable, level))
-            for seed in recover_seeds if recover_tokens else ():
-                rec = out / "models" / f"{method}-{level}-rec-s{seed}"
-                steps.append((rec, mea + ["recover", str(fit), str(rec), "--teacher", src, "--tokens",
-                                          str(recover_tokens), "--seed", str(seed), *shlex.split(recover_args),
-                                          "--no-eval"]))
-                systems.append(System(f"mea-{method}-{level}-rec-s{seed}", f"MEA {method} (recovered)", str(rec),
-                                      "default", sys.executable, level))
+            for tokens in recover_tokens:
+                tag = rec_tag(tokens, recover_tokens[0])
+                for seed in recover_seeds:
+                    rec = out / "models" / f"{method}-{level}-{tag}-s{seed}"
+                    steps.append((rec, mea + ["recover", str(fit), str(rec), "--teacher", src, "--tokens",
+                                              str(tokens), "--seed", str(seed), *shlex.split(recover_args),
+                                              "--no-eval"]))
+                    family = "recovered" if tag == "rec" else f"recovered, {tokens} tokens"
+                    systems.append(System(f"mea-{method}-{level}-{tag}-s{seed}", f"MEA {method} ({family})",
+                                          str(rec), "default", sys.executable, level))
     systems += [System(f"{s.name}+int{bits}", f"{s.family} + int{bits} cache", s.model, f"mea-kv{bits}", s.python)
                 for bits in kv_bits for s in list(systems) if s.cache == "default"]
     return steps, systems
@@ -104,7 +115,7 @@ def _run(cmd: list[str], log_path: Path, log) -> None:
 
 
 def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, methods=METHODS, quant=QUANT,
-                 presses=PRESSES, recover_tokens: int = 0, recover_seeds=(0,), recover_args: str = "", kv_bits=(),
+                 presses=PRESSES, recover_tokens=(), recover_seeds=(0,), recover_args: str = "", kv_bits=(),
                  only=(), quick: bool = False, sizes: Sizes | None = None,
                  measures=MEASURES, peers_python: str = PEERS_PYTHON, heads: int | None = None, report_only: bool = False,
                  log=print) -> dict:

@@ -5,7 +5,9 @@
     capacity.json    vLLM's KV-cache capacity in tokens at one KV memory setting, per model (from the same
                      engines), and its ratio to the first model's
     throughput.json  offline generation of one fixed batch of long prompts, tokens/s, models side by side
-                     (every round runs each model once, alternating; medians over rounds)
+                     (every round runs each model once, alternating; medians over rounds); with
+                     --kv-memory-mib M, throughput-kvMmib.json: the same at M MiB of KV memory, where a
+                     smaller cache lets vLLM run more of the batch's sequences at once
 
     python -m mea.serving.check OUT MODEL [MODEL ...] [--what equality capacity throughput]
 """
@@ -108,11 +110,13 @@ def equality(models: list[str], python: str, new_tokens: int) -> dict:
     return results
 
 
-def throughput(models: list[str], *, prompts: int, prompt_tokens: int, new_tokens: int, rounds: int) -> dict:
+def throughput(models: list[str], *, prompts: int, prompt_tokens: int, new_tokens: int, rounds: int,
+               kv_cache_bytes: int = KV_CACHE_BYTES) -> dict:
     """Each model's engine stays up; every round times one `generate` of the same batch on each in turn."""
     from .reference import prompt_ids
 
-    engines = {model: engine(model) for model in models}
+    engines = {model: engine(model, kv_cache_memory_bytes=kv_cache_bytes, max_model_len=prompt_tokens + new_tokens)
+               for model in models}
     vocab = min(llm.llm_engine.model_config.hf_config.vocab_size for llm in engines.values())
     batch = [p[:prompt_tokens] for p in prompt_ids(vocab, prompts, prompt_tokens + 3 * prompts)]
     for llm in engines.values():  # warm-up
@@ -131,7 +135,7 @@ def throughput(models: list[str], *, prompts: int, prompt_tokens: int, new_token
                                                            "new_tokens": new_tokens, "rounds": rounds}}
 
 
-def header() -> dict:
+def header(kv_cache_bytes: int = KV_CACHE_BYTES) -> dict:
     import platform
 
     import torch
@@ -140,7 +144,7 @@ def header() -> dict:
 
     return {"vllm": vllm.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "cores": os.cpu_count(), "load_average": os.getloadavg(),
-            "dtype": "float32", "kv_cache_bytes": KV_CACHE_BYTES, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "dtype": "float32", "kv_cache_bytes": kv_cache_bytes, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -156,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-tokens", type=int, default=512, help="throughput: tokens per prompt")
     ap.add_argument("--generate", type=int, default=32, help="throughput: new tokens per prompt")
     ap.add_argument("--rounds", type=int, default=3, help="throughput: timed rounds per model")
+    ap.add_argument("--kv-memory-mib", type=int, help="throughput: KV memory per engine in MiB (default "
+                    f"{KV_CACHE_BYTES >> 20}); small enough, it bounds how many sequences run at once")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if "equality" in args.what:
@@ -169,9 +175,11 @@ def main(argv: list[str] | None = None) -> None:
         if not all(r["passed"] for r in res.values()):
             sys.exit("vLLM and mea disagree (equality.json)")
     if "throughput" in args.what:
+        kv_bytes = KV_CACHE_BYTES if args.kv_memory_mib is None else args.kv_memory_mib << 20
         res = throughput(args.models, prompts=args.batch, prompt_tokens=args.prompt_tokens,
-                         new_tokens=args.generate, rounds=args.rounds)
-        write_json_atomic(out / "throughput.json", {"header": header(), "models": res})
+                         new_tokens=args.generate, rounds=args.rounds, kv_cache_bytes=kv_bytes)
+        name = "throughput.json" if args.kv_memory_mib is None else f"throughput-kv{args.kv_memory_mib}mib.json"
+        write_json_atomic(out / name, {"header": header(kv_bytes), "models": res})
 
 
 if __name__ == "__main__":

@@ -161,6 +161,8 @@ def test_frontier_end_to_end_on_a_tiny_model(tiny, tmp_path, monkeypatch):
     assert rows["mea-svd-0.5-free"]["kv_fraction"] == pytest.approx(0.5, abs=0.02)
     assert rows["quanto-4"]["kv_fraction"] < 0.5
     assert rows["original"]["measures"]["lambada"]["n"] == 3
+    measured = json.loads((out / "systems" / "mea-svd-0.5-fit.ppl_modern.json").read_text())
+    assert measured["placement"]["device"] == "cpu" and measured["placement"]["precision"] == "fp32"  # the default
     md = (out / "report.md").read_text()
     assert "| mea-svd-0.5-free | MEA svd (training-free) |" in md and "## Fixed chat prompts" in md
     assert (out / "frontier.png").stat().st_size > 0

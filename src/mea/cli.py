@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     e.add_argument("--sizes", help='JSON overriding measure sizes, e.g. \'{"lambada": 200}\'')
     e.add_argument("--report-only", action="store_true", help="only (re)write the report from the results present")
+    add_placement_flags(e)
     e = command(study, "report", commands.cmd_study_report, "(re)write the report of a study folder from its runs")
     e.add_argument("out")
 

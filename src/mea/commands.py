@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .console import log
+from .experiments.frontier_measure import STUDY_DTYPE
 from .precision import DEFAULT_DTYPE
 
 
@@ -349,7 +350,7 @@ def cmd_study_frontier(out: str, src: str = "smollm2", levels: list[float] | Non
                        recover_tokens: list[int] | None = None, recover_seeds: list[int] | None = None, recover_args: str = "",
                        kv_bits: list[int] | None = None, only: list[str] | None = None,
                        quick: bool = False, sizes: str = "", measures: list[str] | None = None,
-                       report_only: bool = False) -> dict:
+                       report_only: bool = False, device: str | None = None, dtype: str = STUDY_DTYPE) -> dict:
     """Every KV-compression option on the same held-out measures; None means the study's default list."""
     from .experiments import frontier as f
 
@@ -359,7 +360,8 @@ def cmd_study_frontier(out: str, src: str = "smollm2", levels: list[float] | Non
                           recover_seeds=recover_seeds or (0,), recover_args=recover_args or "", kv_bits=kv_bits or (),
                           only=only or (),
                           quick=quick, sizes=f.Sizes.from_json(sizes) if sizes else None,
-                          measures=measures or f.MEASURES, report_only=report_only, log=log)
+                          measures=measures or f.MEASURES, report_only=report_only, device=device,
+                          dtype=dtype, log=log)
 
 
 def cmd_demo(**options) -> dict:

@@ -29,7 +29,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .frontier_measure import MEASURES, QUICK, Sizes, measure_system
+from .frontier_measure import MEASURES, QUICK, STUDY_DTYPE, Sizes, measure_system
 
 LEVELS = (0.67, 0.5, 0.33)
 METHODS = ("rope-pair-latent", "whitened", "svd")
@@ -69,13 +69,14 @@ def rec_tag(tokens: int, first: int) -> str:
 
 
 def plan(src: str, out: Path, *, heads: int, levels, methods, quant, presses, recover_tokens=(),
-         peers_python: str | None, recover_seeds=(0,), recover_args: str = "",
-         kv_bits=()) -> tuple[list[tuple[Path, list[str]]], list[System]]:
+         peers_python: str | None, recover_seeds=(0,), recover_args: str = "", kv_bits=(), device: str | None = None,
+         dtype: str = STUDY_DTYPE) -> tuple[list[tuple[Path, list[str]]], list[System]]:
     """(model-building steps as (output, command)), (systems to measure). `recover_args`: further
     `mea recover` flags, e.g. "--lr 3e-4 --retrieval-frac 0.5"; `recover_tokens`: the recovery budgets (the
     first is the main one, see `rec_tag`); `kv_bits`: also measure the original and
     every MEA model with our quantized cache at these bits (`mea-kvB` in `mea.eval.peers`)."""
     mea = [sys.executable, "-m", "mea"]
+    on = ["--device", device] if device else []  # compress and recover place themselves; compress computes in dtype
     steps, systems = [], [System("original", "original", src, "default", sys.executable)]
     systems += [System(q, q.split("-")[0] + " (QuantizedCache)", src, q, sys.executable) for q in quant]
     if peers_python:
@@ -85,6 +86,7 @@ def plan(src: str, out: Path, *, heads: int, levels, methods, quant, presses, re
         for level in levels:
             args = ["--method", method, *level_args(level, heads, method)]
             free, fit = (out / "models" / f"{method}-{level}-{k}" for k in ("free", "fit"))
+            args += [*on, "--dtype", dtype]
             steps.append((free, mea + ["compress", src, str(free), *args, "--recover", "none", "--no-eval"]))
             steps.append((fit, mea + ["compress", src, str(fit), *args, "--no-eval"]))
             systems.append(System(f"mea-{method}-{level}-free", f"MEA {method} (training-free)", str(free), "default",
@@ -96,7 +98,7 @@ def plan(src: str, out: Path, *, heads: int, levels, methods, quant, presses, re
                 for seed in recover_seeds:
                     rec = out / "models" / f"{method}-{level}-{tag}-s{seed}"
                     steps.append((rec, mea + ["recover", str(fit), str(rec), "--teacher", src, "--tokens",
-                                              str(tokens), "--seed", str(seed), *shlex.split(recover_args),
+                                              str(tokens), "--seed", str(seed), *on, *shlex.split(recover_args),
                                               "--no-eval"]))
                     family = "recovered" if tag == "rec" else f"recovered, {tokens} tokens"
                     systems.append(System(f"mea-{method}-{level}-{tag}-s{seed}", f"MEA {method} ({family})",
@@ -118,10 +120,11 @@ def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, method
                  presses=PRESSES, recover_tokens=(), recover_seeds=(0,), recover_args: str = "", kv_bits=(),
                  only=(), quick: bool = False, sizes: Sizes | None = None,
                  measures=MEASURES, peers_python: str = PEERS_PYTHON, heads: int | None = None, report_only: bool = False,
-                 log=print) -> dict:
+                 device: str | None = None, dtype: str = STUDY_DTYPE, log=print) -> dict:
     """Build the MEA models, measure every system (each measure skipped when its file exists), write the
     report; `only`: measure just the systems whose names match one of these patterns (fnmatch); `report_only`:
-    just the report from the results present."""
+    just the report from the results present; `device`, `dtype`: where and in what the models are built and
+    measured (recovery trains in fp32 weights whatever `dtype`)."""
     out = Path(out)
     if quick and sizes is not None:
         raise ValueError("pass either quick or explicit sizes, not both")
@@ -133,10 +136,12 @@ def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, method
     notes = [] if peers or not presses else [f"kvpress presses skipped: {peers_python} not found (run `make peers`)."]
     load = _last_model_loader()
     if heads is None:  # only MEA levels need it
-        heads = load(src).model.config.num_key_value_heads if methods and not report_only else 1
+        from ..precision import placement
+
+        heads = load(src, placement(device, dtype)[1]).model.config.num_key_value_heads if methods and not report_only else 1
     steps, systems = plan(src, out, heads=heads, levels=levels, methods=methods, quant=quant, presses=presses,
                           recover_tokens=recover_tokens, peers_python=peers, recover_seeds=recover_seeds,
-                          recover_args=recover_args, kv_bits=kv_bits)
+                          recover_args=recover_args, kv_bits=kv_bits, device=device, dtype=dtype)
     (out / "systems").mkdir(parents=True, exist_ok=True)
     if report_only:
         return write_report(out, systems, notes=notes)
@@ -160,10 +165,11 @@ def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, method
                 continue
             if s.python == sys.executable:  # our environment: measured in this process
                 measure_system(s.model, out / "systems", name=s.name, system=s.cache, sizes=sizes, measures=measures,
-                               log=log, load=load)
+                               device=device, dtype=dtype, log=log, load=load)
             else:
                 cmd = [s.python, "-m", "mea.experiments.frontier_measure", s.model, str(out / "systems"), "--name",
-                       s.name, "--system", s.cache, "--sizes", json.dumps(asdict(sizes)), "--measures", *measures]
+                       s.name, "--system", s.cache, "--sizes", json.dumps(asdict(sizes)), "--measures", *measures,
+                       *(["--device", device] if device else []), "--dtype", dtype]
                 _run(cmd, out / "logs" / f"{s.name}.log", log)
         write_report(out, systems, notes=notes)  # after every system, so a partial run reports
     return write_report(out, systems, notes=notes)
@@ -205,11 +211,11 @@ def _last_model_loader():
 
     last = {}
 
-    def load(src: str):
-        if src not in last:
+    def load(src: str, dtype):
+        if (src, dtype) not in last:
             last.clear()
-            last[src] = load_source(src)
-        return last[src]
+            last[src, dtype] = load_source(src, dtype=dtype)
+        return last[src, dtype]
 
     return load
 

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 MEASURES = ("bytes", "ppl_modern", "ppl_shakespeare", "lambada", "needle", "multikey", "chat")
+STUDY_DTYPE = "fp32"  # the study measures in fp32 unless told otherwise: its numbers compare across machines
 
 
 @dataclass(frozen=True)
@@ -98,22 +99,26 @@ def run_measure(measure: str, model, tokenizer, system, sizes: Sizes, log=print)
 
 
 def measure_system(model_src: str, out: str | Path, *, name: str, system: str, sizes: Sizes,
-                   measures=MEASURES, log=print, load=None) -> list[Path]:
-    """Run the missing measures of one system; each result is written atomically as soon as it is done.
-    `load(model_src)`: how the model is loaded (default `load_source`; the study passes one that reuses the
-    model loaded for the previous system)."""
+                   measures=MEASURES, device: str | None = None, dtype: str = STUDY_DTYPE, log=print,
+                   load=None) -> list[Path]:
+    """Run the missing measures of one system on `device` in `dtype` (`mea.precision.placement`); each result
+    is written atomically as soon as it is done. `load(model_src, dtype)`: how the model is loaded (default
+    `load_source`; the study passes one that reuses the model loaded for the previous system)."""
     import torch
 
     from ..atomic import write_json_atomic
     from ..convert import load_source
     from ..eval.peers import cache_system
+    from ..precision import describe, placement
 
     out = Path(out)
     todo = [m for m in measures if not (out / f"{name}.{m}.json").exists()]
     if not todo:
         return []
     cache = cache_system(system)
-    source = (load or load_source)(model_src)
+    dev, dt = placement(device, dtype)
+    source = (load or (lambda src, dt: load_source(src, dtype=dt)))(model_src, dt)
+    source.model.to(dev)
     if source.tokenizer is None:
         raise ValueError(f"{model_src} has no tokenizer files; the frontier measures need one")
     written = []
@@ -123,7 +128,7 @@ def measure_system(model_src: str, out: str | Path, *, name: str, system: str, s
         result = run_measure(m, source.model, source.tokenizer, cache, sizes, log=log)
         meta = {"name": name, "model": model_src, "system": system, "measure": m, "sizes": asdict(sizes),
                 "seconds": round(time.time() - start, 1), "threads": torch.get_num_threads(),
-                "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(), "placement": describe(dev, dt)}
         written.append(write_json_atomic(out / f"{name}.{m}.json", {**meta, "result": result}))
     return written
 
@@ -136,10 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--system", default="default", help="default, quanto-4, hqq-2, kvpress-snapkv-0.5, ...")
     p.add_argument("--sizes", default="", help="JSON object overriding `Sizes` fields")
     p.add_argument("--measures", nargs="+", default=list(MEASURES), choices=MEASURES)
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default cuda when a GPU is visible, else cpu)")
+    p.add_argument("--dtype", default=STUDY_DTYPE, help=f"auto, fp32 or bf16 (default {STUDY_DTYPE})")
     args = p.parse_args(argv)
     try:
         measure_system(args.model, args.out, name=args.name, system=args.system, sizes=Sizes.from_json(args.sizes),
-                       measures=args.measures, log=lambda m: print(m, file=sys.stderr, flush=True))
+                       measures=args.measures, device=args.device, dtype=args.dtype,
+                       log=lambda m: print(m, file=sys.stderr, flush=True))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

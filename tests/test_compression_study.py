@@ -22,6 +22,18 @@ def test_plan_has_free_and_recovered_models_and_evaluations(tmp_path):
         run_compression_study(tmp_path, levels=["kv90"])
 
 
+def test_plan_places_every_command_that_loads_a_model(tmp_path):
+    steps = dict((t.name, c) for t, c in plan_steps("smollm2", tmp_path, levels=["kept50"], limit=10, math_limit=3,
+                                                      tokens=1000, fit_steps=5, device="cuda:1", dtype="bf16"))
+    for name in ("original.mc.json", "kept50-free", "kept50-fit", "kept50-rec.math.json"):
+        cmd = steps[name]
+        assert cmd[cmd.index("--device") + 1] == "cuda:1" and cmd[cmd.index("--dtype") + 1] == "bf16", name
+    rec = steps["kept50-rec"]  # recovery takes the device; it trains fp32 weights (its --precision is autocast)
+    assert rec[rec.index("--device") + 1] == "cuda:1" and "--dtype" not in rec
+    plain = plan_steps("smollm2", tmp_path, levels=["kept50"], limit=10, math_limit=3, tokens=1000, fit_steps=5)
+    assert not any("--device" in c or "--dtype" in c for _, c in plain)  # each command's own defaults
+
+
 def test_report_from_evaluations(tmp_path):
     (tmp_path / "evals").mkdir()
 

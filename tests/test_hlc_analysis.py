@@ -1,5 +1,7 @@
 """HLC analysis: movement against a reference, head importance by removal, and the plot."""
 
+import json
+
 import pytest
 import torch
 
@@ -41,3 +43,16 @@ def test_baseline_model_is_refused_and_spearman():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_eval_hlc_command_in_bf16_records_its_placement(tmp_path, capsys):
+    from helpers import run_cli, save_tiny_llama
+
+    src = save_tiny_llama(tmp_path / "llama")
+    assert run_cli(capsys, "convert", src, tmp_path / "mea")[0] == 0
+    code, result, err = run_cli(capsys, "eval", "hlc", tmp_path / "mea", tmp_path / "hlc", "--device", "cpu",
+                                "--dtype", "bf16", "--windows", "1", "--window", "32")
+    assert code == 0, err
+    saved = json.loads((tmp_path / "hlc" / "hlc.json").read_text())
+    assert saved["placement"]["precision"] == "bf16" and saved["placement"]["device"] == "cpu"
+    assert len(saved["layers"]) == 3 and all(len(l["importance"]) == 3 for l in saved["layers"])

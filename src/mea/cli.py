@@ -186,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--math-limit", type=int, help="GSM8K examples (generation is slow on CPU)")
     e.add_argument("--tokens", type=int, help="recovery distillation tokens per level")
     e.add_argument("--fit-steps", type=int)
+    add_placement_flags(e)
     e = command(study, "frontier", commands.cmd_study_frontier,
                 "every KV-compression option (MEA, quantized, kvpress) on the same held-out measures vs KV bytes "
                 "held; resumable")
@@ -313,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", help="compare with this checkpoint's HLC (default: the configured init)")
     e.add_argument("--windows", type=int)
     e.add_argument("--window", type=int)
+    add_placement_flags(e)
     e = command(ev, "mqar", commands.cmd_eval_mqar,
                 "multi-query associative recall: train small models per variant, held-out recall", train_mqar)
     e.add_argument("--variants", nargs="+")

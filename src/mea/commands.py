@@ -303,19 +303,23 @@ def cmd_eval_needle(model: str, out: str, lengths: Sequence[int] = (512, 1024, 2
             "accuracy": {f"{c['length']}@{c['depth']:g}": c["accuracy"] for c in result["cells"]}}
 
 
-def cmd_eval_hlc(model: str, out: str, reference: str | None = None, windows: int = 4, window: int = 256) -> dict:
+def cmd_eval_hlc(model: str, out: str, reference: str | None = None, windows: int = 4, window: int = 256,
+                 device: str | None = None, dtype: str = DEFAULT_DTYPE) -> dict:
     from .atomic import write_json_atomic
     from .checkpoint import load_causal_lm, load_tokenizer
     from .data import heldout_text, token_windows
     from .eval.hlc_analysis import analyze_hlc, plot_hlc
+    from .precision import describe, placement
 
-    m = load_causal_lm(model)
+    dev, dt = placement(device, dtype)
+    m = load_causal_lm(model, dtype=dt).to(dev)
     tok = load_tokenizer(model)
     if tok is None:
         raise ValueError(f"{model} has no tokenizer files")
     ids = token_windows(tok, heldout_text(), window=window, count=windows, what="held-out text")
     ref = load_causal_lm(reference) if reference else None
-    result = {"model": model, "reference_model": reference, **analyze_hlc(m, ids, reference=ref)}
+    result = {"model": model, "reference_model": reference, "placement": describe(dev, dt),
+              **analyze_hlc(m, ids, reference=ref)}
     Path(out).mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(out) / "hlc.json", result)
     plot_hlc(result, Path(out) / "hlc.png")

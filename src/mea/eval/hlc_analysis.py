@@ -71,8 +71,8 @@ def analyze_hlc(model, windows: torch.Tensor, *, reference=None) -> dict:
     base, importance = head_importance(model, windows)
     per_layer, col_norm, col_move, flat_importance = [], [], [], []
     for i, (attn, (rk, rv)) in enumerate(zip(layers, refs)):
-        k, v = attn.hlc_k.detach().float(), attn.hlc_v.detach().float()
-        rk, rv = rk.float(), rv.float()
+        k, v = attn.hlc_k.detach().float().cpu(), attn.hlc_v.detach().float().cpu()
+        rk, rv = rk.float().cpu(), rv.float().cpu()
         per_layer.append({
             "layer": i, "h_prime": attn.num_component_heads,
             "moved_k": float((k - rk).norm() / rk.norm().clamp_min(1e-12)),

@@ -34,35 +34,39 @@ CATEGORIES = ("knowledge", "reasoning", "math")
 
 
 def plan_steps(src: str, out: Path, *, levels: list[str], limit: int, math_limit: int, tokens: int,
-               fit_steps: int) -> list[tuple]:
-    """(output path, command) in order; a step whose output exists is done."""
+               fit_steps: int, device: str | None = None, dtype: str | None = None) -> list[tuple]:
+    """(output path, command) in order; a step whose output exists is done. `device`, `dtype`: passed to every
+    command that takes them (None: each command's own default); recovery trains fp32 weights."""
     mea = [sys.executable, "-m", "mea"]
+    on = ["--device", device] if device else []
+    placed = on + (["--dtype", dtype] if dtype else [])
 
     def evaluate(name: str, model: str) -> list[tuple]:
         """Multiple-choice categories at `limit` examples per task, math (generation, the slow part) at
         `math_limit`."""
         mc, math = out / "evals" / f"{name}.mc", out / "evals" / f"{name}.math"
         return [(Path(f"{mc}.json"), mea + ["eval", "tasks", model, "--tasks", "knowledge", "reasoning", "--limit",
-                                            str(limit), "--out", str(mc)]),
+                                            str(limit), "--out", str(mc), *placed]),
                 (Path(f"{math}.json"), mea + ["eval", "tasks", model, "--tasks", "math", "--limit", str(math_limit),
-                                              "--out", str(math)])]
+                                              "--out", str(math), *placed])]
 
     steps = evaluate("original", src)  # each evaluation right after its model, so partial runs report
     for level in levels:
         args, _ = LEVELS[level]
         free, fit, rec = (out / "models" / f"{level}-{k}" for k in ("free", "fit", "rec"))
-        steps.append((free, mea + ["compress", src, str(free), *args, "--recover", "none", "--no-eval"]))
+        steps.append((free, mea + ["compress", src, str(free), *args, "--recover", "none", "--no-eval", *placed]))
         steps += evaluate(f"{level}-free", str(free))
         steps.append((fit, mea + ["compress", src, str(fit), *args, "--fit-mode", "teacher", "--fit-steps",
-                                  str(fit_steps), "--no-eval"]))
+                                  str(fit_steps), "--no-eval", *placed]))
         steps.append((rec, mea + ["recover", str(fit), str(rec), "--teacher", src, "--tokens", str(tokens),
-                                  "--lr", "2e-4", "--no-eval"]))
+                                  "--lr", "2e-4", "--no-eval", *on]))
         steps += evaluate(f"{level}-rec", str(rec))
     return steps
 
 
 def run_compression_study(out: str | Path, *, src: str = "smollm2", levels: list[str] | None = None, limit: int = 100,
-                          math_limit: int = 30, tokens: int = 150_000, fit_steps: int = 60, log=print) -> dict:
+                          math_limit: int = 30, tokens: int = 150_000, fit_steps: int = 60, device: str | None = None,
+                          dtype: str | None = None, log=print) -> dict:
     out = Path(out)
     levels = [LEGACY_LEVELS.get(lv, lv) for lv in levels or LEVELS]
     unknown = sorted(set(levels) - set(LEVELS))
@@ -70,7 +74,8 @@ def run_compression_study(out: str | Path, *, src: str = "smollm2", levels: list
         raise ValueError(f"unknown level(s) {unknown}; choose from {', '.join(LEVELS)}")
     adopt_legacy_names(out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    steps = plan_steps(src, out, levels=levels, limit=limit, math_limit=math_limit, tokens=tokens, fit_steps=fit_steps)
+    steps = plan_steps(src, out, levels=levels, limit=limit, math_limit=math_limit, tokens=tokens, fit_steps=fit_steps,
+                       device=device, dtype=dtype)
     for i, (target, cmd) in enumerate(steps, 1):
         if target.exists():
             continue

@@ -2,7 +2,11 @@
 memory), with the embedded SmolLM2 tokenizer (its ids fit any larger vocabulary). For measuring what large
 checkpoints cost without downloading one.
 
-    python scripts/make_synthetic_checkpoint.py OUT [--shape llama3.2-1b] [--dtype bf16] [--layers-per-shard 4]
+    python scripts/make_synthetic_checkpoint.py OUT [--shape llama3.2-1b] [--layers N] [--dtype bf16]
+        [--layers-per-shard 4]
+
+--layers keeps the shape's widths with fewer (or more) decoder layers: streamed compression's peak memory should
+not depend on it.
 """
 
 from __future__ import annotations
@@ -48,12 +52,14 @@ def main() -> None:
     p.add_argument("out")
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama3.2-1b")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--layers", type=int, help="decoder layers (default: the shape's)")
     p.add_argument("--layers-per-shard", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     out, dtype = Path(args.out), DTYPES[args.dtype]
     out.mkdir(parents=True, exist_ok=False)
-    cfg = LlamaConfig(**SHAPES[args.shape], bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(**{**SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {})},
+                      bos_token_id=1, eos_token_id=2)
     cfg.dtype = dtype
     gen = torch.Generator().manual_seed(args.seed)
     weight_map, shard = {}, 0

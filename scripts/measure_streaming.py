@@ -2,7 +2,7 @@
 
     python scripts/measure_streaming.py CHECKPOINT OUT_JSON [mea compress flags ...]
 
-Runs the compression in a child process (its peak RSS is the kernel's ru_maxrss of the children) and writes
+Runs the compression in a child process (its peak RSS is the kernel's ru_maxrss of that process, from wait4) and writes
 OUT_JSON with the machine header, the command, the peak and the ratio to 4 bytes x parameters, and where the
 peak happened: the child's resident memory sampled every 0.2 s beside the last line it had logged.
 """
@@ -10,7 +10,7 @@ peak happened: the child's resident memory sampled every 0.2 s beside the last l
 from __future__ import annotations
 
 import json
-import resource
+import os
 import subprocess
 import sys
 import tempfile
@@ -29,11 +29,16 @@ def sample_rss(child: subprocess.Popen, log: Path, t0: float, every: float = 0.2
     """Until `child` exits: its resident memory every `every` seconds, kept when it changes by more than
     32 MiB, each with the last line of its log at that moment."""
     timeline, last = [], -1
-    while child.poll() is None:
+    while True:
+        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+        if pid:  # exited: its own peak, not that of every child this process ever had
+            child.returncode = os.waitstatus_to_exitcode(status)
+            child.peak_rss = usage.ru_maxrss * 1024  # kilobytes on Linux
+            break
         try:
             status = Path(f"/proc/{child.pid}/status").read_text()
-        except OSError:
-            break
+        except OSError:  # exiting: reaped on the next pass
+            status = ""
         rss = next((int(l.split()[1]) * 1024 for l in status.splitlines() if l.startswith("VmRSS:")), 0)
         if abs(rss - last) > 32 << 20:
             lines = [l for l in log.read_text(errors="replace").replace("\r", "\n").splitlines() if l.strip()]
@@ -41,7 +46,6 @@ def sample_rss(child: subprocess.Popen, log: Path, t0: float, every: float = 0.2
                              "last_log_line": lines[-1][:160] if lines else ""})
             last = rss
         time.sleep(every)
-    child.wait()
     return timeline
 
 
@@ -65,7 +69,7 @@ def main() -> None:
         if child.returncode:
             sys.exit(f"compression failed ({child.returncode}):\n{stderr[-3000:]}")
         out_bytes = sum(f.stat().st_size for f in (Path(tmp) / "compressed").glob("*.safetensors"))
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # kilobytes on Linux
+    peak = child.peak_rss
     result = {"machine": machine_header(torch.device("cpu")), "checkpoint": src,
               "command": " ".join(["mea", *command[3:4], "SRC", "OUT", *command[6:]]),
               "fp32_bytes": fp32_bytes, "peak_rss_bytes": peak, "peak_rss_over_fp32": round(peak / fp32_bytes, 4),

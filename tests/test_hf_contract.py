@@ -214,3 +214,21 @@ def test_eager_decodes_a_quantized_cache_like_the_fused_read(name):
     assert caches["fused"].layers[0].store is not None  # the storage really is quantized
     for a, b in zip(logits["fused"], logits["eager"]):
         assert max_err(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("name", COMPRESSED)
+def test_prompt_lookup_decoding_crops_the_cache_and_equals_greedy(name, monkeypatch):
+    """Prompt-lookup decoding proposes tokens copied from the prompt, verifies them in one forward pass and
+    crops the cache back to the accepted ones (`Cache.crop`): its tokens must be
+    greedy decoding's."""
+    from mea.cache import MEACacheLayer
+
+    crops, crop = [], MEACacheLayer.crop
+    monkeypatch.setattr(MEACacheLayer, "crop", lambda self, n: (crops.append(n), crop(self, n))[1])
+    model = compressed(name)
+    model.generation_config.pad_token_id = 0
+    prompt = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])  # repeats, so candidates get proposed
+    greedy = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    looked_up = model.generate(prompt, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=3)
+    assert torch.equal(looked_up, greedy)
+    assert any(n != 0 for n in crops)  # rejected candidates were cropped away (transformers passes -k)

@@ -153,8 +153,8 @@ def test_reorder_and_crop_with_quantized_storage():
     assert got.shape[2] == 50 and torch.equal(got[:, :, :20], values[:, :, :20])
 
 
-def _decode_case(quantized_tokens: int, tail: int, *, b=2, g=3, r=4, e=16, seed=0):
-    quant = KVQuant(bits=4, group_size=8, residual=tail)
+def _decode_case(quantized_tokens: int, tail: int, *, b=2, g=3, r=4, e=16, seed=0, quant=None):
+    quant = quant or KVQuant(bits=4, group_size=8, residual=tail)
     cache, _, _ = _filled_store(quant, [quantized_tokens + tail], b=b, g=g, ek=e, ev=e, seed=seed)
     keys, values = cache.layers[0].store.views()
     q = torch.randn(b, g, r, e)
@@ -172,6 +172,7 @@ def test_decode_blocks_equals_attention_over_dequantized_cache(monkeypatch, use_
         mask[..., 20:40] = False  # a block no row sees
         mask[..., -1] = True
     factor = torch.rand(b, 1, r, s) + 0.5 if use_factor else None
+    assert attention_ops.quantized_value_read(values, q) == "blocks"  # planes of 16 features: converted blocks
     out = attention_ops.decode_blocks(q, keys, values, mask=mask, scale=0.25, factor=factor)
     k, v = keys.dequantize().double(), values.dequantize().double()
     scores = q.double() @ k.transpose(-1, -2) * 0.25
@@ -181,6 +182,21 @@ def test_decode_blocks_equals_attention_over_dequantized_cache(monkeypatch, use_
         scores = scores.masked_fill(~mask, float("-inf"))
     ref = torch.softmax(scores, -1) @ v
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(attention_ops.quantized_value_read(  # the dispatch itself says whether this CPU takes that path
+    _decode_case(64, 0, e=64, quant=KVQuant(4, 64, 0))[2], torch.zeros(1)) != "int4pack",
+    reason="values are read by torch's packed int4 matmul only on CPUs with native bfloat16")
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("e", [64, 128])  # one plane per storage head (plain GQA), two (an absorbed layer)
+def test_packed_value_read_equals_attention_over_dequantized_cache(bits, e):
+    """torch's packed int4 matmul reads the stored value planes (bfloat16 weights: within 2^-7 of the largest
+    output), and agrees with the block path."""
+    q, keys, values = _decode_case(192, 5, e=e, quant=KVQuant(bits, 64, 5))
+    out = attention_ops.decode_blocks(q, keys, values, mask=None, scale=0.125)
+    k, v = keys.dequantize().double(), values.dequantize().double()
+    ref = torch.softmax(q.double() @ k.transpose(-1, -2) * 0.125, -1) @ v
+    assert (out.double() - ref).abs().max() <= 2**-7 * ref.abs().max()
 
 
 def _pair(bits, **kw):

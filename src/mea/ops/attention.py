@@ -137,14 +137,16 @@ def quantized_value_read(v: QuantizedTokens, p: torch.Tensor) -> str:
 
 @lru_cache(maxsize=8)
 def _unit_scales(groups: int, device: torch.device) -> torch.Tensor:
-    """(groups, VALUE_PLANE, 2) bfloat16 scale 1 and zero 8: torch's int4 matmul dequantizes (c - 8) s + z,
-    so these make it return the plain codes' weighted sums (the real scales are folded into the weights)."""
-    return torch.tensor([1.0, 8.0], dtype=torch.bfloat16, device=device).expand(groups, VALUE_PLANE, 2).contiguous()
+    """(groups, VALUE_PLANE, 2) bfloat16 scale 1 and zero 0: torch's int4 matmul dequantizes (c - 8) s + z, so
+    these make it return the weighted sums of the centred codes c - 8 (the real scales are folded into the
+    weights; centring keeps the two terms of s c + z from cancelling in bfloat16)."""
+    return torch.tensor([1.0, 0.0], dtype=torch.bfloat16, device=device).expand(groups, VALUE_PLANE, 2).contiguous()
 
 
 def _values_int4pack(p: torch.Tensor, v: QuantizedTokens, out: torch.Tensor) -> None:
     """out (B, G, R, E) float32 += p (B, G, R, Q) @ the Q quantized values, read by torch's packed int4 matmul:
-    per token t and plane f, sum_t (p_t s_t(f)) codes_t + p_t z_t(f); an 8-bit code is 16 high + low nibble."""
+    per token t and plane f, sum_t (p_t s_t) (c_t - m) + p_t (z_t + m s_t), where the matmul returns the first
+    sum over centred nibbles (an 8-bit code c = 16 h + l, so c - 136 = 16 (h - 8) + (l - 8)) and m = 8 or 136."""
     b, g, r, q = p.shape
     nibbles, e = v.bits // 4, v.shape[3]
     units = _unit_scales(max(q // INT4PACK_GROUP, 64), p.device)[: q // INT4PACK_GROUP]
@@ -159,7 +161,9 @@ def _values_int4pack(p: torch.Tensor, v: QuantizedTokens, out: torch.Tensor) -> 
                     y = torch._weight_int4pack_mm_for_cpu(weights[i, h], plane, INT4PACK_GROUP, units).float()
                     acc = y if acc is None else acc * 16 + y
                 out[i, h, :, f * VALUE_PLANE : (f + 1) * VALUE_PLANE] += acc
-    out += (p @ v.zero.float()).repeat_interleave(v.group_size, dim=-1)
+    centre = 8 if v.bits == 4 else 136
+    zero = torch.addcmul(v.zero.float(), v.scale.float(), torch.tensor(float(centre)))  # (B, G, Q, E/g)
+    out += (p @ zero).repeat_interleave(v.group_size, dim=-1)
 
 
 def _values_blocks(p: torch.Tensor, v: QuantizedTokens, out: torch.Tensor, block: int) -> None:

@@ -141,7 +141,7 @@ def to_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     w = value_plane_width(e)
     nibbles = [codes >> 4, codes & 15] if bits == 8 else [codes]
     planes = torch.stack([pack(n.view(b, g, s, e // w, w), 4) for n in nibbles], dim=4)  # (B, G, S, E/W, N, W/2)
-    return planes.permute(0, 1, 3, 4, 2, 5).reshape(b, g, -1, s, w // 2)
+    return planes.permute(0, 1, 3, 4, 2, 5).reshape(b, g, -1, s, w // 2).contiguous()
 
 
 def from_planes(planes: torch.Tensor, bits: int) -> torch.Tensor:

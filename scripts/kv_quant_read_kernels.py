@@ -12,7 +12,8 @@ per summed feature and group of tokens, so KIVI's per-channel keys do not fit th
 quantized per token (the accuracy cost: `kv_quant_key_layout.py`). For values, per-token scales fold into p,
 so W = V^T with unit scales fits both (int8: V^T stored transposed; int4: our planes).
 
-Median wall and CPU (process) milliseconds over interleaved repeats, at 1 and 2 threads, in float32 and
+torch's packed kernels are measured in float32 only up to `SLOW_FLOAT32_CONTEXT` tokens: there they run a
+scalar path, 10-100x slower than in bfloat16. Median wall and CPU (process) milliseconds over interleaved repeats, at 1 and 2 threads, in float32 and
 bfloat16 compute. Writes one JSON:
 
     python scripts/kv_quant_read_kernels.py [--contexts 4096 16384] [--out results/kv-quant/read-kernels.json]
@@ -32,6 +33,7 @@ from mea.ops.kvquant import QuantizedTokens, quantize_keys, quantize_values
 
 SHAPES = {"uncompressed (3 heads of 64)": (3, 3, 64), "compressed h'=2 (one head of 128)": (1, 9, 128)}
 GROUP = 64
+SLOW_FLOAT32_CONTEXT = 4096  # torch's packed kernels in float32 (a scalar path, 10-100x slower): only up to here
 
 
 def candidates(kv_heads: int, rows: int, width: int, context: int, dtype: torch.dtype) -> dict:
@@ -54,6 +56,8 @@ def candidates(kv_heads: int, rows: int, width: int, context: int, dtype: torch.
         if ops.int4pack_layout_matches():
             out[("values", "ours (planes, torch int4pack, bf16)", bits)] = (
                 lambda values=values: ops._values_int4pack(p, values, acc))
+    if dtype == torch.float32 and context > SLOW_FLOAT32_CONTEXT:
+        return out
     x = q[0].to(dtype)
     k8 = torch.randint(-128, 128, (g, s, e), dtype=torch.int8)  # per-token int8 keys: one scale per row
     k8_scale = torch.rand(g, s, dtype=dtype)

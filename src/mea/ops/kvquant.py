@@ -8,8 +8,10 @@ Stored per tensor of S tokens laid out (B, G, S, E) (G storage heads, E features
 * values, per token: each run of `group_size` consecutive features of one token shares a scale and a zero
   point: scales (B, G, S, E/g).
 
-Codes are unsigned `bits`-bit integers (4 or 8), two 4-bit codes packed per byte along the features (low
-nibble first). Scales and zero points are float16 (2 bytes each). Asymmetric (min/max) quantization:
+Codes are unsigned `bits`-bit integers (4 or 8). Key codes are token-major, two 4-bit codes per byte
+(`pack`); value codes are stored as planes of 4-bit codes in torch's packed int4 CPU layout (`to_planes`), so
+the decode read can hand them to its packed matmul. Scales and zero points are float16 (2 bytes each).
+Asymmetric (min/max) quantization:
 
     s = (max - min) / (2^bits - 1),   z = min,   code = clamp(round((x - z) / s), 0, 2^bits - 1),   x^ = code s + z
 

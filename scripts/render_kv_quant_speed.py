@@ -62,6 +62,16 @@ def load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def command(settings: dict) -> str:
+    """The `mea bench decode` command line that wrote a result (from its settings)."""
+    def values(key):
+        return " ".join(str(x) for x in settings[key])
+    return (f"OMP_NUM_THREADS=1 mea bench decode --preset {settings['preset']} --contexts {values('contexts')} "
+            f"--batches {values('batches')} --budgets {values('budgets')} \\\n        --kv-bits {values('kv_bits')} "
+            f"--steps {settings['steps']} --rounds {settings['rounds']} --dtype {settings['dtype']} "
+            f"--out results/kv-quant/decode-cpu-{settings['dtype']}.json")
+
+
 def machine(result: dict) -> str:
     m = result["machine"]
     return (f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}, "
@@ -99,11 +109,11 @@ def decode_section(result: dict, dtype: str) -> tuple[str, list[list]]:
         lines.append("| " + " | ".join(cells + [", ".join(held)]) + " |")
     for s in result.get("skipped", []):
         lines.append(f"\nSkipped batch {s['batch']} x context {s['context']}: {s['reason']}.")
-    checks = result.get("kv_generate", [])
-    if checks:
-        worst = max(abs(c.get("error", 0.0)) for c in checks) if all("error" in c for c in checks) else None
-        if worst is not None:
-            lines.append(f"\nKV bytes held after a real `generate()` against the prediction: worst {worst:.2%}.")
+    quantized = [c for c in result.get("kv_generate", []) if " int" in c["system"]]
+    if quantized:
+        worst = max(quantized, key=lambda c: abs(c["used_error"]))
+        lines.append(f"\nKV bytes stored after a real `generate()` against the prediction, quantized caches: worst "
+                     f"{worst['used_error']:+.2%} ({worst['system']}).")
     return "\n".join(lines), verdicts
 
 
@@ -149,10 +159,7 @@ def main() -> int:
             continue
         table, v = decode_section(result, dtype)
         verdicts += v
-        parts.append(f"\n## Whole models, {dtype} compute\n\n"
-                     f"    mea bench decode --preset smollm2-135m --contexts 4096 8192 16384 --batches 1 8 "
-                     f"--budgets 0.5 \\\n        --kv-bits 8 4 --steps 3 --rounds 2 --dtype {dtype} "
-                     f"--out results/kv-quant/decode-cpu-{dtype}.json\n\n{table}\n")
+        parts.append(f"\n## Whole models, {dtype} compute\n\n    {command(result['settings'])}\n\n{table}\n")
     if verdicts:
         parts.append("\n## Against the targets (16k tokens and beyond)\n\n"
                      "| compute | batch | context | system | cache | float / quantized | target | verdict |\n"

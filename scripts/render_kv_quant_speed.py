@@ -121,19 +121,22 @@ def kernels_section(result: dict) -> str:
     rows = result["results"]
     at = max(result["settings"]["contexts"])
     by = {(r["threads"], r["dtype"], r["context"], r["shape"], r["product"], r["kernel"], r["bits"]): r for r in rows}
-    float_ms = {(r["threads"], r["dtype"], r["context"], r["shape"], r["product"]): r["wall_ms"]
+    float_ms = {(r["threads"], r["dtype"], r["context"], r["shape"], r["product"]): r["cpu_ms"]
                 for r in rows if r["kernel"] == "float"}
-    lines = [f"Machine: {machine(result)}. One layer, batch 1, {at} tokens; median wall ms over "
-             f"{result['settings']['repeats']} interleaved calls; in brackets: the float cache's time over the "
+    lines = [f"Machine: {machine(result)}. One layer, batch 1, {at} tokens; median CPU ms (process "
+             f"time: on this shared machine a call longer than the scheduler's slice waits tens of ms for the core, "
+             f"so wall time measures the other jobs) over {result['settings']['repeats']} interleaved calls; in brackets: the float cache's time over the "
              "kernel's (above 1: faster than reading the float cache).", "",
-             "| compute | layer | product | kernel | bits | 1 thread ms | 2 threads ms |", "|---|---|---|---|---|---|---|"]
+             "| compute | layer | product | kernel | bits | "
+             + " | ".join(f"{t} thread{'s' if t > 1 else ''} CPU ms" for t in result["settings"]["threads"]) + " |",
+             "|---|---|---|---|---|" + "---|" * len(result["settings"]["threads"])]
     keys = sorted({k[1:] for k in by if k[2] == at}, key=lambda k: (k[0], k[2], k[3], k[4] != "float", k[4], -k[5]))
     for dtype, context, shape, product, kernel, bits in keys:
         cells = []
         for threads in result["settings"]["threads"]:
             r = by.get((threads, dtype, context, shape, product, kernel, bits))
             base = float_ms.get((threads, dtype, context, shape, product))
-            cells.append(f"{r['wall_ms']:.2f} ({base / r['wall_ms']:.2f}×)" if r and base else "")
+            cells.append(f"{r['cpu_ms']:.2f} ({base / r['cpu_ms']:.2f}×)" if r and base else "")
         lines.append(f"| {dtype} | {shape} | {product} | {kernel} | {bits} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -51,9 +51,14 @@ features), which is what keeps 4-bit keys accurate (table below).
   int4, still 1.7x after a Hadamard rotation). So keys stay per channel and are converted a block at a time
   (`DEQUANT_BLOCK` = 4096 tokens, at most 1 MiB) into one reused buffer, scaled in place, and read by one
   matrix product per block.
-* Not used: `torch.compile` of the key read (Inductor fuses the conversion, but took 15-70 s to compile per
-  shape and bit width on this machine and was no faster than the block read at 4 bits) and hand-written
-  C++ (a fused per-channel read is what closes the remaining gap, see the end).
+* Tried, not kept (exploratory, no result file): `torch.compile` of the key read. Inductor fuses the
+  conversion into the reduction, but compiling took tens of seconds per shape and bit width at the first
+  decode step, and at 4 bits the compiled read was not faster than the block read.
+* Also evaluated: a bigger block (4096 tokens instead of 1024: fewer Python steps, one buffer reused instead
+  of new temporaries per block); bf16 compute for the conversion (on this CPU, converting and scaling codes in
+  bf16 is not faster than in float32, see the per-kernel table); int4 unpacking by a lookup table (not kept
+  untried: indexing needs int32/int64 indices, 4-8 bytes per code, more traffic than the two shifts and
+  contiguous half-row copies the key layout now allows).
 """
 
 
@@ -141,6 +146,23 @@ def kernels_section(result: dict) -> str:
     return "\n".join(lines)
 
 
+def read_section(results: dict) -> str:
+    """The whole read of one layer (`scripts/kv_quant_decode_kernel.py`), float cache vs int8 / int4."""
+    lines = ["| compute | context | layer (kernel) | float cache CPU ms | int8 CPU ms (float / int8) "
+             "| int4 CPU ms (float / int4) |", "|---|---|---|---|---|---|"]
+    for dtype, result in results.items():
+        by = {(r["context"], r["kernel"], r["cache"]): r["cpu_ms"] for r in result["results"]}
+        for context, kernel in sorted({(c, k) for c, k, _ in by}):
+            base = by[(context, kernel, "float")]
+            cells = [f"{by[(context, kernel, name)]:.2f} ({base / by[(context, kernel, name)]:.2f}×)"
+                     for name in ("int8", "int4")]
+            lines.append(f"| {dtype} | {context} | {kernel} | {base:.2f} | " + " | ".join(cells) + " |")
+    first = next(iter(results.values()))
+    return (f"Machine: {machine(first)}. Median CPU ms (one thread, process time) of one decode step's attention "
+            f"read, SmolLM2-135M's shapes, batch 1, {first['settings']['repeats']} interleaved repeats.\n\n"
+            + "\n".join(lines))
+
+
 def layout_section(result: dict) -> str:
     lines = [f"Machine: {machine(result)}. {result['settings']['tokens']} tokens of the modern held-out text, "
              f"{result['settings']['layers']} layers averaged.", "",
@@ -168,10 +190,21 @@ def main() -> int:
                      "| compute | batch | context | system | cache | float / quantized | target | verdict |\n"
                      "|---|---|---|---|---|---|---|---|\n"
                      + "\n".join("| " + " | ".join(map(str, v)) + " |" for v in verdicts) + "\n")
+    reads = {dtype: load(f"decode-kernel-{tag}.json") for dtype, tag in (("float32", "fp32"), ("bfloat16", "bf16"))}
+    reads = {dtype: r for dtype, r in reads.items() if r is not None}
+    if reads:
+        parts.append("\n## One layer's read\n\n"
+                     "    python scripts/kv_quant_decode_kernel.py --repeats 9 --out results/kv-quant/decode-kernel-fp32.json\n"
+                     "    python scripts/kv_quant_decode_kernel.py --repeats 9 --dtype bfloat16 "
+                     "--out results/kv-quant/decode-kernel-bf16.json\n\n"
+                     "Before this read (values converted block by block like the keys, 1024-token blocks), the same "
+                     "script measured float / int8 0.52-0.66× and float / int4 0.35-0.45× in float32 (commit "
+                     "e8f8d46, `git show e8f8d46:results/kv-quant/decode-kernel-fp32.json`).\n\n"
+                     + read_section(reads) + "\n")
     kernels = load("read-kernels.json")
     if kernels:
         parts.append("\n## The candidate kernels, one layer\n\n"
-                     "    python scripts/kv_quant_read_kernels.py --repeats 5 --out results/kv-quant/read-kernels.json\n\n"
+                     "    python scripts/kv_quant_read_kernels.py --repeats 3 --threads 1 --out results/kv-quant/read-kernels.json\n\n"
                      "`torch int8pack` / `torch int4pack (per token)` read keys quantized per token, which the cache "
                      "does not store (accuracy below); they show what the library kernels do when the layout fits.\n\n"
                      + kernels_section(kernels) + "\n")
@@ -189,15 +222,27 @@ def main() -> int:
 OUTRO = """
 ## What would close the gap
 
-The value product is no longer the cost: torch's packed int4 matmul reads the stored planes faster than the
-float cache's matmul reads floats. What remains is the key product with per-channel scales, which converts
-every code to a float before a library matmul sees it. Closing it needs a read that consumes the codes
-inside the dot products with a scale per feature and group of tokens: a small fused C++ (or Triton CPU)
-kernel, `q' = q * s_g` per group of 64 tokens and `sum_d q'_d c_td` with the codes widened in registers,
-the same loop torch's int4 kernel runs with its scale indexed by (group of tokens, feature) instead of
-(token, group of features). No maintained library offers it on CPU today. Reading keys per token would let
-torch's kernels do it now, at 2.5x the attention error at 4 bits (table above), so it is not the default.
+* Keys are the cost. In the kernel table the per-channel key product, which converts every code to a float
+  before a matmul sees it, takes 1.8-2.3x the float key matmul for plain GQA heads in float32 and 8-10x in
+  bf16 (the wide compressed head: 0.9-1.2x). The values, read from the stored planes by torch's packed int4
+  matmul, beat the float value matmul for plain GQA heads in float32 (1.1x at int8, 1.9x at int4), reach
+  0.7-0.8x for the wide compressed head, and lose in bf16 (0.2-0.8x), where the float read is itself a fast
+  bf16 matmul. What closes the key gap is a read that consumes the key codes inside the dot products with a
+  scale per feature and group of tokens: `q' = q * s_g` once per group of 64 tokens, then `sum_d q'_d c_td`
+  with the codes widened in registers. That is the loop torch's int4 kernel already runs, with its scale
+  indexed by (group of tokens, feature) instead of (token, group of features). No maintained CPU library
+  offers it today (torch, optimum-quanto, HQQ checked; torchao is not installed by `make setup`); it is a
+  small C++ (or Triton-CPU) kernel, the one hand-written piece the read would need.
+* Reading keys per token would let torch's packed kernels read them now (the kernel table: 1.2x the bf16
+  float key matmul for 3 heads of 64 at 4 bits), at 2.5x the attention-output error at 4 bits (1.7x after a
+  Hadamard rotation; key-layout table). At 8 bits the cost is small in absolute terms (output error 0.012
+  against 0.005), so an 8-bit per-token key layout is the cheapest next step if int8 speed matters more
+  than the last digit of accuracy.
+* In bf16 compute the float cache's read is already cheap where torch uses a bf16 matmul, so the quantized
+  cache has the least to gain there; the value planes' read is dominated by per-call overhead at batch 1
+  (one packed-matmul call per head, plane and nibble), which batching the calls per layer would cut.
 """
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -149,7 +149,8 @@ def _values_int4pack(p: torch.Tensor, v: QuantizedTokens, out: torch.Tensor) -> 
     sum over centred nibbles (an 8-bit code c = 16 h + l, so c - 136 = 16 (h - 8) + (l - 8)) and m = 8 or 136."""
     b, g, r, q = p.shape
     nibbles, e = v.bits // 4, v.shape[3]
-    units = _unit_scales(max(q // INT4PACK_GROUP, 64), p.device)[: q // INT4PACK_GROUP]
+    groups = q // INT4PACK_GROUP
+    units = _unit_scales(max(64, 1 << (groups - 1).bit_length()), p.device)[:groups]  # powers of two: few sizes
     for f in range(e // VALUE_PLANE):
         grp = f * VALUE_PLANE // v.group_size
         weights = (p * v.scale[:, :, :, grp].float()[:, :, None]).to(torch.bfloat16)  # (B, G, R, Q)

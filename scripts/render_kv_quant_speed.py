@@ -185,6 +185,7 @@ def main() -> int:
         table, v = decode_section(result, dtype)
         verdicts += v
         parts.append(f"\n## Whole models, {dtype} compute\n\n    {command(result['settings'])}\n\n{table}\n")
+    parts.append(SCOPE)
     if verdicts:
         parts.append("\n## Against the targets (16k tokens and beyond)\n\n"
                      "| compute | batch | context | system | cache | float / quantized | target | verdict |\n"
@@ -218,6 +219,15 @@ def main() -> int:
     print(f"wrote {DOC}", file=sys.stderr)
     return 0
 
+
+SCOPE = """
+Scope of these runs: the development VM (2 cores) ran other long jobs at the same time (load average 5-12),
+so every process got a fraction of a core; absolute times are several times the bandwidth bound, and only
+the ratios inside one run (systems interleaved, medians) mean anything. Batch 8 and 8k/32k contexts were not
+run: a first attempt including them got about 7% of a core and would not have finished, and batch 8 at 16k
+needs about 12 GB for the transformers baseline's cache, above what the bench allows itself of the memory
+available there. Rerun the commands above on a quiet machine for the full grid.
+"""
 
 OUTRO = """
 ## What would close the gap

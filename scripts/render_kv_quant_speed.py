@@ -45,8 +45,8 @@ features), which is what keeps 4-bit keys accurate (table below).
   tokens (per group) at once: torch's `_weight_int8pack_mm` has one scale per output row, its int4 kernel a
   scale per output row and group of at least 32 summed features, `torch._int_mm` none; optimum-quanto and
   HQQ dequantize on CPU and call a float matmul. Folding the per-channel scale into the query works
-  (`(q * s_g) . codes`), but the folded query differs per group of 64 tokens, so a library call per group
-  (256 calls per head at 16k) costs more than the read. Reading keys per token instead (which those kernels
+  (`(q * s_g) . codes`), but the folded query differs per group of 64 tokens, so it would take a library
+  call per group (256 calls per head at 16k), whose fixed cost alone rivals the whole float read. Reading keys per token instead (which those kernels
   take) costs accuracy that 4 bits cannot afford (the key-layout table: 2.5x the attention-output error at
   int4, still 1.7x after a Hadamard rotation). So keys stay per channel and are converted a block at a time
   (`DEQUANT_BLOCK` = 4096 tokens, at most 1 MiB) into one reused buffer, scaled in place, and read by one
@@ -54,11 +54,12 @@ features), which is what keeps 4-bit keys accurate (table below).
 * Tried, not kept (exploratory, no result file): `torch.compile` of the key read. Inductor fuses the
   conversion into the reduction, but compiling took tens of seconds per shape and bit width at the first
   decode step, and at 4 bits the compiled read was not faster than the block read.
-* Also evaluated: a bigger block (4096 tokens instead of 1024: fewer Python steps, one buffer reused instead
-  of new temporaries per block); bf16 compute for the conversion (on this CPU, converting and scaling codes in
-  bf16 is not faster than in float32, see the per-kernel table); int4 unpacking by a lookup table (not kept
-  untried: indexing needs int32/int64 indices, 4-8 bytes per code, more traffic than the two shifts and
-  contiguous half-row copies the key layout now allows).
+* Also changed: a bigger block (4096 tokens instead of 1024: fewer Python steps) with one buffer reused
+  instead of new temporaries per block; 4-bit keys pack features j and j + D/2 in a byte, so unpacking is two
+  contiguous half-row copies. bf16 for the key conversion is not used for float32 models: on this CPU,
+  converting and scaling codes in bf16 is not faster than in float32 (the kernel table, bf16 vs float32 rows).
+  Not tried: int4 unpacking by a lookup table (indexing needs int32/int64 indices, 4-8 bytes per code, more
+  traffic than the two shifts it would replace).
 """
 
 

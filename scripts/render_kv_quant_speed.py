@@ -194,27 +194,25 @@ def main() -> int:
                      + "\n".join("| " + " | ".join(map(str, v)) + " |" for v in verdicts) + "\n")
     reads = {dtype: load(f"decode-kernel-{tag}.json") for dtype, tag in (("float32", "fp32"), ("bfloat16", "bf16"))}
     reads = {dtype: r for dtype, r in reads.items() if r is not None}
-    if reads:
-        parts.append("\n## One layer's read\n\n"
-                     "    python scripts/kv_quant_decode_kernel.py --repeats 9 --out results/kv-quant/decode-kernel-fp32.json\n"
-                     "    python scripts/kv_quant_decode_kernel.py --repeats 9 --dtype bfloat16 "
-                     "--out results/kv-quant/decode-kernel-bf16.json\n\n"
-                     "Before this read (values converted block by block like the keys, 1024-token blocks), the same "
-                     "script measured float / int8 0.52-0.66× and float / int4 0.35-0.45× in float32 (commit "
-                     "e8f8d46, `git show e8f8d46:results/kv-quant/decode-kernel-fp32.json`).\n\n"
-                     + read_section(reads) + "\n")
-    kernels = load("read-kernels.json")
-    if kernels:
-        parts.append("\n## The candidate kernels, one layer\n\n"
-                     "    python scripts/kv_quant_read_kernels.py --repeats 3 --threads 1 --out results/kv-quant/read-kernels.json\n\n"
-                     "`torch int8pack` / `torch int4pack (per token)` read keys quantized per token, which the cache "
-                     "does not store (accuracy below); they show what the library kernels do when the layout fits.\n\n"
-                     + kernels_section(kernels) + "\n")
-    layout = load("key-layout.json")
-    if layout:
-        parts.append("\n## Accuracy of the key layouts the library kernels could read\n\n"
-                     "    python scripts/kv_quant_key_layout.py --out results/kv-quant/key-layout.json\n\n"
-                     + layout_section(layout) + "\n")
+    kernels, layout = load("read-kernels.json"), load("key-layout.json")
+    sections = [
+        (reads, "One layer's read",
+         ["python scripts/kv_quant_decode_kernel.py --repeats 9 --out results/kv-quant/decode-kernel-fp32.json",
+          "python scripts/kv_quant_decode_kernel.py --repeats 9 --dtype bfloat16 --out results/kv-quant/decode-kernel-bf16.json"],
+         "Before this read (values converted block by block like the keys, 1024-token blocks), the same script "
+         "measured float / int8 0.52-0.66× and float / int4 0.35-0.45× in float32 (commit e8f8d46, "
+         "`git show e8f8d46:results/kv-quant/decode-kernel-fp32.json`).", read_section),
+        (kernels, "The candidate kernels, one layer",
+         ["python scripts/kv_quant_read_kernels.py --repeats 3 --threads 1 --out results/kv-quant/read-kernels.json"],
+         "`torch int8pack` / `torch int4pack (per token)` read keys quantized per token, which the cache does not "
+         "store (accuracy below); they show what the library kernels do when the layout fits.", kernels_section),
+        (layout, "Accuracy of the key layouts the library kernels could read",
+         ["python scripts/kv_quant_key_layout.py --out results/kv-quant/key-layout.json"], "", layout_section),
+    ]
+    for result, title, commands, note, render in sections:
+        if result:
+            body = "".join(f"    {c}\n" for c in commands)
+            parts.append(f"\n## {title}\n\n{body}\n" + (f"{note}\n\n" if note else "") + render(result) + "\n")
     parts.append(OUTRO)
     DOC.write_text("".join(parts))
     print(f"wrote {DOC}", file=sys.stderr)

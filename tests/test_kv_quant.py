@@ -13,11 +13,14 @@ from mea.ops.kvquant import (
     dequantize_keys,
     dequantize_values,
     error_bound,
+    from_planes,
     pack,
     quantize_keys,
     quantize_reference,
     quantize_values,
+    to_planes,
     unpack,
+    value_plane_width,
 )
 from tests.helpers import incremental_logits, left_padded_batch, randomize_mea, save_tiny_llama, tiny_config
 
@@ -38,7 +41,7 @@ def test_round_trip_error_within_documented_bound(bits, keys):
     x = _keys_with_outliers()
     quantize, dequantize = (quantize_keys, dequantize_keys) if keys else (quantize_values, dequantize_values)
     codes, scale, zero = quantize(x, bits, 16)
-    assert codes.dtype == torch.uint8 and codes.shape[-1] == 32 * bits // 8
+    assert codes.dtype == torch.uint8 and codes.numel() == x.numel() * bits // 8
     assert scale.dtype == zero.dtype == torch.float16
     assert scale.shape == ((2, 3, 128 // 16, 32) if keys else (2, 3, 128, 32 // 16))
     err = (dequantize(codes, scale, zero, bits, torch.float32).double() - x.double()).abs()
@@ -63,7 +66,29 @@ def test_pack_unpack_round_trip():
     packed = pack(codes, 4)
     assert packed.shape == (2, 3, 5, 4)
     assert torch.equal(unpack(packed, 4), codes)
-    assert torch.equal(packed[..., 0], codes[..., 0] | (codes[..., 1] << 4))
+    assert torch.equal(packed[..., 0], codes[..., 0] | (codes[..., 4] << 4))  # features j and j + E/2
+
+
+@pytest.mark.parametrize("bits,features", [(4, 128), (8, 128), (4, 32), (8, 64)])
+def test_value_planes_round_trip(bits, features):
+    codes = torch.randint(0, 2**bits, (2, 3, 7, features), dtype=torch.uint8)
+    planes = to_planes(codes, bits)
+    w = value_plane_width(features)
+    assert planes.shape == (2, 3, features // w * bits // 4, 7, w // 2)
+    assert torch.equal(from_planes(planes, bits), codes)
+    assert torch.equal(from_planes(planes[..., 2:5, :], bits), codes[:, :, 2:5])  # a span of tokens
+
+
+@pytest.mark.skipif(not attention_ops.int4pack_layout_matches(), reason="no packed int4 CPU matmul in this torch")
+def test_value_planes_are_torch_int4pack_layout():
+    """A plane is, byte for byte, torch's packed int4 CPU layout of the (features x tokens) codes: the packed
+    matmul over it computes p @ V."""
+    codes = torch.randint(0, 16, (1, 1, 128, 64), dtype=torch.uint8)  # (B, G, S, E): one plane
+    plane = to_planes(codes, 4)[0, 0, 0]  # (S, 32)
+    p = torch.rand(3, 128)
+    units = torch.tensor([1.0, 8.0]).expand(2, 64, 2).contiguous()  # scale 1, zero 8: the plain codes
+    got = torch._weight_int4pack_mm_for_cpu(p, plane.view(64, 64), 64, units)
+    torch.testing.assert_close(got, p @ codes[0, 0].float())
 
 
 def _filled_store(quant: KVQuant, chunks, b=3, g=2, ek=16, ev=16, seed=0):
@@ -128,8 +153,8 @@ def test_reorder_and_crop_with_quantized_storage():
     assert got.shape[2] == 50 and torch.equal(got[:, :, :20], values[:, :, :20])
 
 
-def _decode_case(quantized_tokens: int, tail: int, *, b=2, g=3, r=4, e=16, seed=0):
-    quant = KVQuant(bits=4, group_size=8, residual=tail)
+def _decode_case(quantized_tokens: int, tail: int, *, b=2, g=3, r=4, e=16, seed=0, quant=None):
+    quant = quant or KVQuant(bits=4, group_size=8, residual=tail)
     cache, _, _ = _filled_store(quant, [quantized_tokens + tail], b=b, g=g, ek=e, ev=e, seed=seed)
     keys, values = cache.layers[0].store.views()
     q = torch.randn(b, g, r, e)
@@ -147,6 +172,7 @@ def test_decode_blocks_equals_attention_over_dequantized_cache(monkeypatch, use_
         mask[..., 20:40] = False  # a block no row sees
         mask[..., -1] = True
     factor = torch.rand(b, 1, r, s) + 0.5 if use_factor else None
+    assert attention_ops.quantized_value_read(values, q) == "blocks"  # planes of 16 features: converted blocks
     out = attention_ops.decode_blocks(q, keys, values, mask=mask, scale=0.25, factor=factor)
     k, v = keys.dequantize().double(), values.dequantize().double()
     scores = q.double() @ k.transpose(-1, -2) * 0.25
@@ -156,6 +182,21 @@ def test_decode_blocks_equals_attention_over_dequantized_cache(monkeypatch, use_
         scores = scores.masked_fill(~mask, float("-inf"))
     ref = torch.softmax(scores, -1) @ v
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(attention_ops.quantized_value_read(  # the dispatch itself says whether this CPU takes that path
+    _decode_case(64, 0, e=64, quant=KVQuant(4, 64, 0))[2], torch.zeros(1)) != "int4pack",
+    reason="values are read by torch's packed int4 matmul only on CPUs with native bfloat16")
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("e", [64, 128])  # one plane per storage head (plain GQA), two (an absorbed layer)
+def test_packed_value_read_equals_attention_over_dequantized_cache(bits, e):
+    """torch's packed int4 matmul reads the stored value planes (bfloat16 weights: within 2^-7 of the largest
+    output), and agrees with the block path."""
+    q, keys, values = _decode_case(192, 5, e=e, quant=KVQuant(bits, 64, 5))
+    out = attention_ops.decode_blocks(q, keys, values, mask=None, scale=0.125)
+    k, v = keys.dequantize().double(), values.dequantize().double()
+    ref = torch.softmax(q.double() @ k.transpose(-1, -2) * 0.125, -1) @ v
+    assert (out.double() - ref).abs().max() <= 2**-7 * ref.abs().max()
 
 
 def _pair(bits, **kw):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .ops.kvquant import KVQuant, QuantizedTokens, quantize_keys, quantize_values
+from .ops.kvquant import KVQuant, QuantizedTokens, quantize_keys, quantize_values, value_plane_width
 
 GROWTH_BLOCK = 256  # tokens added per reallocation when no capacity was reserved
 
@@ -145,15 +145,20 @@ class QuantizedStore:
         cap = _capacity(max(needed, 1), self.capacity_hint, g)
         (b, heads, _, ek), ev = k.shape, v.shape[3]
         u8, f16 = dict(dtype=torch.uint8, device=k.device), dict(dtype=torch.float16, device=k.device)
+        w = value_plane_width(ev)
+        planes = (b, heads, ev // w * q.bits // 4, cap, w // 2)  # value codes as planes (`to_planes`)
         shapes = {"k_codes": ((b, heads, cap, q.code_bytes(ek)), u8), "k_scale": ((b, heads, cap // g, ek), f16),
-                  "k_zero": ((b, heads, cap // g, ek), f16), "v_codes": ((b, heads, cap, q.code_bytes(ev)), u8),
+                  "k_zero": ((b, heads, cap // g, ek), f16), "v_codes": (planes, u8),
                   "v_scale": ((b, heads, cap, ev // g), f16), "v_zero": ((b, heads, cap, ev // g), f16)}
         for name, (shape, kw) in shapes.items():
             new = torch.empty(shape, **kw)
             old = getattr(self, name)
             if old is not None and self.quantized:
                 rows = self.quantized // g if name in ("k_scale", "k_zero") else self.quantized
-                new[:, :, :rows].copy_(old[:, :, :rows])
+                if name == "v_codes":  # tokens are the planes' rows
+                    new[..., :rows, :].copy_(old[..., :rows, :])
+                else:
+                    new[:, :, :rows].copy_(old[:, :, :rows])
             setattr(self, name, new)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -176,7 +181,7 @@ class QuantizedStore:
         self.k_codes[:, :, a : a + n], self.k_scale[:, :, a // g : (a + n) // g] = codes, scale
         self.k_zero[:, :, a // g : (a + n) // g] = zero
         codes, scale, zero = quantize_values(pending_v[:, :, :n], q.bits, g)
-        self.v_codes[:, :, a : a + n], self.v_scale[:, :, a : a + n], self.v_zero[:, :, a : a + n] = codes, scale, zero
+        self.v_codes[..., a : a + n, :], self.v_scale[:, :, a : a + n], self.v_zero[:, :, a : a + n] = codes, scale, zero
         self.k_tail[:, :, : total - n].copy_(pending_k[:, :, n:])
         self.v_tail[:, :, : total - n].copy_(pending_v[:, :, n:])
         self.quantized, self.tail_len = a + n, total - n
@@ -186,7 +191,7 @@ class QuantizedStore:
         q, n, g = self.quant, self.quantized, self.quant.group_size
         keys = QuantizedTokens(self.k_codes[:, :, :n], self.k_scale[:, :, : n // g], self.k_zero[:, :, : n // g],
                                self.k_tail[:, :, : self.tail_len], q.bits, g, per_channel=True)
-        values = QuantizedTokens(self.v_codes[:, :, :n], self.v_scale[:, :, :n], self.v_zero[:, :, :n],
+        values = QuantizedTokens(self.v_codes[..., :n, :], self.v_scale[:, :, :n], self.v_zero[:, :, :n],
                                  self.v_tail[:, :, : self.tail_len], q.bits, g, per_channel=False)
         return keys, values
 

@@ -22,10 +22,13 @@ whole cache.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 
-from .kvquant import QuantizedTokens, unpack
+from ..precision import cpu_capability
+from .kvquant import VALUE_PLANE, QuantizedTokens, from_planes, pack
 from .mixing import absorb_query, mix, read_values
 
 
@@ -99,32 +102,124 @@ def decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torc
     return torch.stack(out)
 
 
-DEQUANT_BLOCK = 1024  # tokens dequantized at a time when decoding from a quantized cache
+DEQUANT_BLOCK = 4096  # tokens of key codes converted at a time when decoding from a quantized cache
+DEQUANT_BYTES = 1 << 20  # ... at most this many bytes of converted keys at a time (a buffer that stays in cache)
+INT4PACK_GROUP = 64  # tokens per (unit) scale given to torch's packed int4 matmul when it reads value planes
+
+
+@lru_cache(maxsize=1)
+def int4pack_layout_matches() -> bool:
+    """Whether this torch build packs int4 matrices for its CPU matmul (`_weight_int4pack_mm_for_cpu`) in the
+    layout the cache stores value planes in (`ops.kvquant.to_planes`): checked once by packing a probe."""
+    convert = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
+    if convert is None or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return False
+    w = torch.randint(0, 16, (VALUE_PLANE, 2 * INT4PACK_GROUP), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    try:
+        packed = convert(w, 1)
+    except RuntimeError:
+        return False
+    return torch.equal(packed.flatten(), pack(w.t().to(torch.uint8).contiguous(), 4).flatten())
+
+
+def quantized_value_read(v: QuantizedTokens, p: torch.Tensor) -> str:
+    """How decoding reads quantized values, the one place that decides: "int4pack" (torch's packed int4 CPU
+    matmul, in bfloat16, straight from the stored planes) on CPUs with native bfloat16 arithmetic
+    (`precision.cpu_capability`) where the layout matches (`int4pack_layout_matches`) and one scale covers a
+    plane; else "blocks" (codes converted to floats a block at a time)."""
+    if (p.device.type == "cpu" and v.quantized and v.codes.shape[-1] * 2 == VALUE_PLANE
+            and v.group_size % VALUE_PLANE == 0 and v.quantized % INT4PACK_GROUP == 0
+            and not (torch.is_grad_enabled() and p.requires_grad)
+            and cpu_capability()["cpu_native_bf16"] and int4pack_layout_matches()):
+        return "int4pack"
+    return "blocks"
+
+
+@lru_cache(maxsize=8)
+def _unit_scales(groups: int, device: torch.device) -> torch.Tensor:
+    """(groups, VALUE_PLANE, 2) bfloat16 scale 1 and zero 0: torch's int4 matmul dequantizes (c - 8) s + z, so
+    these make it return the weighted sums of the centred codes c - 8 (the real scales are folded into the
+    weights; centring keeps the two terms of s c + z from cancelling in bfloat16)."""
+    return torch.tensor([1.0, 0.0], dtype=torch.bfloat16, device=device).expand(groups, VALUE_PLANE, 2).contiguous()
+
+
+def _values_int4pack(p: torch.Tensor, v: QuantizedTokens, out: torch.Tensor) -> None:
+    """out (B, G, R, E) float32 += p (B, G, R, Q) @ the Q quantized values, read by torch's packed int4 matmul:
+    per token t and plane f, sum_t (p_t s_t) (c_t - m) + p_t (z_t + m s_t), where the matmul returns the first
+    sum over centred nibbles (an 8-bit code c = 16 h + l, so c - 136 = 16 (h - 8) + (l - 8)) and m = 8 or 136."""
+    b, g, r, q = p.shape
+    nibbles, e = v.bits // 4, v.shape[3]
+    groups = q // INT4PACK_GROUP
+    units = _unit_scales(max(64, 1 << (groups - 1).bit_length()), p.device)[:groups]  # powers of two: few sizes
+    for f in range(e // VALUE_PLANE):
+        grp = f * VALUE_PLANE // v.group_size
+        weights = (p * v.scale[:, :, :, grp].float()[:, :, None]).to(torch.bfloat16)  # (B, G, R, Q)
+        for i in range(b):
+            for h in range(g):
+                acc = None
+                for n in range(nibbles):
+                    plane = v.codes[i, h, f * nibbles + n].view(VALUE_PLANE, q // 2)
+                    y = torch._weight_int4pack_mm_for_cpu(weights[i, h], plane, INT4PACK_GROUP, units).float()
+                    acc = y if acc is None else acc * 16 + y
+                out[i, h, :, f * VALUE_PLANE : (f + 1) * VALUE_PLANE] += acc
+    centre = 8 if v.bits == 4 else 136
+    zero = torch.addcmul(v.zero.float(), v.scale.float(), torch.tensor(float(centre)))  # (B, G, Q, E/g)
+    out += (p @ zero).repeat_interleave(v.group_size, dim=-1)
+
+
+def _values_blocks(p: torch.Tensor, v: QuantizedTokens, out: torch.Tensor, block: int) -> None:
+    """out (B, G, R, E) float32 += p (B, G, R, Q) @ the Q quantized values, converting `block` tokens of codes
+    at a time; per-token scales folded into p."""
+    b, g, r, q = p.shape
+    ev, groups = v.shape[3], v.scale.shape[3]
+    for a in range(0, q, block):
+        z = min(a + block, q)
+        codes = from_planes(v.codes[..., a:z, :], v.bits).float()  # (B, G, L, E)
+        pb = p[..., a:z]
+        weighted = (pb[..., None] * v.scale[:, :, a:z].float()[:, :, None]).permute(0, 1, 4, 2, 3)  # (B, G, E/g, R, L)
+        per_group = weighted @ codes.view(b, g, z - a, groups, ev // groups).transpose(2, 3)  # (B, G, E/g, R, g)
+        out += per_group.permute(0, 1, 3, 2, 4).reshape(b, g, r, ev)
+    out += (p @ v.zero.float()).repeat_interleave(ev // groups, dim=-1)
+
+
+def _key_scores(q: torch.Tensor, k: QuantizedTokens, scores: torch.Tensor) -> None:
+    """scores[..., :Q] = q . the Q quantized keys, a block at a time: each block's codes are converted into one
+    reused buffer, scaled per channel and group of tokens in place, and read by one matrix product."""
+    b, g, r, e = q.shape
+    n, size = k.quantized, k.group_size
+    block = max(size, min(DEQUANT_BLOCK, DEQUANT_BYTES // (b * g * e * q.element_size())) // size * size)
+    buf = q.new_empty((b, g, min(block, n), e))
+    k_scale, k_zero = k.scale.to(q.dtype), k.zero.to(q.dtype)  # (B, G, Q/g, E)
+    half = e // 2
+    for a in range(0, n, block):
+        z = min(a + block, n)
+        x, codes = buf[:, :, : z - a], k.codes[:, :, a:z]
+        if k.bits == 8:
+            x.copy_(codes)
+        else:  # `pack`: low nibbles hold the first half of the features, high nibbles the second
+            x[..., :half].copy_(codes & 15)
+            x[..., half:].copy_(codes >> 4)
+        grouped = x.view(b, g, (z - a) // size, size, e)
+        torch.addcmul(k_zero[:, :, a // size : z // size, None], grouped, k_scale[:, :, a // size : z // size, None],
+                      out=grouped)
+        scores[..., a:z] = q @ x.transpose(-1, -2)
 
 
 def decode_blocks(q: torch.Tensor, k: QuantizedTokens, v: QuantizedTokens, *, mask: torch.Tensor | None, scale: float,
                   factor: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of (B, G, R, E) queries over (B, G, S, E) quantized keys/values, reading the codes
-    `DEQUANT_BLOCK` tokens at a time. The scales never touch the block: keys are scaled per channel and group
-    of tokens, so a group's logits are (q * s) . codes + q . z with the scale folded into the few query rows;
-    values are scaled per token (and group of features), so the output is sum_t (p_t s_t) codes_t + p_t z_t
-    with the scale folded into the probabilities. Only the codes of one block are ever converted to floats;
-    the (B, G, R, S) logits are kept whole (R is a few query rows). mask: bool (B, 1, R, S); factor:
-    (B, 1, R, S) per-logit multipliers (QK-norm after mixing)."""
+    """Attention of (B, G, R, E) queries over (B, G, S, E) quantized keys/values, never building a
+    full-precision copy of the cache. Keys (scaled per channel and group of tokens) are converted
+    `DEQUANT_BLOCK` tokens at a time into one buffer and read by a matrix product (`_key_scores`). Values are
+    scaled per token, so out = sum_t (p_t s_t) codes_t + p_t z_t with the scale folded into the attention
+    probabilities: on CPUs with native bfloat16, torch's packed int4 matmul reads the stored planes directly,
+    else blocks of codes are converted (`quantized_value_read` decides). The (B, G, R, S) logits are kept
+    whole (R is a few query rows), so the softmax is exact. mask: bool (B, 1, R, S); factor: (B, 1, R, S)
+    per-logit multipliers (QK-norm after mixing)."""
     b, g, r, e = q.shape
     s, n = k.shape[2], k.quantized
-    size = k.group_size
-    block = max(DEQUANT_BLOCK // size, 1) * size
-    spans = [(a, min(a + block, n)) for a in range(0, n, block)]
     scores = q.new_empty((b, g, r, s), dtype=torch.float32)
-    for a, z in spans:  # keys: groups of `size` tokens share a per-channel scale
-        groups = (z - a) // size
-        codes = unpack(k.codes[:, :, a:z], k.bits).to(q.dtype).view(b, g, groups, size, e)  # (B, G, n, g, E)
-        k_scale = k.scale[:, :, a // size : z // size].to(q.dtype)  # (B, G, n, E)
-        k_zero = k.zero[:, :, a // size : z // size].to(q.dtype)
-        logits = (q[:, :, None] * k_scale[:, :, :, None]) @ codes.transpose(-1, -2)  # (B, G, n, R, g)
-        logits += (k_zero @ q.transpose(-1, -2))[..., None]  # q . z per group: (B, G, n, R, 1)
-        scores[..., a:z] = logits.permute(0, 1, 3, 2, 4).reshape(b, g, r, z - a)
+    if n:
+        _key_scores(q, k, scores)
     if s > n:
         scores[..., n:] = q @ k.tail.transpose(-1, -2)
     scores *= scale
@@ -132,22 +227,14 @@ def decode_blocks(q: torch.Tensor, k: QuantizedTokens, v: QuantizedTokens, *, ma
         scores *= factor
     if mask is not None:
         scores.masked_fill_(~mask, float("-inf"))
-    p = torch.softmax(scores, dim=-1).to(q.dtype)  # (B, G, R, S)
-    out = p[..., n:] @ v.tail if s > n else q.new_zeros((b, g, r, v.shape[3]))
-    ev = v.shape[3]
-    for a, z in spans:  # values: groups of features of one token share a scale
-        codes = unpack(v.codes[:, :, a:z], v.bits).to(q.dtype)  # (B, G, L, E)
-        v_scale, v_zero = v.scale[:, :, a:z].to(q.dtype), v.zero[:, :, a:z].to(q.dtype)  # (B, G, L, E/g)
-        pb = p[..., a:z]  # (B, G, R, L)
-        groups = v_scale.shape[3]
-        if groups == 1:
-            out += (pb * v_scale[..., 0][:, :, None]) @ codes + pb @ v_zero
+    p = torch.softmax(scores, dim=-1)  # (B, G, R, S) float32
+    out = (p[..., n:].to(q.dtype) @ v.tail).float() if s > n else p.new_zeros((b, g, r, v.shape[3]))
+    if n:
+        if quantized_value_read(v, p) == "int4pack":
+            _values_int4pack(p[..., :n], v, out)
         else:
-            weighted = (pb[..., None] * v_scale[:, :, None]).permute(0, 1, 4, 2, 3)  # (B, G, E/g, R, L)
-            per_group = weighted @ codes.view(b, g, z - a, groups, ev // groups).transpose(2, 3)  # (B, G, E/g, R, g)
-            out += per_group.permute(0, 1, 3, 2, 4).reshape(b, g, r, ev)
-            out += (pb @ v_zero).repeat_interleave(ev // groups, dim=-1)
-    return out
+            _values_blocks(p[..., :n], v, out, max(DEQUANT_BLOCK // k.group_size, 1) * k.group_size)
+    return out.to(q.dtype)
 
 
 def grouped_attention(

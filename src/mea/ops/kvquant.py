@@ -8,8 +8,10 @@ Stored per tensor of S tokens laid out (B, G, S, E) (G storage heads, E features
 * values, per token: each run of `group_size` consecutive features of one token shares a scale and a zero
   point: scales (B, G, S, E/g).
 
-Codes are unsigned `bits`-bit integers (4 or 8), two 4-bit codes packed per byte along the features (low
-nibble first). Scales and zero points are float16 (2 bytes each). Asymmetric (min/max) quantization:
+Codes are unsigned `bits`-bit integers (4 or 8). Key codes are token-major, two 4-bit codes per byte
+(`pack`); value codes are stored as planes of 4-bit codes in torch's packed int4 CPU layout (`to_planes`), so
+the decode read can hand them to its packed matmul. Scales and zero points are float16 (2 bytes each).
+Asymmetric (min/max) quantization:
 
     s = (max - min) / (2^bits - 1),   z = min,   code = clamp(round((x - z) / s), 0, 2^bits - 1),   x^ = code s + z
 
@@ -106,18 +108,51 @@ def _divisor_near(n: int, g: int) -> int:
 
 # --- packing ---------------------------------------------------------------------------------------------
 
+VALUE_PLANE = 64  # value features per plane: the block of output channels of torch's packed int4 CPU matmul
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes (..., E) -> (..., E * bits / 8): 4-bit codes two per byte, low nibble first."""
+    """uint8 codes (..., E) -> (..., E * bits / 8): 4-bit codes two per byte, byte j holding feature j (low
+    nibble) and feature j + E/2 (high nibble), so unpacking writes two contiguous halves."""
     if bits == 8:
         return codes
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+    half = codes.shape[-1] // 2
+    return codes[..., :half] | (codes[..., half:] << 4)
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of `pack`: (..., E * bits / 8) uint8 -> (..., E) uint8."""
     if bits == 8:
         return packed
-    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
+    return torch.cat((packed & 15, packed >> 4), dim=-1)
+
+
+def value_plane_width(features: int) -> int:
+    """Features per plane of stored value codes: `VALUE_PLANE`, or its largest divisor dividing `features`."""
+    return math.gcd(VALUE_PLANE, features)
+
+
+def to_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Value codes (B, G, S, E) uint8 -> planes (B, G, (E/W) * bits/4, S, W/2), W = `value_plane_width(E)`.
+
+    Each block of W features is held as bits/4 planes of 4-bit codes (8-bit codes: the high nibbles, then the
+    low ones), each plane token-major with byte j of a token holding features j and j + W/2 of the block. A
+    plane of S tokens is then, byte for byte, torch's packed int4 CPU layout of the (W x S) matrix of those
+    codes (`ops.attention.int4pack_layout_matches` checks this at run time), so `p @ V` reads it directly."""
+    b, g, s, e = codes.shape
+    w = value_plane_width(e)
+    nibbles = [codes >> 4, codes & 15] if bits == 8 else [codes]
+    planes = torch.stack([pack(n.view(b, g, s, e // w, w), 4) for n in nibbles], dim=4)  # (B, G, S, E/W, N, W/2)
+    return planes.permute(0, 1, 3, 4, 2, 5).reshape(b, g, -1, s, w // 2).contiguous()
+
+
+def from_planes(planes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of `to_planes`: (B, G, P, S, W/2) -> codes (B, G, S, E) uint8."""
+    b, g, p, s, half = planes.shape
+    n = bits // 4
+    blocks = unpack(planes, 4).view(b, g, p // n, n, s, 2 * half)  # (B, G, E/W, N, S, W)
+    codes = blocks[:, :, :, 0] if n == 1 else (blocks[:, :, :, 0] << 4) | blocks[:, :, :, 1]
+    return codes.permute(0, 1, 3, 2, 4).reshape(b, g, s, -1)
 
 
 # --- quantize / dequantize -------------------------------------------------------------------------------
@@ -142,14 +177,14 @@ def quantize_keys(x_BGSE: torch.Tensor, bits: int, group_size: int):
 
 
 def quantize_values(x_BGSE: torch.Tensor, bits: int, group_size: int):
-    """Values per token: E a multiple of `group_size`. -> (packed codes (B, G, S, E*bits/8) uint8,
-    scales (B, G, S, E/g), zero points (B, G, S, E/g))."""
+    """Values per token: E a multiple of `group_size`. -> (codes as planes (B, G, P, S, W/2) uint8, see
+    `to_planes`, scales (B, G, S, E/g), zero points (B, G, S, E/g))."""
     b, g, s, e = x_BGSE.shape
     levels = 2**bits - 1
     x = x_BGSE.float().view(b, g, s, e // group_size, group_size)  # (B, G, S, E/g, g)
     scale, zero = _scale_zero(x.amin(dim=4), x.amax(dim=4), levels)  # (B, G, S, E/g)
     codes = _codes(x, scale[..., None], zero[..., None], levels).view(b, g, s, e)
-    return pack(codes, bits), scale, zero
+    return to_planes(codes, bits), scale, zero
 
 
 def dequantize_keys(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
@@ -164,8 +199,8 @@ def dequantize_keys(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 
 def dequantize_values(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                       dtype: torch.dtype) -> torch.Tensor:
-    """(B, G, S, E*bits/8) codes with (B, G, S, E/g) scales and zero points -> (B, G, S, E) in `dtype`."""
-    codes = unpack(packed, bits)
+    """Codes as planes (B, G, P, S, W/2) with (B, G, S, E/g) scales and zero points -> (B, G, S, E) in `dtype`."""
+    codes = from_planes(packed, bits)
     b, g, s, e = codes.shape
     n = scale.shape[3]
     x = codes.view(b, g, s, n, e // n).to(dtype)  # (B, G, S, E/g, g)
@@ -205,7 +240,7 @@ class QuantizedTokens:
     Views of the cache's storage; `read` dequantizes one span at a time, so no full-precision copy of the
     whole cache is ever built by the decode kernels."""
 
-    codes: torch.Tensor  # (B, G, Q, E*bits/8) uint8
+    codes: torch.Tensor  # keys (B, G, Q, E*bits/8), values planes (B, G, P, Q, W/2) (`to_planes`); uint8
     scale: torch.Tensor  # (B, G, Q/g, E) keys, (B, G, Q, E/g) values; float16
     zero: torch.Tensor
     tail: torch.Tensor  # (B, G, S - Q, E), the cache's compute dtype
@@ -215,7 +250,7 @@ class QuantizedTokens:
 
     @property
     def quantized(self) -> int:
-        return self.codes.shape[2]
+        return self.codes.shape[-2]
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -238,7 +273,7 @@ class QuantizedTokens:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
     def _dequantize(self, start: int, end: int) -> torch.Tensor:
-        codes = self.codes[:, :, start:end]
+        codes = self.codes[..., start:end, :]
         if self.per_channel:
             g = self.group_size
             assert start % g == 0 and end % g == 0, "key spans start and end on group boundaries"

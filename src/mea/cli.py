@@ -193,6 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--rounds", type=int, nargs="*", help="token counts every run pauses at before its budget "
                    "(default: the preset's)")
     e.add_argument("--data", nargs="+", help="training text (default: domain:shakespeare domain:modern)")
+    e = command(study, "recall", commands.cmd_study_recall,
+                "MQAR recall of the baseline, MEA and MEA's GroupNorm variations, per seed, at the recall rate and "
+                "a high one; resumable")
+    e.add_argument("out")
+    e.add_argument("--arms", nargs="+", help="(default: baseline mea mea+gain mea+noweight mea+blend)")
+    e.add_argument("--seeds", type=int, nargs="+", help="(default 0 1)")
+    e.add_argument("--lr", type=float, help="the recall rate (default 1e-3)")
+    e.add_argument("--high-lr", type=float, help="the stability check's rate (default 3e-2)")
+    e.add_argument("--steps", type=int, help="training steps per run (default 800)")
     e = command(study, "compression", commands.cmd_study_compression,
                 "accuracy by task category x KV compression, training-free and recovered", run_compression_study)
     e.add_argument("out")

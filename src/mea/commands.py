@@ -417,12 +417,26 @@ def cmd_study_scaling(out: str, preset: str = "cpu", jobs: int = 1, lrs: list[st
     return run_scaling(out, make_plan(preset, lrs=parse_lrs(lrs or []), **overrides), jobs=jobs, log=log)
 
 
+def cmd_study_recall(out: str, steps: int | None = None, **options) -> dict:
+    """`options`: RecallPlan fields (arms, seeds, lr, high_lr); `steps` replaces the MQAR settings' steps."""
+    from .experiments.recall_study import RecallPlan, run_recall_study
+
+    plan = RecallPlan(**options)
+    if steps is not None:
+        plan.settings["steps"] = steps
+    summary = run_recall_study(out, plan, log=log)
+    return {"report": str(Path(out) / "report.md"), "verdicts": summary["verdicts"]}
+
+
 def cmd_study_report(out: str) -> dict:
-    from .experiments import lr_report, scaling_report
+    from .experiments import lr_report, recall_study, scaling_report
 
     if not (Path(out) / "study.json").is_file():
         raise ValueError(f"{out} is not a study directory (no study.json); run `mea study lr {out}` or "
                          f"`mea study scaling {out}` first")
+    if "arms" in json.loads((Path(out) / "study.json").read_text()):
+        summary = recall_study.write_report(out)
+        return {"report": str(Path(out) / "report.md"), "verdicts": summary["verdicts"]}
     if scaling_report.is_scaling_study(Path(out)):
         summary = scaling_report.write_report(out)
         return {"report": str(Path(out) / "report.md"), "verdicts": summary["verdicts"]}

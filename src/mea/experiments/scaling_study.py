@@ -168,11 +168,12 @@ def run_scaling(out: str | Path, plan: ScalingPlan, *, jobs: int = 1, log=print)
     fix_plan(out, asdict(plan), command="mea study scaling")
     tasks = run_tasks_of(plan)
     failed = []
-    for r in [*plan.rounds, None]:  # a report after every round
+    for r in [*plan.rounds, None]:  # a report after every size of every round
         until = None if r is None else steps_for(plan, r)
-        this_round = [t for t in tasks if t.until == until and t.name not in failed]
-        if this_round:
-            failed += run_tasks(out, this_round, jobs=jobs, log=log)
-            summary = write_report(out)
+        for size in plan.sizes:
+            group = [t for t in tasks if t.until == until and t.config.preset == size and t.name not in failed]
+            if group:
+                failed += run_tasks(out, group, jobs=jobs, log=log)
+                summary = write_report(out)
     return {"study": str(out), "runs": len({t.name for t in tasks}), "failed": failed,
             "report": str(out / "report.md"), "verdicts": summary["verdicts"]}

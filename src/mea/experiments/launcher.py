@@ -1,5 +1,5 @@
 """Running a study's training runs: each one a separate `python -m mea train --resume` process, `jobs` at a
-time with cores / jobs threads, so that a killed study loses at most the steps since each run's last
+time with cores / jobs threads (OMP_NUM_THREADS when it is set), so that a killed study loses at most the steps since each run's last
 checkpoint and a rerun continues where it stopped.
 
     OUT/study.json         the plan (fixed at the first start; a rerun must ask for the same one)
@@ -60,7 +60,7 @@ def run_tasks(out: Path, tasks: list[Task], *, jobs: int = 1, log=print) -> list
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
     pending = [t for t in tasks if not is_done(out, t)]
     log(f"study {out}: {len(tasks)} tasks, {len(tasks) - len(pending)} already done, {len(pending)} to run")
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // jobs))
     running: dict[str, tuple[Task, subprocess.Popen]] = {}
     failed = []
     t0 = time.time()

@@ -67,8 +67,9 @@ STUDIES: dict[str, ScalingPlan] = {
 }
 
 
-def best_lrs(variants: list[str], path: Path = LR_STUDY_SUMMARY) -> dict:
-    """Each variant's best learning rate from the learning-rate study's summary.json."""
+def best_lrs(variants: list[str], path: Path | None = None) -> dict:
+    """Each variant's best learning rate from the learning-rate study's summary.json (default LR_STUDY_SUMMARY)."""
+    path = path or LR_STUDY_SUMMARY
     summary = read_json(path, fix="rerun `mea study report results/lr-study-quick`, or give --lrs")
     if summary is None:
         raise ValueError(f"no learning-rate study results at {path}; give each variant's rate with "
@@ -102,7 +103,8 @@ def make_plan(study: str, *, variants=None, lrs: dict | None = None, seeds=None,
         raise ValueError(f"unknown scaling study preset {study!r}; choose one of {', '.join(STUDIES)}")
     base = STUDIES[study]
     variants = list(variants or VARIANTS)
-    rates = {**best_lrs([v for v in variants if v not in (lrs or {})]), **(lrs or {})}
+    missing = [v for v in variants if v not in (lrs or {})]
+    rates = {**(best_lrs(missing) if missing else {}), **(lrs or {})}
     unknown = sorted(set(rates) - set(variants))
     if unknown:
         raise ValueError(f"--lrs names variants not in the study: {unknown}; add them to --variants")

@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "validation loss against tokens per variant and model size, the L(D) fit and the gap to the "
                 "baseline; resumable, runs advance in rounds")
     e.add_argument("out")
-    e.add_argument("--preset", help="cpu (3 sizes up to 3M parameters, 2 seeds) or gpu (10M and 32M, 3 seeds)")
+    e.add_argument("--preset", help="cpu (3 sizes up to 3.2M parameters, 2 seeds) or gpu (8.6M and 32M, 3 seeds)")
     e.add_argument("--jobs", type=int, help="runs at a time (each gets cores/jobs threads)")
     e.add_argument("--variants", nargs="+", help="(default: baseline groupnorm mea-no-groupnorm mea)")
     e.add_argument("--lrs", nargs="+", metavar="VARIANT=LR", help="peak rates (default: each variant's best in "

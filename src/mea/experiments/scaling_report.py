@@ -14,7 +14,7 @@ from ..atomic import write_json_atomic, write_text_atomic
 from ..plotting import pyplot, save_figure
 from .run_files import read_json, read_jsonl
 from .scaling_fit import fit_with_intervals, gap_trend, mean_curve
-from .scaling_study import run_name
+from .scaling_layout import run_name
 from .stats import welch
 
 ALPHA = 0.05

@@ -26,6 +26,8 @@ from pathlib import Path
 from ..train.config import TrainConfig
 from .launcher import Task, fix_plan, run_tasks
 from .run_files import read_json
+from .scaling_layout import run_name
+from .scaling_report import write_report
 
 VARIANTS = ["baseline", "groupnorm", "mea-no-groupnorm", "mea"]
 LR_STUDY_SUMMARY = Path(__file__).resolve().parents[3] / "results" / "lr-study-quick" / "summary.json"
@@ -135,10 +137,6 @@ def eval_steps(plan: ScalingPlan) -> list[int]:
     return sorted({round(first * (last / first) ** (i / (n - 1))) for i in range(n)})
 
 
-def run_name(size: str, variant: str, seed: int) -> str:
-    return f"{size}__{variant}__s{seed}"
-
-
 def run_config(plan: ScalingPlan, size: str, variant: str, seed: int) -> TrainConfig:
     steps = steps_for(plan, plan.sizes[size])
     return TrainConfig(preset=size, variant=variant, lr=plan.lrs[variant], seed=seed, data=list(plan.data),
@@ -162,8 +160,6 @@ def run_tasks_of(plan: ScalingPlan) -> list[Task]:
 
 def run_scaling(out: str | Path, plan: ScalingPlan, *, jobs: int = 1, log=print) -> dict:
     """Run (or continue) every round of `plan` under `out`, then write the report."""
-    from .scaling_report import write_report
-
     out = Path(out)
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")

@@ -148,11 +148,13 @@ def verdicts(plan: dict, rows: list[dict]) -> list[str]:
         if vs_mea is None or vs_base is None:
             out.append(f"{arm}: recall {r['mean']:.3f}; not enough seeds for a test")
             continue
-        if vs_mea["diff"] > 0 and vs_mea["p"] < ALPHA:
+        if vs_mea["p"] >= ALPHA:
+            word = "no significant change in recall from MEA's"
+        elif vs_mea["diff"] > 0:
             word = ("restores recall (no significant difference from the baseline)" if vs_base["p"] >= ALPHA
                     else "recovers part of the recall")
         else:
-            word = "does not restore recall"
+            word = "recalls worse than MEA"
         text = (f"{arm}: {word}: {r['mean']:.3f} vs MEA {at[('mea', plan['lr'])]['mean']:.3f} (p {vs_mea['p']:.2g}) "
                 f"and baseline {at[('baseline', plan['lr'])]['mean']:.3f} (p {vs_base['p']:.2g})")
         if hi["accuracy"]:

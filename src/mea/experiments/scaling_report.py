@@ -77,8 +77,9 @@ def summarize(plan: dict, runs: list[dict]) -> dict:
             cells.append({"size": size, "variant": v, "lr": plan["lrs"][v], "seeds": len(rs),
                           "diverged": sum(r["state"] == "diverged" for r in rs),
                           "done": sum(r["state"] in ("finished", "diverged") for r in rs),
-                          "tokens": min(r["tokens"] for r in rs), "budget": plan["sizes"][size],
-                          "epochs": min((r["epochs"] for r in rs if r["epochs"] is not None), default=None),
+                          "tokens": max(r["tokens"] for r in rs), "budget": plan["sizes"][size],
+                          "started": sum(r["tokens"] > 0 for r in rs),
+                          "epochs": max((r["epochs"] for r in rs if r["epochs"] is not None), default=None),
                           "train_tokens": next((r["train_tokens"] for r in rs if r["train_tokens"]), None),
                           "tokens_per_s": _median([r["tokens_per_s"] for r in rs if r["tokens_per_s"]]),
                           "at_tokens": at, "loss_at": [dict(c)[at] for c in whole] if at else [], "fit": fit})
@@ -132,13 +133,15 @@ def trend_sentence(g: dict) -> str:
     """Whether a gap shrinks, holds or grows with tokens, and how fast (a plain sentence)."""
     tr = g["trend"]
     if tr is None:
-        return f"{g['variant']} vs baseline at {g['size']}: not enough shared points yet"
+        return f"{g['variant']} - baseline at {g['size']}: not enough shared points yet."
     s, ci = tr["slope_per_decade"], tr["slope_ci"]
     span = (f"from {tr['first']['gap']:+.3f} nats at {_tok(tr['first']['tokens'])} tokens to "
             f"{tr['last']['gap']:+.3f} at {_tok(tr['last']['tokens'])}")
     rate = f"{s:+.3f} nats per tenfold tokens" + (f" (95% CI {ci[0]:+.3f} to {ci[1]:+.3f})" if ci else
                                                    " (one seed a side: no interval)")
-    if ci is None or ci[0] <= 0 <= ci[1]:
+    if ci is None:
+        word = "has no tested trend yet"
+    elif ci[0] <= 0 <= ci[1]:
         word = "holds (no significant trend)"
     else:
         narrowing = (s < 0) == (tr["last"]["gap"] > 0)  # moving toward zero
@@ -187,7 +190,7 @@ def render_markdown(plan: dict, summary: dict) -> str:
         "## Loss and the L(D) fit", "",
         "L(D) = (D_c / D)^alpha + L_0 fitted to the mean of the seeds' validation curves; 95% bootstrap intervals "
         "(seeds and points resampled). `loss`: mean ± std over seeds at the largest token count all seeds reached.", "",
-        "| size | params | variant | lr | tokens (epochs) | tok/s | loss | alpha [95% CI] | L_0 [95% CI] | D_c | rmse |",
+        "| size | params | variant | lr | tokens, most of any seed (epochs) | tok/s | loss | alpha [95% CI] | L_0 [95% CI] | D_c | rmse |",
         "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         f = c["fit"]
@@ -196,6 +199,8 @@ def render_markdown(plan: dict, summary: dict) -> str:
             loss = f"{np.mean(c['loss_at']):.3f}" + (f" ± {np.std(c['loss_at'], ddof=1):.3f}" if len(c["loss_at"]) > 1
                                                      else "") + f" at {_tok(c['at_tokens'])}"
         done = f"{_tok(c['tokens'])}/{_tok(c['budget'])}" + (f" ({c['epochs']:.1f})" if c["epochs"] is not None else "")
+        if c["started"] < c["seeds"]:
+            done += f", {c['started']}/{c['seeds']} seeds started"
         if c["diverged"]:
             done += f", {c['diverged']}/{c['seeds']} diverged"
         fit = ("| — | — | — | —" if f is None else

@@ -44,7 +44,8 @@ def load_runs(out: Path) -> tuple[dict, list[dict]]:
                 info = read_json(run / "run.json", fix=fix) or {}
                 records, _ = read_jsonl(run / "metrics.jsonl", fix=fix)
                 train_tokens = info.get("data", {}).get("train_tokens")
-                step = status.get("step", 0)
+                # a running run's status still shows where it started: its metrics show how far it is
+                step = max([status.get("step", 0)] + [r["step"] for r in records if "step" in r])
                 runs.append({"size": size, "variant": v, "seed": s, "state": status.get("state", "missing"),
                              "reason": status.get("reason"), "budget": budget, "tokens": step * tps,
                              "train_tokens": train_tokens,

@@ -2,10 +2,11 @@
 
     docs/performance.md   targets vs measured, training, prefill, decoding (fp32, bf16), memory, kernels
     docs/pretraining.md   the learning-rate study's report
+    docs/scaling.md       the scaling study's and the recall study's reports (results/scaling/, results/recall/)
     docs/compression.md   the compression table, the sensitivity map by task category, the needle table
     README.md             the frontier table (between its frontier markers), from results/frontier/report.md
 
-Usage (from the repository root): python3 scripts/render_docs.py"""
+Usage (from the repository root): python3 scripts/render_docs.py [PAGE ...]  (default: every page)"""
 import json
 import subprocess
 import sys
@@ -119,6 +120,49 @@ def pretraining() -> str:
                 "`mea study lr --preset quick`", [("Final validation loss and the paper's claims", report)])
 
 
+SCALING_ABOUT = """\
+`mea study scaling OUT` trains the paper's variants (baseline, +GroupNorm, MEA without GroupNorm, MEA) at
+several model sizes, each at its best learning rate from the learning-rate study
+(results/lr-study-quick/summary.json; `--lrs VARIANT=LR` overrides), 2+ seeds, and fits the paper's
+L(D) = (D_c / D)^alpha + L_0 to each variant's validation loss against training tokens D.
+
+- Schedule: linear warm-up, then a constant learning rate, so every intermediate validation loss is that of
+  a run stopped there (what an L(D) fit over one curve assumes). Validation at the same log-spaced token
+  counts in every run, on fixed windows spread over the validation split.
+- Data: the training splits of both text domains (`domain:shakespeare`: the plays without Hamlet;
+  `domain:modern`: Python documentation prose); Hamlet, the Debian Reference and every evaluation set stay out.
+  The report gives the unique training tokens and the epochs each run has made.
+- Rounds: every run is trained to each of the preset's token rounds in turn (paused and checkpointed), so a
+  report at any moment compares all variants and seeds at the same D. Runs are separate `mea train --resume`
+  processes; a killed study continues where it stopped; another plan in the same folder is an error.
+- Presets: `cpu` (micro 0.45M, mini 1.3M, midi 3.2M parameters, one 2k vocabulary; 20M, 20M, 10M tokens;
+  2 seeds; about 35 core-hours) and `gpu` (small 8.6M and medium 32M, 200M tokens, 3 seeds).
+- Intervals: bootstrap over seeds and points (95%); gaps: Welch's t-test over seeds at each token count,
+  and the gap's slope per tenfold tokens with a bootstrap interval over seeds.
+
+```bash
+OMP_NUM_THREADS=1 nohup nice -n 10 mea study scaling out/scaling --preset cpu --jobs 1 > scaling.log 2>&1 &
+mea study report out/scaling                      # the report of the runs so far, at any time
+mkdir -p results/scaling && cp out/scaling/{report.md,summary.json,study.json,*.png} results/scaling/
+mea study recall results/recall                   # MQAR: GroupNorm's variations (< 30 min on one core)
+python3 scripts/render_docs.py scaling            # this page
+```
+"""
+
+
+def scaling() -> str:
+    report = read(Path("results/scaling/report.md")).replace("](", "](../results/scaling/")
+    report = report.split("\n", 1)[1] if report.startswith("# ") else report
+    recall = read(Path("results/recall/report.md"))
+    recall = recall.split("\n", 1)[1] if recall.startswith("# ") else recall
+    return page("Scaling curves and the recall failure", "results/scaling/, made by `mea study scaling` and "
+                "copied from its folder; results/recall/, made by `mea study recall`", [
+        ("The study", SCALING_ABOUT),
+        ("Scaling: results so far", report or "No results yet: the study has not reached its first round."),
+        ("Why GroupNorm breaks associative recall", recall or "No results yet."),
+    ])
+
+
 def compression() -> str:
     table = subprocess.run([sys.executable, "scripts/render_compression_table.py"], capture_output=True, text=True,
                            check=True).stdout
@@ -156,7 +200,15 @@ def write(path: Path, text: str) -> None:
     print(f"wrote {path}")
 
 
+PAGES = {"performance": performance, "pretraining": pretraining, "scaling": scaling, "compression": compression}
+
 if __name__ == "__main__":
-    for name, text in (("performance", performance()), ("pretraining", pretraining()), ("compression", compression())):
-        write(DOCS / f"{name}.md", text)
-    write(Path("README.md"), readme_with_frontier(read(Path("README.md"))))
+    chosen = sys.argv[1:] or [*PAGES, "README"]
+    unknown = sorted(set(chosen) - {*PAGES, "README"})
+    if unknown:
+        sys.exit(f"unknown page(s) {unknown}; choose from {', '.join(PAGES)}, README")
+    for name in chosen:
+        if name == "README":
+            write(Path("README.md"), readme_with_frontier(read(Path("README.md"))))
+        else:
+            write(DOCS / f"{name}.md", PAGES[name]())

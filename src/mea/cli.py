@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     s.add_argument("--overwrite", action="store_true", help="delete an existing run in --out first")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--until", type=int, help="stop after this step, checkpointed (state paused); --resume continues")
     add_dataclass_options(s, TrainConfig, skip=("model",))
 
     s = sub.add_parser("study", help="reproducible studies (learning-rate sweep and ablation) -> report folder")
@@ -177,6 +178,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seeds", type=int, nargs="+", help="(default: the preset's)")
     e.add_argument("--steps", type=int, help="(default: the preset's)")
     e.add_argument("--data", nargs="+", help="training text (default: the embedded corpus)")
+    e = command(study, "scaling", commands.cmd_study_scaling,
+                "validation loss against tokens per variant and model size, the L(D) fit and the gap to the "
+                "baseline; resumable, runs advance in rounds")
+    e.add_argument("out")
+    e.add_argument("--preset", help="cpu (3 sizes up to 3.2M parameters, 2 seeds) or gpu (8.6M and 32M, 3 seeds)")
+    e.add_argument("--jobs", type=int, help="runs at a time (each gets cores/jobs threads)")
+    e.add_argument("--variants", nargs="+", help="(default: baseline groupnorm mea-no-groupnorm mea)")
+    e.add_argument("--lrs", nargs="+", metavar="VARIANT=LR", help="peak rates (default: each variant's best in "
+                   "results/lr-study-quick/summary.json)")
+    e.add_argument("--seeds", type=int, nargs="+", help="(default: the preset's)")
+    e.add_argument("--sizes", nargs="+", help="model presets (default: the preset's)")
+    e.add_argument("--tokens", type=int, help="one token budget for every size (default: the preset's)")
+    e.add_argument("--rounds", type=int, nargs="*", help="token counts every run pauses at before its budget "
+                   "(default: the preset's)")
+    e.add_argument("--data", nargs="+", help="training text (default: domain:shakespeare domain:modern)")
+    e = command(study, "recall", commands.cmd_study_recall,
+                "MQAR recall of the baseline, MEA and MEA's GroupNorm variations, per seed, at the recall rate and "
+                "a high one; resumable")
+    e.add_argument("out")
+    e.add_argument("--arms", nargs="+", help="(default: baseline mea mea+gain mea+noweight mea+blend)")
+    e.add_argument("--seeds", type=int, nargs="+", help="(default 0 1)")
+    e.add_argument("--lr", type=float, help="the recall rate (default 1e-3)")
+    e.add_argument("--high-lr", type=float, help="the stability check's rate (default 3e-2)")
+    e.add_argument("--steps", type=int, help="training steps per run (default 800)")
     e = command(study, "compression", commands.cmd_study_compression,
                 "accuracy by task category x KV compression, training-free and recovered", run_compression_study)
     e.add_argument("out")

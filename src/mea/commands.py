@@ -393,7 +393,7 @@ def cmd_bench(what: str, out: str | None = None, **options) -> dict:
 
 
 def cmd_train(out: str, config: str | None = None, model_set: list[str] | None = None, resume: bool = False,
-              overwrite: bool = False, quiet: bool = False, **options) -> dict:
+              overwrite: bool = False, quiet: bool = False, until: int | None = None, **options) -> dict:
     """`options`: TrainConfig fields given on the command line; they override the --config file."""
     from .train import TrainConfig, load_config_file, train
 
@@ -405,7 +405,7 @@ def cmd_train(out: str, config: str | None = None, model_set: list[str] | None =
         if model_set:
             fields["model"] = {**fields.get("model", {}), **parse_assignments(model_set)}
         cfg = TrainConfig.from_dict(fields)
-    return train(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet)
+    return train(cfg, out, resume=resume, overwrite=overwrite, progress=not quiet, until=until)
 
 
 def cmd_study_lr(out: str, preset: str = "quick", jobs: int = 1, **overrides) -> dict:
@@ -415,12 +415,38 @@ def cmd_study_lr(out: str, preset: str = "quick", jobs: int = 1, **overrides) ->
     return run_study(out, make_plan(preset, **overrides), jobs=jobs, log=log)
 
 
+def cmd_study_scaling(out: str, preset: str = "cpu", jobs: int = 1, lrs: list[str] | None = None,
+                      **overrides) -> dict:
+    """`overrides`: keyword arguments of `make_plan` (variants, seeds, sizes, tokens, rounds, data)."""
+    from .experiments.scaling_study import make_plan, parse_lrs, run_scaling
+
+    return run_scaling(out, make_plan(preset, lrs=parse_lrs(lrs or []), **overrides), jobs=jobs, log=log)
+
+
+def cmd_study_recall(out: str, steps: int | None = None, **options) -> dict:
+    """`options`: RecallPlan fields (arms, seeds, lr, high_lr); `steps` replaces the MQAR settings' steps."""
+    from .experiments.recall_study import RecallPlan, run_recall_study
+
+    plan = RecallPlan(**options)
+    if steps is not None:
+        plan.settings["steps"] = steps
+    summary = run_recall_study(out, plan, log=log)
+    return {"report": str(Path(out) / "report.md"), "verdicts": summary["verdicts"]}
+
+
 def cmd_study_report(out: str) -> dict:
-    from .experiments.lr_report import write_report
+    from .experiments import lr_report, recall_study, scaling_report
 
     if not (Path(out) / "study.json").is_file():
-        raise ValueError(f"{out} is not a study directory (no study.json); run `mea study lr {out}` first")
-    summary = write_report(out)
+        raise ValueError(f"{out} is not a study directory (no study.json); run `mea study lr {out}` or "
+                         f"`mea study scaling {out}` first")
+    if "arms" in json.loads((Path(out) / "study.json").read_text()):
+        summary = recall_study.write_report(out)
+        return {"report": str(Path(out) / "report.md"), "verdicts": summary["verdicts"]}
+    if scaling_report.is_scaling_study(Path(out)):
+        summary = scaling_report.write_report(out)
+        return {"report": str(Path(out) / "report.md"), "verdicts": summary["verdicts"]}
+    summary = lr_report.write_report(out)
     return {"report": str(Path(out) / "report.md"), "claims": summary["claims"]}
 
 

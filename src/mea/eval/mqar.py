@@ -71,8 +71,11 @@ def train_mqar(variant: str, *, seed: int = 0, pairs: int = 4, queries: int = 4,
     with torch.no_grad():
         pred = model(input_ids=ids[:, :-1]).logits.argmax(-1)
     accuracy = (pred[answer] == ids[:, 1:][answer]).float().mean().item()
+    attention = [layer.self_attn for layer in model.model.layers]
+    learned = {name: [getattr(a, name).tolist() for a in attention]  # GroupNorm variations' per-head values
+               for name in ("head_gain", "head_norm_blend") if getattr(attention[0], name, None) is not None}
     return {"variant": variant, "seed": seed, "accuracy": accuracy, "final_train_loss": loss.item(), **spec,
-            "steps": steps, "kv_cache_bytes_per_token": cfg.kv_cache_bytes_per_token()}
+            "steps": steps, "kv_cache_bytes_per_token": cfg.kv_cache_bytes_per_token(), "learned": learned}
 
 
 def mqar_sweep(variants: list[str], seeds: list[int], *, log=None, **kwargs) -> dict:

@@ -80,6 +80,9 @@ class MEAAttention(nn.Module):
         hlc: bool = True,
         head_norm: bool = True,
         head_norm_eps: float = 1e-5,
+        head_norm_weight: bool = True,
+        head_gain: bool = False,
+        head_norm_blend: bool = False,
         hlc_init: str | None = None,
         hlc_k: torch.Tensor | None = None,
         hlc_v: torch.Tensor | None = None,
@@ -96,7 +99,8 @@ class MEAAttention(nn.Module):
                          num_component_heads=num_component_heads, num_key_components=num_key_components,
                          num_value_components=num_value_components, key_mixing=key_mixing,
                          value_mixing=value_mixing, value_latent_dim=value_latent_dim, hlc=hlc, head_norm=head_norm,
-                         head_norm_eps=head_norm_eps, qk_norm=qk_norm, qk_norm_eps=qk_norm_eps, qkv_bias=qkv_bias,
+                         head_norm_eps=head_norm_eps, head_norm_weight=head_norm_weight, head_gain=head_gain,
+                         head_norm_blend=head_norm_blend, qk_norm=qk_norm, qk_norm_eps=qk_norm_eps, qkv_bias=qkv_bias,
                          out_bias=out_bias, kv_quant=kv_quant, layer_idx=layer_idx)
         head_dim = head_dim or hidden_size // num_heads
         num_component_heads = num_kv_heads if num_component_heads is None else num_component_heads
@@ -127,7 +131,12 @@ class MEAAttention(nn.Module):
                 self.register_parameter(name, nn.Parameter(w))
         self.q_norm = RMSNorm(head_dim, eps=qk_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(head_dim, eps=qk_norm_eps) if qk_norm else None
-        self.head_norm = RMSNorm(head_dim, eps=head_norm_eps) if head_norm else None  # the paper's GroupNorm
+        # the paper's GroupNorm, and its variations: a gain per head after it, its strength blended in from 0
+        self.head_norm = RMSNorm(head_dim, eps=head_norm_eps, weight=head_norm_weight) if head_norm else None
+        if (head_gain or head_norm_blend or not head_norm_weight) and not head_norm:
+            raise ValueError("head_gain, head_norm_blend and head_norm_weight=False vary GroupNorm: they need head_norm=True")
+        self.head_gain = nn.Parameter(torch.ones(num_heads)) if head_gain else None
+        self.head_norm_blend = nn.Parameter(torch.zeros(num_heads)) if head_norm_blend else None
         self.attention_map = AttentionMap()  # eager attention hands its probabilities through here
         self.cache_layout: CacheLayout = self._layout(kv_quant)
 
@@ -192,9 +201,15 @@ class MEAAttention(nn.Module):
 
     def combine_heads(self, out: torch.Tensor) -> torch.Tensor:
         """Per-head attention outputs (B, T, heads, width) before o_proj."""
-        if self.head_norm is not None:
-            out = self.head_norm(out)  # GroupNorm: RMSNorm of each head's output on its own
-        return out
+        if self.head_norm is None:
+            return out
+        normed = self.head_norm(out)  # GroupNorm: RMSNorm of each head's output on its own
+        if self.head_norm_blend is not None:  # (B, T, heads, width) with one a per head
+            a = self.head_norm_blend.to(out.dtype)[:, None]
+            normed = out + a * (normed - out)
+        if self.head_gain is not None:
+            normed = normed * self.head_gain.to(out.dtype)[:, None]
+        return normed
 
     def _attend_uncached(self, x, q, cos, sin, mask, eager):
         k, v = self.composite_kv(x)  # (B, T, h, D)

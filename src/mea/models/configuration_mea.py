@@ -40,6 +40,10 @@ class MEAConfig(PreTrainedConfig):
     mea_hlc: bool = True  # Head-level Linear Composition of key and value heads
     mea_head_norm: bool = True  # the paper's GroupNorm: RMSNorm of each attention head's output
     mea_head_norm_eps: float = 1e-5  # as the Differential Transformer's subln
+    # variations of GroupNorm (need mea_head_norm=True; not with differential attention):
+    mea_head_norm_weight: bool = True  # the norm's learnable per-feature scale (False: plain RMS normalisation)
+    mea_head_gain: bool = False  # a learnable gain per head after the norm (init 1): heads keep a magnitude each
+    mea_head_norm_blend: bool = False  # (1 - a_i) o_i + a_i norm(o_i), a learnable a_i per head from 0: the norm's strength is learned
     mea_num_component_heads: int | list | None = None  # h' (per layer if a list); None: h' = h
     mea_num_key_components: int | list | None = None  # h'_K (per layer if a list); None: h'
     mea_num_value_components: int | list | None = None  # h'_V (per layer if a list); None: h'
@@ -86,6 +90,11 @@ class MEAConfig(PreTrainedConfig):
         if self.mea_differential and (self.mea_hlc or self.use_qk_norm or n % 2 or h % 2):
             raise ValueError("mea_differential=True is the Differential Transformer baseline: it needs mea_hlc=False, "
                              f"use_qk_norm=False and even head counts (got {n} query, {h} KV heads)")
+        variations = [f for f in ("mea_head_gain", "mea_head_norm_blend") if getattr(self, f)]
+        variations += [] if self.mea_head_norm_weight else ["mea_head_norm_weight=False"]
+        if variations and (not self.mea_head_norm or self.mea_differential):
+            raise ValueError(f"{', '.join(variations)} vary GroupNorm: they need mea_head_norm=True and "
+                             "mea_differential=False")
         quant = self.kv_quant()
         if quant is not None and self.mea_differential:
             raise ValueError("mea_kv_bits: the quantized cache does not apply to differential attention; set "

@@ -70,6 +70,9 @@ def decoder_layer(config: MEAConfig, i: int) -> MEADecoderLayer:
             hlc=config.mea_hlc,
             head_norm=config.mea_head_norm,
             head_norm_eps=config.mea_head_norm_eps,
+            head_norm_weight=config.mea_head_norm_weight,
+            head_gain=config.mea_head_gain,
+            head_norm_blend=config.mea_head_norm_blend,
             hlc_init=config.mea_hlc_init,
             qk_norm=config.use_qk_norm,
             qk_norm_eps=config.qk_norm_eps,
@@ -115,7 +118,11 @@ class MEAPreTrainedModel(PreTrainedModel):
             w_k, w_v = module.initial_mixing(self.config.mea_hlc_init)
             init.copy_(module.hlc_k, w_k)
             init.copy_(module.hlc_v, w_v)
-        elif isinstance(module, DifferentialAttention):
+        if isinstance(module, MEAAttention) and module.head_gain is not None:
+            init.ones_(module.head_gain)
+        if isinstance(module, MEAAttention) and module.head_norm_blend is not None:
+            init.zeros_(module.head_norm_blend)
+        if isinstance(module, DifferentialAttention):
             for p in (module.lambda_q1, module.lambda_k1, module.lambda_q2, module.lambda_k2):
                 init.normal_(p, mean=0.0, std=0.1)
         elif isinstance(module, MEAModel):  # non-persistent buffer: recomputed, never loaded

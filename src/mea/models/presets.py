@@ -9,9 +9,17 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=512, hidden_size=96, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=6, num_key_value_heads=3, head_dim=16, max_position_embeddings=2048,
                  rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}),
+    # the smallest size of the scaling study: about 0.45M parameters (0.18M outside the embeddings), mini's vocabulary
+    "micro": dict(vocab_size=2048, hidden_size=64, intermediate_size=176, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}),
     # the quick learning-rate study: about 1.3M parameters, 2k BPE vocabulary, ~6k tokens/s per CPU core
     "mini": dict(vocab_size=2048, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
                  num_attention_heads=8, num_key_value_heads=4, head_dim=16, max_position_embeddings=2048,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}),
+    # between mini and small, with mini's vocabulary (comparable losses): about 3.2M parameters (2.4M outside the embeddings)
+    "midi": dict(vocab_size=2048, hidden_size=192, intermediate_size=512, num_hidden_layers=6,
+                 num_attention_heads=8, num_key_value_heads=4, head_dim=24, max_position_embeddings=2048,
                  rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}),
     # laptop-scale pretraining (about 10M parameters with an 8k vocabulary)
     "small": dict(vocab_size=8192, hidden_size=256, intermediate_size=704, num_hidden_layers=6,
@@ -22,6 +30,10 @@ PRESETS: dict[str, dict] = {
                          num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
                          rms_norm_eps=1e-5, tie_word_embeddings=True,
                          rope_parameters={"rope_type": "default", "rope_theta": 100_000.0}),
+    # the larger size of the GPU scaling study: about 32M parameters with small's 8k vocabulary
+    "medium": dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=4096,
+                   rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}),
     # the paper's from-scratch shape: Llama-3.2-1B without weight tying
     "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=8192,

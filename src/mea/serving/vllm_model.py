@@ -77,6 +77,9 @@ class MEAServingAttention(nn.Module):
                                      persistent=False)
         self.q_norm = RMSNorm(d, eps=config.qk_norm_eps) if config.use_qk_norm else None
         self.k_norm = RMSNorm(d, eps=config.qk_norm_eps) if config.use_qk_norm else None
+        if config.mea_head_gain or config.mea_head_norm_blend or not config.mea_head_norm_weight:
+            raise ValueError("the vLLM plugin serves the paper's GroupNorm only: mea_head_gain, mea_head_norm_blend "
+                             "and mea_head_norm_weight=False run with transformers (`mea generate`, `mea eval`)")
         self.head_norm = RMSNorm(d, eps=config.mea_head_norm_eps) if config.mea_head_norm else None
         self.rotary_emb = get_rope(d, max_position=config.max_position_embeddings, is_neox_style=True,
                                    rope_parameters=config.rope_parameters)

@@ -20,7 +20,7 @@ class TrainConfig:
     model: dict = field(default_factory=dict)
     # data: text files / folders / JSONL (empty: the embedded Shakespeare corpus); a tokenizer directory
     # (None: train a byte-level BPE with the model's vocab size on the training split)
-    data: list = field(default_factory=list)  # text files / folders / .jsonl (none: the embedded corpus)
+    data: list = field(default_factory=list)  # text files / folders / .jsonl / domain:modern, domain:shakespeare (none: the embedded corpus)
     tokenizer: str | None = None  # a tokenizer directory (none: a byte-level BPE trained on the training split)
     val_fraction: float = 0.05  # the tail of every document, fixed for the corpus
     # batch: `batch_size` sequences of `seq_len` tokens per optimizer step, over all processes and
@@ -47,7 +47,9 @@ class TrainConfig:
     # bookkeeping
     log_every: int = 10  # steps between metrics lines
     eval_every: int = 100  # steps between validation losses
+    eval_steps: list[int] = field(default_factory=list)  # further steps to evaluate at (e.g. log-spaced)
     eval_windows: int = 64  # validation windows of seq_len tokens (fixed; the same every evaluation)
+    eval_spread: bool = False  # validation windows spread over the whole validation split (off: from its start)
     save_every: int = 200  # steps between checkpoints
     # divergence is a result: stop when the loss is not finite, or when its moving average rises more than
     # `divergence_delta` nats above the lowest it has been
@@ -62,6 +64,8 @@ class TrainConfig:
                      "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if any(not isinstance(s, int) or s < 1 for s in self.eval_steps):
+            raise ValueError(f"eval_steps must be positive step numbers, got {self.eval_steps}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise ValueError(f"need lr > 0, 0 <= min_lr_ratio <= 1, warmup_steps >= 0 "
                              f"(got {self.lr}, {self.min_lr_ratio}, {self.warmup_steps})")

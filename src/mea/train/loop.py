@@ -2,7 +2,8 @@
 
     RUN/run.json          resolved training + model config, data files, environment (versions, commit, machine)
     RUN/metrics.jsonl     one JSON object per logged step ({"step", "loss", "lr", ...}) or evaluation ({"val_loss"})
-    RUN/status.json       {"state": "running" | "finished" | "diverged", "step", "reason", ...}
+    RUN/status.json       {"state": "running" | "paused" | "finished" | "diverged", "step", "reason", ...}
+                      ("paused": stopped at `until`, continued by a later --resume)
     RUN/tokenizer/        the tokenizer the data was made with
     RUN/checkpoints/      the latest complete checkpoint (see `state.py`)
     RUN/model/            the final model, loadable with AutoModelForCausalLM (after `import mea`)
@@ -37,17 +38,20 @@ from .state import check_architecture, latest_checkpoint, load_checkpoint, prune
 
 
 def train(cfg: TrainConfig | None, run: str | Path, *, resume: bool = False, overwrite: bool = False,
-          progress: bool = True) -> dict:
+          progress: bool = True, until: int | None = None) -> dict:
     """Train (or, with `resume`, continue) the run in directory `run`. With `resume` and no `cfg`, the run's
-    saved config is used. Returns the final status."""
+    saved config is used. With `until`, stop after that step (checkpointed, state "paused"): a later resume
+    continues it exactly as if it had not stopped. Returns the final status."""
+    if until is not None and until < 1:
+        raise ValueError(f"--until must be a step >= 1, got {until}")
     d = setup()
     try:
-        return _train(cfg, Path(run), d, resume=resume, overwrite=overwrite, progress=progress)
+        return _train(cfg, Path(run), d, resume=resume, overwrite=overwrite, progress=progress, until=until)
     finally:
         teardown(d)
 
 
-def _train(cfg, run: Path, d: Dist, *, resume: bool, overwrite: bool, progress: bool) -> dict:
+def _train(cfg, run: Path, d: Dist, *, resume: bool, overwrite: bool, progress: bool, until: int | None) -> dict:
     cfg = _resolve_run_dir(cfg, run, d, resume=resume, overwrite=overwrite)
     mcfg = cfg.model_config()
 
@@ -61,7 +65,7 @@ def _train(cfg, run: Path, d: Dist, *, resume: bool, overwrite: bool, progress: 
     if not d.main:
         data = load_data()
     mcfg.eos_token_id = mcfg.bos_token_id = data.tokenizer.eos_token_id
-    val = val_windows(data.val, seq_len=cfg.seq_len, count=cfg.eval_windows)
+    val = val_windows(data.val, seq_len=cfg.seq_len, count=cfg.eval_windows, spread=cfg.eval_spread)
 
     torch.manual_seed(cfg.seed)
     model = MEAForCausalLM(mcfg).to(d.device)
@@ -104,7 +108,9 @@ def _train(cfg, run: Path, d: Dist, *, resume: bool, overwrite: bool, progress: 
     bar = _progress_bar(progress and d.main, start, cfg.steps)
     t_last, step_last = time.perf_counter(), start
     state, reason = "finished", None
-    for step in range(start, cfg.steps):
+    eval_steps = set(cfg.eval_steps)
+    stop = cfg.steps if until is None else min(until, cfg.steps)
+    for step in range(start, stop):
         x, y = train_batch(data.train, seed=cfg.seed, step=step, rows=cfg.batch_size, seq_len=cfg.seq_len,
                            row_slice=mine)
         loss_sum = torch.zeros((), device=d.device)
@@ -138,10 +144,10 @@ def _train(cfg, run: Path, d: Dist, *, resume: bool, overwrite: bool, progress: 
             metrics.write({"step": done, "tokens": done * tokens_per_step, "loss": loss_value, "loss_ema": ema,
                            "lr": sched.get_last_lr()[0], "grad_norm": grad_norm, "tokens_per_s": tok_s})
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}", tok_s=f"{tok_s:,.0f}")
-        if done % cfg.eval_every == 0 or done == cfg.steps:
+        if done % cfg.eval_every == 0 or done == cfg.steps or done in eval_steps:
             metrics.write({"step": done, "tokens": done * tokens_per_step, "val_loss": evaluate(
                 forward, val, micro=max(micro, 1), device=d.device, autocast=autocast)})
-        if done % cfg.save_every == 0 or done == cfg.steps:
+        if done % cfg.save_every == 0 or done == cfg.steps or done == stop:
             model_state, optim_state = full_state(model, opt)
             if d.main:
                 save_checkpoint(run, done, model_state, {
@@ -151,8 +157,10 @@ def _train(cfg, run: Path, d: Dist, *, resume: bool, overwrite: bool, progress: 
         bar.update(1)
     bar.close()
 
-    at = step + 1 if cfg.steps > start else start
-    result = {"state": state, "step": at if state == "finished" else at - 1, "reason": reason,
+    at = step + 1 if stop > start else start
+    if state == "finished" and at < cfg.steps:
+        state = "paused"
+    result = {"state": state, "step": at - 1 if state == "diverged" else at, "reason": reason,
               "final_val_loss": metrics.last("val_loss"), "run": str(run)}
     if state == "finished":
         model_state, _ = full_state(model, opt)
@@ -161,7 +169,7 @@ def _train(cfg, run: Path, d: Dist, *, resume: bool, overwrite: bool, progress: 
             final.load_state_dict(model_state)
             final.config.use_cache = True
             save_atomic(final, run / "model", tokenizer=data.tokenizer, overwrite=True)
-    elif d.main:
+    elif state == "diverged" and d.main:
         metrics.write({"step": at, "diverged": reason})
     if d.main:
         last = latest_checkpoint(run)

@@ -1,0 +1,117 @@
+"""Fits for scaling curves: the paper's L(D) = (D_c / D)^alpha + L_0 by least squares, the trend of a loss
+gap in log D, and bootstrap intervals over seeds and points.
+
+A curve is a list of (tokens, loss) pairs; the runs (seeds) of one variant share their token points.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+CONFIDENCE = 0.95
+BOOTSTRAP = 400  # replicates
+
+
+def loss_law(tokens, log_dc: float, alpha: float, l0: float):
+    """(D_c / D)^alpha + L_0, with D_c given by its logarithm (a well-scaled parameter)."""
+    return np.exp(alpha * (log_dc - np.log(tokens))) + l0
+
+
+def fit_loss_law(tokens, losses, *, start: dict | None = None) -> dict | None:
+    """Least-squares L(D) fit: {"D_c", "alpha", "L_0", "rmse"}, or None when it does not converge (or with fewer
+    than 4 points). L_0 is kept below the lowest loss and alpha in (0, 5]. Without `start` (an earlier fit)
+    several starting points are tried."""
+    from scipy.optimize import curve_fit
+
+    d, y = np.asarray(tokens, float), np.asarray(losses, float)
+    if d.size < 4 or not np.all(np.isfinite(y)) or np.any(d <= 0):
+        return None
+    lower, upper = np.array([-50.0, 1e-4, 0.0]), np.array([200.0, 5.0, y.min()])
+    starts = [(start["log_D_c"], start["alpha"], start["L_0"])] if start else []
+    for alpha0 in ((0.1, 0.3, 1.0) if not start else ()):
+        for frac in (0.5, 0.9):
+            l0 = y.min() - frac * (y.max() - y.min()) - 1e-3
+            excess = max(y.max() - l0, 1e-6)  # the first point's (D_c / D)^alpha
+            starts.append((math.log(d.min()) + math.log(excess) / alpha0, alpha0, l0))
+    best = None
+    for p0 in starts:
+        p0 = np.clip(p0, lower + 1e-9, upper - 1e-9)
+        try:
+            p, _ = curve_fit(loss_law, d, y, p0=p0, bounds=(lower, upper), maxfev=20000)
+        except (RuntimeError, ValueError):
+            continue
+        rmse = float(np.sqrt(np.mean((loss_law(d, *p) - y) ** 2)))
+        if best is None or rmse < best["rmse"]:
+            best = {"D_c": float(math.exp(min(p[0], 700.0))), "log_D_c": float(p[0]), "alpha": float(p[1]),
+                    "L_0": float(p[2]), "rmse": rmse}
+    return best
+
+
+def interval(samples) -> list[float] | None:
+    """The central CONFIDENCE percentile interval of `samples` (None with fewer than 20 usable)."""
+    xs = np.asarray([x for x in samples if x is not None and np.isfinite(x)], float)
+    if xs.size < 20:
+        return None
+    lo = (1 - CONFIDENCE) / 2
+    return [float(np.quantile(xs, lo)), float(np.quantile(xs, 1 - lo))]
+
+
+def mean_curve(curves: list[list]) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, mean loss) over the points every curve has."""
+    common = sorted(set.intersection(*(set(t for t, _ in c) for c in curves)))
+    by = [dict(c) for c in curves]
+    return np.asarray(common, float), np.asarray([np.mean([b[t] for b in by]) for t in common], float)
+
+
+def fit_with_intervals(curves: list[list], *, reps: int = BOOTSTRAP, seed: int = 0) -> dict | None:
+    """L(D) on the mean of the seeds' curves, with bootstrap intervals: each replicate draws seeds with
+    replacement (when there are 2+), averages them, draws the points with replacement, and refits."""
+    if not curves:
+        return None
+    d, y = mean_curve(curves)
+    fit = fit_loss_law(d, y)
+    if fit is None:
+        return None
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(reps):
+        pick = [curves[i] for i in rng.integers(0, len(curves), len(curves))] if len(curves) > 1 else curves
+        bd, by = mean_curve(pick)
+        idx = np.sort(rng.integers(0, bd.size, bd.size))
+        boot.append(fit_loss_law(bd[idx], by[idx], start=fit) if np.unique(idx).size >= 4 else None)
+    ok = [b for b in boot if b is not None]
+    return {**fit, "points": int(d.size), "seeds": len(curves), "replicates": len(ok),
+            "alpha_ci": interval([b["alpha"] for b in ok]), "L_0_ci": interval([b["L_0"] for b in ok]),
+            "log_D_c_ci": interval([b["log_D_c"] for b in ok])}
+
+
+def gap_slope(tokens, gaps) -> float:
+    """Least-squares slope of a gap against log10(tokens): nats per decade of tokens."""
+    x, y = np.log10(np.asarray(tokens, float)), np.asarray(gaps, float)
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def gap_trend(curves_a: list[list], curves_b: list[list], *, reps: int = BOOTSTRAP, seed: int = 0) -> dict | None:
+    """How mean(a) - mean(b) changes with tokens: its slope per decade of tokens, with a bootstrap interval
+    over the seeds of each side; the gaps at the first and last shared points."""
+    if not curves_a or not curves_b:
+        return None
+    da, ya = mean_curve(curves_a)
+    db, yb = mean_curve(curves_b)
+    common = np.intersect1d(da, db)
+    if common.size < 3:
+        return None
+    gap = ya[np.isin(da, common)] - yb[np.isin(db, common)]
+    rng = np.random.default_rng(seed)
+    slopes = []
+    for _ in range(reps):
+        pa = [curves_a[i] for i in rng.integers(0, len(curves_a), len(curves_a))]
+        pb = [curves_b[i] for i in rng.integers(0, len(curves_b), len(curves_b))]
+        (xa, za), (xb, zb) = mean_curve(pa), mean_curve(pb)
+        slopes.append(gap_slope(common, za[np.isin(xa, common)] - zb[np.isin(xb, common)]))
+    resampled = len(curves_a) > 1 and len(curves_b) > 1
+    return {"slope_per_decade": gap_slope(common, gap), "slope_ci": interval(slopes) if resampled else None,
+            "first": {"tokens": int(common[0]), "gap": float(gap[0])},
+            "last": {"tokens": int(common[-1]), "gap": float(gap[-1])}, "points": int(common.size)}

@@ -12,7 +12,8 @@ ROOT = Path(mea.__file__).parent
 # rank of each part of the package: a module may import its own part and parts of a lower rank only.
 # A module not listed here is a low-level utility (rank 0: it imports nothing of mea); list it to go higher.
 RANKS = {
-    "ops": 0, "atomic": 0, "console": 0, "markdown": 0, "plotting": 0,
+    "atomic": 0, "console": 0, "markdown": 0, "plotting": 0, "precision": 0,
+    "ops": 0.5,  # tensor ops: may ask `precision` what this hardware computes natively (which kernel to use)
     "cache": 1, "machine": 1,  # machine: the description of the hardware, may use low-level helpers
     "layers": 2,
     "models": 3,

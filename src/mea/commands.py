@@ -236,7 +236,8 @@ def cmd_recover(src: str, out: str, teacher: str, layerwise_steps: int = 0, text
         stream = (tok(read_texts(text), add_special_tokens=False, return_tensors="pt").input_ids[0] if text
                   else training_tokens(tok, domain=cfg.domain))
         report["distill"] = distill(student, teacher_model, stream, Path(f"{out}.state"), cfg, tokenizer=tok, log=log)
-        if d.world > 1:  # the trained weights, whole, as the last checkpoint holds them
+        if d.world > 1 and d.main:  # the trained weights, whole, as the last checkpoint holds them (the first
+            # process alone reads them: it removes the checkpoint once OUT is written)
             student = load_trained(load_causal_lm(src), Path(f"{out}.state"), cfg).to(dev)
     if not d.main:
         barrier(d)

@@ -68,9 +68,10 @@ def _worst(a: list[float], b: list[float]) -> float:
 def compare(reference: list[dict], served: list[dict]) -> dict:
     """Token equality and the largest |log p| difference over the tokens both agree on up to the first
     mismatch (from there on the two sides score different tokens); with float64 log-probabilities in the
-    reference, also each fp32 side's own error against them."""
+    reference, also each fp32 side's own error against them, and with the reference's uncached fp32 forward,
+    how far `mea`'s cached and uncached fp32 paths differ from each other (the model's rounding floor)."""
     same, worst, first_mismatch = True, 0.0, []
-    served_err = mea_err = 0.0
+    served_err = mea_err = floor = 0.0
     for ref, got in zip(reference, served):
         n = next((i for i, (a, b) in enumerate(zip(ref["tokens"], got["tokens"])) if a != b), len(ref["tokens"]))
         same &= n == len(ref["tokens"]) == len(got["tokens"])
@@ -79,10 +80,14 @@ def compare(reference: list[dict], served: list[dict]) -> dict:
         if "logprobs_float64" in ref:
             served_err = max(served_err, _worst(ref["logprobs_float64"][:n], got["logprobs"][:n]))
             mea_err = max(mea_err, _worst(ref["logprobs_float64"][:n], ref["logprobs"][:n]))
+        if "logprobs_fp32_uncached" in ref:
+            floor = max(floor, _worst(ref["logprobs_fp32_uncached"][:n], ref["logprobs"][:n]))
     out = {"tokens_equal": same, "first_mismatch": first_mismatch, "max_abs_logprob_diff": worst,
            "logprob_tolerance": LOGPROB_TOLERANCE, "passed": same and worst <= LOGPROB_TOLERANCE}
     if all("logprobs_float64" in ref for ref in reference):
         out.update(vllm_vs_float64=served_err, mea_vs_float64=mea_err)
+    if all("logprobs_fp32_uncached" in ref for ref in reference):
+        out.update(mea_cached_vs_uncached=floor)
     return out
 
 

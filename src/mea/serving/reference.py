@@ -1,7 +1,9 @@
 """The reference side of the serving checks, run in the main environment: `mea`'s own greedy `generate` (the
 compressed cache, batch > 1, left padding) on fixed token-id prompts, with the log-probability of every
-generated token, and the same tokens' log-probabilities in float64 (the error of each fp32 side is measured
-against those). Writes JSON that `serving.check` compares vLLM against.
+generated token, the same tokens' log-probabilities in float64 (the error of each fp32 side is measured
+against those) and from one uncached fp32 forward (how far two of `mea`'s own fp32 paths, cached decode and
+uncached forward, already differ: the rounding floor of the model). Writes JSON that `serving.check` compares
+vLLM against.
 
     python -m mea.serving.reference MODEL OUT.json [--new-tokens N] [--prompts P] [--prompt-tokens T]
 """
@@ -65,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     model = load_causal_lm(args.model, dtype=torch.float32).eval()
     prompts = prompt_ids(model.config.vocab_size, args.prompts, args.prompt_tokens)
     rows = greedy_reference(model, prompts, args.new_tokens)
+    for row, logprobs in zip(rows, teacher_forced_logprobs(model, rows)):
+        row["logprobs_fp32_uncached"] = logprobs
     exact = load_causal_lm(args.model, dtype=torch.float64).eval()
     for row, logprobs in zip(rows, teacher_forced_logprobs(exact, rows)):
         row["logprobs_float64"] = logprobs

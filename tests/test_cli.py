@@ -103,15 +103,19 @@ def test_bench_runs_end_to_end_and_writes_json(capsys, tmp_path):
     _check_generated_kv(data["kv_generate"], ["transformers-llama", "mea h'=3", "mea folded", "mea KV -50%",
                                               "mea KV -67%"])
     assert (tmp_path / "d.md").read_text().count("| 2 | 64 |") == 5 and (tmp_path / "d.png").stat().st_size > 0
-    for what, extra in (("prefill", ["--contexts", "32", "--repeats", "1"]),
-                        ("memory", ["--contexts", "64", "--steps", "1"])):
+    for what, extra, systems in (("prefill", ["--contexts", "32", "--repeats", "1"], 4),
+                                 ("memory", ["--contexts", "64", "--steps", "1", "--kv-bits", "4"], 6)):
         out = tmp_path / f"{what}.json"
         code, _, _ = run_cli(capsys, "bench", what, "--preset", "tiny", "--budgets", "0.33", *extra, "--out", str(out))
         data = json.loads(out.read_text())
-        assert code == 0 and data["benchmark"] == what and len(data["results"]) == 4
+        assert code == 0 and data["benchmark"] == what and len(data["results"]) == systems
         assert (tmp_path / f"{what}.md").exists() and (tmp_path / f"{what}.png").stat().st_size > 0
-    assert all(r["kv_bytes"] > 0 for r in data["results"])  # the memory results
-    _check_generated_kv(data["kv_generate"], ["transformers-llama", "mea h'=3", "mea folded", "mea KV -67%"])
+    held = {r["system"]: r["kv_bytes"] for r in data["results"]}  # the memory results
+    # float caches hold what they predict; a quantized one also a float tail of under one group at 64 tokens
+    assert all(r["kv_bytes"] == r["kv_bytes_predicted"] for r in data["results"] if "int" not in r["system"])
+    assert held["mea h'=3 int4"] < held["mea h'=3"] / 2 and held["mea KV -67% int4"] < held["mea KV -67%"] / 2
+    _check_generated_kv(data["kv_generate"], ["transformers-llama", "mea h'=3", "mea folded", "mea h'=3 int4",
+                                              "mea KV -67%", "mea KV -67% int4"])
     code, stdout, _ = run_cli(capsys, "bench", "train", "--preset", "tiny", "--batch", "2", "--seq", "16",
                               "--steps", "1", "--repeats", "1")
     data = json.loads(stdout)

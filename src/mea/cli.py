@@ -388,13 +388,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batches", type=int, nargs="+")
     b.add_argument("--steps", type=int, help="timed decode steps per round")
     b.add_argument("--rounds", type=int, help="rounds in which the systems take turns")
-    b.add_argument("--kv-bits", type=int, nargs="*", choices=KV_BITS,
+    kv_bits = dict(type=int, nargs="*", choices=KV_BITS,
                    help="also every MEA system with its cache quantized to these bits (none: skip)")
+    b.add_argument("--kv-bits", **kv_bits)
     b = bench_command("memory", "peak memory of decoding and KV bytes held vs context, a fresh process per point")
     b.add_argument("--contexts", type=int, nargs="+")
     b.add_argument("--budgets", **budgets)
     b.add_argument("--batch", type=int)
     b.add_argument("--steps", type=int)
+    b.add_argument("--kv-bits", **kv_bits)
     for b in bench.choices.values():
         b.add_argument("--preset")
         b.add_argument("--device")

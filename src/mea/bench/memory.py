@@ -43,12 +43,12 @@ def _status_kb(field: str) -> int:
 
 @torch.no_grad()
 def measure_point(preset: str, budgets, name: str, batch: int, context: int, steps: int, device: str, dtype: str,
-                  seed: int) -> dict:
+                  seed: int, kv_bits=()) -> dict:
     """Peak bytes that filling the cache and `steps` decode steps add to the built model (one system)."""
     torch.manual_seed(seed)
     dev = torch.device(device)
     model = build_systems(preset, budgets, max_len=context + steps + 8, device=dev, dtype=getattr(torch, dtype),
-                          only=[name])[name]
+                          only=[name], kv_bits=kv_bits)[name]
     token = torch.zeros(batch, 1, dtype=torch.long, device=dev)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -67,25 +67,28 @@ def measure_point(preset: str, budgets, name: str, batch: int, context: int, ste
     held = cache_bytes_held(cache)
     predicted = predicted_kv_bytes(model, batch, context + steps)
     return dict(system=name, context=context, batch=batch, peak_bytes=peak, kv_bytes=held,
-                kv_bytes_predicted=predicted, peak_over_kv=peak / held)
+                kv_bytes_predicted=predicted, peak_over_kv=peak / held, peak_over_predicted=peak / predicted)
 
 
 def bench_memory(*, preset: str = "smollm2-135m", contexts=(1024, 4096, 16384), budgets=(0.67, 0.5, 0.33),
-                 batch: int = 1, steps: int = 4, device: str = "cpu", dtype: str = "float32", seed: int = 0) -> dict:
-    names = list(system_specs(preset, budgets))
+                 batch: int = 1, steps: int = 4, device: str = "cpu", dtype: str = "float32", kv_bits=(),
+                 seed: int = 0) -> dict:
+    """`kv_bits`: also every MEA system with its cache quantized to these bits (see `systems`)."""
+    kv_bits = tuple(kv_bits)
+    names = list(system_specs(preset, budgets, kv_bits))
     results = []
     for context in contexts:
         for name in names:  # a fresh process per point: peaks of earlier points cannot leak in
             results.append(in_fresh_process(measure_point, preset, list(budgets), name, batch, context, steps, device,
-                                            dtype, seed))
+                                            dtype, seed, kv_bits))
     torch.manual_seed(seed)
     systems = build_systems(preset, budgets, max_len=kv_check.PROMPT + kv_check.NEW_TOKENS + 8,
-                            device=torch.device(device), dtype=getattr(torch, dtype))
+                            device=torch.device(device), dtype=getattr(torch, dtype), kv_bits=kv_bits)
     return {
         "benchmark": "memory",
         "machine": {**machine_header(torch.device(device)), "available_bytes": available_memory(torch.device(device))},
         "settings": dict(preset=preset, contexts=list(contexts), budgets=list(budgets), batch=batch, steps=steps,
-                         dtype=dtype, seed=seed),
+                         dtype=dtype, kv_bits=list(kv_bits), seed=seed),
         "results": results,
         "kv_generate": kv_check.check_systems(systems),
         "note": ("peak: memory that filling the cache to the context and decoding `steps` tokens adds on top of the "
@@ -95,9 +98,11 @@ def bench_memory(*, preset: str = "smollm2-135m", contexts=(1024, 4096, 16384), 
 
 
 def markdown(result: dict) -> str:
-    table = markdown_table(["context", "system", "peak MiB added", "KV MiB held", "peak / KV"],
+    table = markdown_table(["context", "system", "peak MiB added", "KV MiB held", "KV MiB predicted", "peak / KV",
+                            "peak / predicted"],
                            [[r["context"], r["system"], f"{r['peak_bytes'] / 2**20:.1f}", f"{r['kv_bytes'] / 2**20:.1f}",
-                             f"{r['peak_over_kv']:.2f}"] for r in result["results"]])
+                             f"{r['kv_bytes_predicted'] / 2**20:.1f}", f"{r['peak_over_kv']:.2f}",
+                             f"{r['peak_bytes'] / r['kv_bytes_predicted']:.2f}"] for r in result["results"]])
     return table + ("\n" + kv_check.markdown(result["kv_generate"]) if "kv_generate" in result else "")
 
 

@@ -113,3 +113,15 @@ def test_recall_study_runs_resumes_and_reports(tmp_path, monkeypatch):
         rs.run_recall_study(tmp_path, plan)
     with pytest.raises(ValueError, match="unknown arm"):
         rs.run_recall_study(tmp_path / "x", rs.RecallPlan(arms=["mea+magic"]))
+
+
+def test_norm_warmup_schedules_the_blend_and_ends_as_mea():
+    from mea.eval.mqar import train_mqar
+
+    small = dict(pairs=2, queries=2, num_keys=8, num_values=8, steps=6, batch=8, eval_size=16)
+    run = train_mqar("mea", mea_head_norm_blend=True, norm_warmup=3, **small)
+    assert all(a == 1.0 for layer in run["learned"]["head_norm_blend"] for a in layer)  # fixed, at full strength
+    learned = train_mqar("mea", mea_head_norm_blend=True, **small)  # without the warm-up the blend is learned
+    assert all(abs(a) < 0.5 for layer in learned["learned"]["head_norm_blend"] for a in layer)
+    with pytest.raises(ValueError, match="mea_head_norm_blend=True"):
+        train_mqar("mea", norm_warmup=3, **small)

@@ -197,11 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
                 "MQAR recall of the baseline, MEA and MEA's GroupNorm variations, per seed, at the recall rate and "
                 "a high one; resumable")
     e.add_argument("out")
-    e.add_argument("--arms", nargs="+", help="(default: baseline mea mea+gain mea+noweight mea+blend)")
-    e.add_argument("--seeds", type=int, nargs="+", help="(default 0 1)")
-    e.add_argument("--lr", type=float, help="the recall rate (default 1e-3)")
-    e.add_argument("--high-lr", type=float, help="the stability check's rate (default 3e-2)")
-    e.add_argument("--steps", type=int, help="training steps per run (default 800)")
+    from .experiments.recall_study import ARMS, RecallPlan
+
+    recall = RecallPlan()
+    e.add_argument("--arms", nargs="+", help=f"of {', '.join(ARMS)} (default: {' '.join(recall.arms)})")
+    e.add_argument("--seeds", type=int, nargs="+", help=f"(default {' '.join(map(str, recall.seeds))})")
+    e.add_argument("--lr", type=float, help=f"the recall rate (default {recall.lr:g})")
+    e.add_argument("--high-lr", type=float, help=f"the stability check's rate (default {recall.high_lr:g})")
+    e.add_argument("--steps", type=int, help=f"training steps per run (default {recall.settings['steps']})")
     e = command(study, "compression", commands.cmd_study_compression,
                 "accuracy by task category x KV compression, training-free and recovered", run_compression_study)
     e.add_argument("out")

@@ -43,20 +43,28 @@ def mqar_config(variant: str, *, num_keys: int, num_values: int, hidden_size: in
 
 def train_mqar(variant: str, *, seed: int = 0, pairs: int = 4, queries: int = 4, num_keys: int = 16,
                num_values: int = 16, steps: int = 800, batch: int = 64, lr: float = 1e-3, eval_size: int = 512,
-               device: str | None = None, **model_overrides) -> dict:
+               device: str | None = None, norm_warmup: int = 0, **model_overrides) -> dict:
     """Train one small model on MQAR (on `device`, default `precision.default_device`, in float32) and return
-    its held-out recall accuracy."""
+    its held-out recall accuracy. `norm_warmup` > 0 (with `mea_head_norm_blend`): the blend toward the
+    normalised head output is not learned but set to min(1, step / norm_warmup), so the model ends as MEA."""
     torch.manual_seed(seed)
     dev = resolve_device(device)
     cfg = mqar_config(variant, num_keys=num_keys, num_values=num_values, **model_overrides)
+    if norm_warmup and not cfg.mea_head_norm_blend:
+        raise ValueError("norm_warmup schedules the GroupNorm blend: give mea_head_norm_blend=True with it")
     model = MEAForCausalLM(cfg).to(dev)
     model.config.use_cache = False
+    blends = [layer.self_attn.head_norm_blend for layer in model.model.layers] if norm_warmup else []
+    for a in blends:
+        a.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
     spec = dict(pairs=pairs, queries=queries, num_keys=num_keys, num_values=num_values)
     model.train()
-    for _ in range(steps):
+    for step in range(steps):
+        for a in blends:
+            a.fill_(min(1.0, step / norm_warmup))
         ids, answer = (x.to(dev) for x in mqar_batch(batch, generator=gen, **spec))
         logits = model(input_ids=ids[:, :-1]).logits
         loss = F.cross_entropy(logits[answer], ids[:, 1:][answer])

@@ -5,7 +5,9 @@ a high one (the paper's claim for GroupNorm is stability at high learning rates)
 Hypothesis: the norm removes each head's output magnitude, which a recall circuit uses (a head that found no
 match should be quiet). The variations give part of it back: a learnable gain per head (a static magnitude
 per head), no per-feature weight (does the shared weight matter), and a learned blend from the raw output
-to the normalised one (a_i from 0: the norm's strength is learned; a_i -> 0 keeps the magnitude).
+to the normalised one (a_i from 0: the norm's strength is learned; a_i -> 0 keeps the magnitude), and a
+warm-up of the norm's strength (the same blend, not learned, raised linearly from 0 to 1 over the first half
+of training: the model ends as MEA; does the norm block recall only while the circuit forms?).
 
     OUT/study.json          the plan (a rerun must ask for the same one)
     OUT/runs/NAME.json      one MQAR run each, written when it ends (a rerun skips it)
@@ -33,6 +35,7 @@ ARMS: dict[str, tuple[str, dict]] = {
     "mea+gain": ("mea", {"mea_head_gain": True}),
     "mea+noweight": ("mea", {"mea_head_norm_weight": False}),
     "mea+blend": ("mea", {"mea_head_norm_blend": True}),
+    "mea+warmup": ("mea", {"mea_head_norm_blend": True, "norm_warmup": 0.5}),  # a fraction of the steps
     "mea-no-groupnorm": ("mea-no-groupnorm", {}),
 }
 DESCRIPTIONS = {
@@ -41,6 +44,7 @@ DESCRIPTIONS = {
     "mea+gain": "MEA + a learnable gain per head after the norm (mea_head_gain)",
     "mea+noweight": "MEA, the norm without its per-feature weight (mea_head_norm_weight=False)",
     "mea+blend": "MEA, (1 - a) o + a norm(o) with a learnable a per head from 0 (mea_head_norm_blend)",
+    "mea+warmup": "MEA with the norm's strength a raised from 0 to 1 over the first half of training (ends as MEA)",
     "mea-no-groupnorm": "HLC without GroupNorm",
 }
 
@@ -82,6 +86,8 @@ def run_recall_study(out: str | Path, plan: RecallPlan, *, log=print) -> dict:
                 if _read(path) is not None:
                     continue
                 variant, overrides = ARMS[arm]
+                if "norm_warmup" in overrides:  # given as a fraction of the training steps
+                    overrides = {**overrides, "norm_warmup": round(overrides["norm_warmup"] * plan.settings["steps"])}
                 result = train_mqar(variant, seed=seed, lr=lr, **plan.settings, **overrides)
                 write_json_atomic(path, {"arm": arm, "lr": lr, **result})
                 log(f"recall {arm} lr {lr:g} seed {seed}: accuracy {result['accuracy']:.3f}")

@@ -22,12 +22,14 @@ whole cache.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
 from ..precision import cpu_capability
+from . import fused_keys
 from .kvquant import VALUE_PLANE, QuantizedTokens, from_planes, pack
 from .mixing import absorb_query, mix, read_values
 
@@ -182,7 +184,33 @@ def _values_blocks(p: torch.Tensor, v: QuantizedTokens, out: torch.Tensor, block
     out += (p @ v.zero.float()).repeat_interleave(ev // groups, dim=-1)
 
 
+KEY_READ_ENV = "MEA_KEY_READ"  # "auto" (default): the fused C++ read where it builds; "blocks": always the block read
+KEY_READS = ("auto", "blocks")
+
+
+def quantized_key_read(k: QuantizedTokens, q: torch.Tensor) -> str:
+    """How decoding reads quantized keys, the one place that decides: "fused" (`ops.fused_keys`: the codes read
+    inside the dot products by a C++ kernel compiled for this machine at first use) on CPU without gradients
+    where that kernel builds; else "blocks" (codes converted a block at a time, `_key_scores_blocks`). The
+    environment variable `MEA_KEY_READ=blocks` forces the block read."""
+    mode = os.environ.get(KEY_READ_ENV, "auto")
+    if mode not in KEY_READS:
+        raise ValueError(f"{KEY_READ_ENV} must be one of {', '.join(KEY_READS)}, got {mode!r}")
+    if (mode == "auto" and q.device.type == "cpu" and k.codes.device.type == "cpu"
+            and not (torch.is_grad_enabled() and q.requires_grad) and fused_keys.load() is not None):
+        return "fused"
+    return "blocks"
+
+
 def _key_scores(q: torch.Tensor, k: QuantizedTokens, scores: torch.Tensor) -> None:
+    """scores[..., :Q] = q . the Q quantized keys, read as `quantized_key_read` decides."""
+    if quantized_key_read(k, q) == "fused":
+        fused_keys.key_scores(q, k.codes, k.scale, k.zero, scores, bits=k.bits, group_size=k.group_size)
+    else:
+        _key_scores_blocks(q, k, scores)
+
+
+def _key_scores_blocks(q: torch.Tensor, k: QuantizedTokens, scores: torch.Tensor) -> None:
     """scores[..., :Q] = q . the Q quantized keys, a block at a time: each block's codes are converted into one
     reused buffer, scaled per channel and group of tokens in place, and read by one matrix product."""
     b, g, r, e = q.shape

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import platform
+import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -34,12 +36,22 @@ def extension_name() -> str:
     return "mea_key_scores_" + hashlib.sha1(fingerprint.encode()).hexdigest()[:10]
 
 
+def _find_ninja() -> None:
+    """torch's loader runs `ninja` from PATH; a virtual environment used without activating it has the `ninja`
+    package's binary off PATH, so its directory is appended."""
+    if shutil.which("ninja") is None:
+        import ninja
+
+        os.environ["PATH"] = os.pathsep.join([os.environ.get("PATH", ""), ninja.BIN_DIR])
+
+
 @lru_cache(maxsize=1)
 def load():
     """The compiled extension (built on first use, then cached on disk), or None where it cannot be built here."""
     try:
         from torch.utils.cpp_extension import load as load_extension
 
+        _find_ninja()
         return load_extension(name=extension_name(), sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
                               extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # noqa: BLE001 -- no compiler, no ninja, a failed build: the block read works anywhere

@@ -2,6 +2,7 @@
 dispatch (`ops.attention.quantized_key_read`) and its fallback where the extension cannot be built."""
 
 import logging
+import platform
 
 import pytest
 import torch
@@ -70,6 +71,22 @@ def test_fused_read_matches_reference_and_block_read(extension, bits, case, dtyp
     attention_ops._key_scores_blocks(q, keys, blocks)
     tolerance = FLOAT32_TOLERANCE if dtype == torch.float32 else BFLOAT16_TOLERANCE
     assert ((blocks.double() - ref).abs() / size).max() < tolerance
+
+
+@pytest.mark.slow  # two builds of about a minute each
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction-set variants")
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])  # AVX2 only; SSE2 only (the generic vector code)
+def test_other_instruction_sets_compute_the_same_logits(extension, march):
+    variant = fused_keys.build(cflags=("-O3", f"-march={march}", "-fopenmp"),
+                               name="mea_key_scores_" + march.replace("-", "_"))
+    for bits in (8, 4):
+        for b, g, r, e, n, group in CASES:
+            keys = _keys(b, g, n, e, bits, group, capacity_extra=group)
+            q = torch.randn(b, g, r, e)
+            ref, size = _reference(q, keys)
+            scores = torch.empty(b, g, r, n)
+            variant.key_scores(q, keys.codes, keys.scale, keys.zero, scores, bits, group)
+            assert ((scores.double() - ref).abs() / size).max() < FLOAT32_TOLERANCE
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -45,15 +45,21 @@ def _find_ninja() -> None:
         os.environ["PATH"] = os.pathsep.join([os.environ.get("PATH", ""), ninja.BIN_DIR])
 
 
+def build(*, cflags: tuple[str, ...] = CFLAGS, name: str | None = None):
+    """Compile (or load the cached build of) the extension; raises where that fails. Other `cflags` (and a
+    `name` of their own) build variants, e.g. for another instruction set."""
+    from torch.utils.cpp_extension import load as load_extension
+
+    _find_ninja()
+    return load_extension(name=name or extension_name(), sources=[str(SOURCE)], extra_cflags=list(cflags),
+                          extra_ldflags=["-fopenmp"], verbose=False)
+
+
 @lru_cache(maxsize=1)
 def load():
     """The compiled extension (built on first use, then cached on disk), or None where it cannot be built here."""
     try:
-        from torch.utils.cpp_extension import load as load_extension
-
-        _find_ninja()
-        return load_extension(name=extension_name(), sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
-                              extra_ldflags=["-fopenmp"], verbose=False)
+        return build()
     except Exception as err:  # noqa: BLE001 -- no compiler, no ninja, a failed build: the block read works anywhere
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         log.warning("mea: fused quantized-key read unavailable (%s); keys are read in blocks", first)

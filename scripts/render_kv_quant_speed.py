@@ -97,7 +97,8 @@ def machine(result: dict) -> str:
     m = result["machine"]
     return (f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}, "
             f"{m.get('cpu_capability', '?')}, native bf16: {m.get('cpu_native_bf16', '?')}, "
-            f"threads {m.get('torch_threads', '?')}, commit {m.get('commit', '?')}, {m.get('time', '?')}")
+            f"threads {m.get('torch_threads', '?')}, commit {m.get('commit', '?')}, {m.get('time', '?')}"
+            + (f", quantized keys read: {m['kv_key_read']}" if "kv_key_read" in m else ""))
 
 
 def quantized_pairs(result: dict):

@@ -188,18 +188,23 @@ KEY_READ_ENV = "MEA_KEY_READ"  # "auto" (default): the fused C++ read where it b
 KEY_READS = ("auto", "blocks")
 
 
-def quantized_key_read(k: QuantizedTokens, q: torch.Tensor) -> str:
-    """How decoding reads quantized keys, the one place that decides: "fused" (`ops.fused_keys`: the codes read
-    inside the dot products by a C++ kernel compiled for this machine at first use) on CPU without gradients
-    where that kernel builds; else "blocks" (codes converted a block at a time, `_key_scores_blocks`). The
-    environment variable `MEA_KEY_READ=blocks` forces the block read."""
+def cpu_key_read() -> str:
+    """How a CPU decode step without gradients reads quantized keys on this machine: "fused" where the C++
+    kernel builds (`fused_keys.load`, tried once) and `MEA_KEY_READ` is unset or "auto", else "blocks"."""
     mode = os.environ.get(KEY_READ_ENV, "auto")
     if mode not in KEY_READS:
         raise ValueError(f"{KEY_READ_ENV} must be one of {', '.join(KEY_READS)}, got {mode!r}")
-    if (mode == "auto" and q.device.type == "cpu" and k.codes.device.type == "cpu"
-            and not (torch.is_grad_enabled() and q.requires_grad) and fused_keys.load() is not None):
-        return "fused"
-    return "blocks"
+    return "fused" if mode == "auto" and fused_keys.load() is not None else "blocks"
+
+
+def quantized_key_read(k: QuantizedTokens, q: torch.Tensor) -> str:
+    """How decoding reads quantized keys, the one place that decides: "fused" (`ops.fused_keys`: the codes read
+    inside the dot products by a C++ kernel compiled for this machine at first use) on CPU without gradients
+    where `cpu_key_read` says so; else "blocks" (codes converted a block at a time, `_key_scores_blocks`). The
+    environment variable `MEA_KEY_READ=blocks` forces the block read."""
+    if q.device.type != "cpu" or k.codes.device.type != "cpu" or (torch.is_grad_enabled() and q.requires_grad):
+        return "blocks"
+    return cpu_key_read()
 
 
 def _key_scores(q: torch.Tensor, k: QuantizedTokens, scores: torch.Tensor) -> None:

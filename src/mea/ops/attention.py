@@ -14,10 +14,11 @@ M component heads (h'), D head size. Query head i reads composite head G(i) = i 
   The finer mixings of `ops.mixing` (complex per RoPE pair for keys, a latent of any width for values)
   change only the query map before and the value map after that one read.
 
-Both decode kernels also read a quantized cache (`ops.kvquant.QuantizedTokens`): `decode_blocks`
-converts the codes of `DEQUANT_BLOCK` tokens at a time and folds the scales into the queries (keys) and the
-attention probabilities (values), so the temporary full-precision memory is one block of codes, never the
-whole cache.
+Both decode kernels also read a quantized cache (`ops.kvquant.QuantizedTokens`): `decode_blocks` folds the
+scales into the queries (keys) and the attention probabilities (values). Keys are read by a fused C++ kernel
+(`ops.fused_keys`) where it builds, else `DEQUANT_BLOCK` tokens of codes at a time; values by torch's packed
+int4 matmul or a block at a time. The temporary full-precision memory is at most one block of codes, never
+the whole cache.
 """
 
 from __future__ import annotations
@@ -241,8 +242,9 @@ def _key_scores_blocks(q: torch.Tensor, k: QuantizedTokens, scores: torch.Tensor
 def decode_blocks(q: torch.Tensor, k: QuantizedTokens, v: QuantizedTokens, *, mask: torch.Tensor | None, scale: float,
                   factor: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of (B, G, R, E) queries over (B, G, S, E) quantized keys/values, never building a
-    full-precision copy of the cache. Keys (scaled per channel and group of tokens) are converted
-    `DEQUANT_BLOCK` tokens at a time into one buffer and read by a matrix product (`_key_scores`). Values are
+    full-precision copy of the cache. Keys (scaled per channel and group of tokens) are read by the fused C++
+    kernel, or converted `DEQUANT_BLOCK` tokens at a time into one buffer and read by a matrix product
+    (`_key_scores`; `quantized_key_read` decides). Values are
     scaled per token, so out = sum_t (p_t s_t) codes_t + p_t z_t with the scale folded into the attention
     probabilities: on CPUs with native bfloat16, torch's packed int4 matmul reads the stored planes directly,
     else blocks of codes are converted (`quantized_value_read` decides). The (B, G, R, S) logits are kept

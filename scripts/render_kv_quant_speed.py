@@ -255,7 +255,9 @@ def main() -> int:
           "python scripts/kv_quant_decode_kernel.py --repeats 9 --dtype bfloat16 --out results/kv-quant/decode-kernel-bf16.json"],
          "Before this read (values converted block by block like the keys, 1024-token blocks), the same script "
          "measured float / int8 0.52-0.66× and float / int4 0.35-0.45× in float32 (commit e8f8d46, "
-         "`git show e8f8d46:results/kv-quant/decode-kernel-fp32.json`).", read_section),
+         "`git show e8f8d46:results/kv-quant/decode-kernel-fp32.json`). With values read from the planes but keys "
+         "still converted block by block, float / int8 was 0.44-0.81× and float / int4 0.48-0.98× over both "
+         "dtypes (`git show aa28bea:results/kv-quant/decode-kernel-fp32.json`, and `-bf16.json`).", read_section),
         (key_read, "The key read: fused, blocks and float, one layer",
          ["OMP_NUM_THREADS=1 python scripts/kv_quant_read_kernels.py --products keys --contexts 4096 16384 32768 "
           "--batches 1 8 \\\n        --threads 1 --repeats 5 --out results/kv-quant/key-read.json"],

@@ -4,7 +4,8 @@ SmolLM2-135M's shapes (an uncompressed layer: 3 KV heads of 64, 3 query rows eac
 h' = 2: one 128-wide head, 9 query rows), batch 1.
 
 Candidates: the float cache (plain matmuls); ours (`ops.attention`: keys per channel converted a block at a
-time, values as planes read by torch's packed int4 matmul, or converted blocks); torch's packed low-bit
+time or read by the fused C++ kernel `ops.fused_keys`, values as planes read by torch's packed int4 matmul,
+or converted blocks); torch's packed low-bit
 matmuls `_weight_int8pack_mm` (x @ W^T, W int8 with one scale per output row) and
 `_weight_int4pack_mm_for_cpu` (W int4 with a scale and zero point per output row and group of 32-256 of the
 summed features). Those take scales that vary along W's rows (keys: per token; values: per feature), never
@@ -14,14 +15,16 @@ so W = V^T with unit scales fits both (int8: V^T stored transposed; int4: our pl
 
 torch's packed kernels are measured in float32 only up to `SLOW_FLOAT32_CONTEXT` tokens: there they run a
 scalar path, 10-100x slower than in bfloat16. Median wall and CPU (process) milliseconds over interleaved repeats, at 1 and 2 threads, in float32 and
-bfloat16 compute. Writes one JSON:
+bfloat16 compute, at batch 1 or more (torch's packed kernels: batch 1 only). Writes one JSON:
 
-    python scripts/kv_quant_read_kernels.py [--contexts 4096 16384] [--out results/kv-quant/read-kernels.json]
+    python scripts/kv_quant_read_kernels.py [--contexts 4096 16384] [--batches 1] [--products keys values] \
+        [--shapes uncompressed compressed] [--out results/kv-quant/read-kernels.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -29,34 +32,45 @@ from pathlib import Path
 import torch
 
 from mea.ops import attention as ops
+from mea.ops import fused_keys
 from mea.ops.kvquant import QuantizedTokens, quantize_keys, quantize_values
 
 SHAPES = {"uncompressed (3 heads of 64)": (3, 3, 64), "compressed h'=2 (one head of 128)": (1, 9, 128)}
+SHAPE_IDS = dict(zip(("uncompressed", "compressed"), SHAPES))  # --shapes
 GROUP = 64
 SLOW_FLOAT32_CONTEXT = 4096  # torch's packed kernels in float32 (a scalar path, 10-100x slower): only up to here
 
 
-def candidates(kv_heads: int, rows: int, width: int, context: int, dtype: torch.dtype) -> dict:
+def candidates(kv_heads: int, rows: int, width: int, context: int, dtype: torch.dtype, batch: int = 1,
+               products: tuple[str, ...] = ("keys", "values")) -> dict:
     """name -> (product, bits, zero-argument call) over random keys/values of one layer."""
-    g, r, e, s = kv_heads, rows, width, context
-    q = torch.randn(1, g, r, e, dtype=dtype)
-    k, v = torch.randn(1, g, s, e, dtype=dtype), torch.randn(1, g, s, e, dtype=dtype)
-    p = torch.softmax(torch.randn(1, g, r, s), dim=-1)
-    out = {("keys", "float", 16 if dtype == torch.bfloat16 else 32): lambda: q @ k.transpose(-1, -2),
-           ("values", "float", 16 if dtype == torch.bfloat16 else 32): lambda: p.to(dtype) @ v}
+    b, g, r, e, s = batch, kv_heads, rows, width, context
+    q = torch.randn(b, g, r, e, dtype=dtype)
+    k = torch.randn(b, g, s, e, dtype=dtype)
+    v = torch.randn(b, g, s, e, dtype=dtype) if "values" in products else None
+    p = torch.softmax(torch.randn(b, g, r, s), dim=-1)
+    width_bits = 16 if dtype == torch.bfloat16 else 32
+    out = {("keys", "float", width_bits): lambda: q @ k.transpose(-1, -2)}
+    if v is not None:
+        out[("values", "float", width_bits)] = lambda: p.to(dtype) @ v
     tail = k[:, :, :0]
     for bits in (8, 4):
         keys = QuantizedTokens(*quantize_keys(k, bits, GROUP), tail, bits, GROUP, per_channel=True)
+        scores = torch.empty(b, g, r, s)
+        out[("keys", "ours (per channel, blocks)", bits)] = lambda keys=keys: ops._key_scores_blocks(q, keys, scores)
+        if fused_keys.load() is not None:
+            out[("keys", "ours (per channel, fused C++)", bits)] = lambda keys=keys: fused_keys.key_scores(
+                q, keys.codes, keys.scale, keys.zero, scores, bits=keys.bits, group_size=keys.group_size)
+        if v is None:
+            continue
         values = QuantizedTokens(*quantize_values(v, bits, GROUP), tail, bits, GROUP, per_channel=False)
-        scores = torch.empty(1, g, r, s)
-        out[("keys", "ours (per channel, blocks)", bits)] = lambda keys=keys: ops._key_scores(q, keys, scores)
-        acc = torch.zeros(1, g, r, e)
+        acc = torch.zeros(b, g, r, e)
         block = ops.DEQUANT_BLOCK
         out[("values", "ours (blocks)", bits)] = lambda values=values: ops._values_blocks(p, values, acc, block)
         if ops.int4pack_layout_matches():
             out[("values", "ours (planes, torch int4pack, bf16)", bits)] = (
                 lambda values=values: ops._values_int4pack(p, values, acc))
-    if dtype == torch.float32 and context > SLOW_FLOAT32_CONTEXT:
+    if batch > 1 or v is None or (dtype == torch.float32 and context > SLOW_FLOAT32_CONTEXT):
         return out
     x = q[0].to(dtype)
     k8 = torch.randint(-128, 128, (g, s, e), dtype=torch.int8)  # per-token int8 keys: one scale per row
@@ -94,6 +108,9 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384])
+    p.add_argument("--batches", type=int, nargs="+", default=[1])
+    p.add_argument("--products", nargs="+", default=["keys", "values"], choices=["keys", "values"])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPE_IDS), choices=list(SHAPE_IDS))
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=15)
@@ -106,26 +123,27 @@ def main(argv=None) -> int:
             torch.set_num_threads(threads)
             for dtype_name in args.dtypes:
                 dtype = getattr(torch, dtype_name)
-                for context in args.contexts:
-                    for shape, dims in SHAPES.items():
-                        calls = candidates(*dims, context, dtype)
-                        times = {key: ([], []) for key in calls}
-                        for _ in range(3):  # interleaved rounds: drifts of the shared machine hit all alike
-                            for key, fn in calls.items():
-                                wall, cpu = timed(fn, args.repeats)
-                                times[key][0].extend(wall)
-                                times[key][1].extend(cpu)
-                        for (product, kernel, bits), (wall, cpu) in times.items():
-                            results.append({"threads": threads, "dtype": dtype_name, "context": context,
-                                            "shape": shape, "product": product, "kernel": kernel, "bits": bits,
-                                            "wall_ms": statistics.median(wall) * 1e3,
-                                            "cpu_ms": statistics.median(cpu) * 1e3})
-                            print(f"{threads}t {dtype_name} {context} {shape} {product} {kernel} {bits}: "
-                                  f"{results[-1]['wall_ms']:.3f} ms", flush=True)
+                for batch, context, shape_id in itertools.product(args.batches, args.contexts, args.shapes):
+                    shape = SHAPE_IDS[shape_id]
+                    calls = candidates(*SHAPES[shape], context, dtype, batch, tuple(args.products))
+                    times = {key: ([], []) for key in calls}
+                    for _ in range(3):  # interleaved rounds: drifts of the shared machine hit all alike
+                        for key, fn in calls.items():
+                            wall, cpu = timed(fn, args.repeats)
+                            times[key][0].extend(wall)
+                            times[key][1].extend(cpu)
+                    for (product, kernel, bits), (wall, cpu) in times.items():
+                        results.append({"threads": threads, "dtype": dtype_name, "batch": batch, "context": context,
+                                        "shape": shape, "product": product, "kernel": kernel, "bits": bits,
+                                        "wall_ms": statistics.median(wall) * 1e3,
+                                        "cpu_ms": statistics.median(cpu) * 1e3})
+                        print(f"{threads}t {dtype_name} b{batch} {context} {shape} {product} {kernel} {bits}: "
+                              f"{results[-1]['cpu_ms']:.3f} CPU ms", flush=True)
     write_json_atomic(Path(args.out), {
         "benchmark": "kv-quant-read-kernels", "machine": machine_header(torch.device("cpu")),
-        "settings": {"contexts": args.contexts, "threads": args.threads, "dtypes": args.dtypes,
-                     "repeats": 3 * args.repeats, "group_size": GROUP, "batch": 1},
+        "settings": {"contexts": args.contexts, "batches": args.batches, "threads": args.threads,
+                     "dtypes": args.dtypes, "products": args.products, "shapes": args.shapes,
+                     "repeats": 3 * args.repeats, "group_size": GROUP},
         "results": results})
     print(f"wrote {args.out}")
     return 0

@@ -2,6 +2,7 @@
 
     decode-cpu-float32.json, decode-cpu-bfloat16.json   `mea bench decode --kv-bits 8 4` (whole models)
     read-kernels.json                                    scripts/kv_quant_read_kernels.py (candidate kernels)
+    key-read.json                                        the same, keys only: fused vs block vs float key read
     key-layout.json                                      scripts/kv_quant_key_layout.py (accuracy of key layouts)
 
 Usage (from the repository root): python3 scripts/render_kv_quant_speed.py"""
@@ -46,11 +47,25 @@ features), which is what keeps 4-bit keys accurate (table below).
   scale per output row and group of at least 32 summed features, `torch._int_mm` none; optimum-quanto and
   HQQ dequantize on CPU and call a float matmul. Folding the per-channel scale into the query works
   (`(q * s_g) . codes`), but the folded query differs per group of 64 tokens, so it would take a library
-  call per group (256 calls per head at 16k), whose fixed cost alone rivals the whole float read. Reading keys per token instead (which those kernels
-  take) costs accuracy that 4 bits cannot afford (the key-layout table: 2.5x the attention-output error at
-  int4, still 1.7x after a Hadamard rotation). So keys stay per channel and are converted a block at a time
-  (`DEQUANT_BLOCK` = 4096 tokens, at most 1 MiB) into one reused buffer, scaled in place, and read by one
-  matrix product per block.
+  call per group (256 calls per head at 16k), whose fixed cost alone rivals the whole float read. Reading
+  keys per token instead (which those kernels take) costs accuracy that 4 bits cannot afford (the key-layout
+  table: 2.5x the attention-output error at int4, still 1.7x after a Hadamard rotation). So keys stay per
+  channel and mea reads them with its own kernel (`ops.fused_keys`, C++ in `ops/csrc/key_scores.cpp`): for
+  token t of group j, `q . k_t = sum_d (q_d s_jd) c_td + sum_d q_d z_jd`, so the scale folds into the query
+  once per group of 64 tokens (D products per query row) and the zero point into one constant per group and
+  row. The inner loop widens a token's codes (a byte each, or the two nibbles of a byte: features i and
+  i + D/2) to float32 in registers and multiplies them with all R query rows of the head (GQA rows, or the
+  absorbed rows of the compressed cache) from one load; the per-token vectors of partial sums are added up
+  16 tokens at a time by a transpose-and-add tree. It accumulates in float32, for bfloat16 queries too, and
+  builds no float copy of the keys; `at::parallel_for` spreads batch x heads x groups of tokens over torch's
+  threads. torch's extension loader compiles it at the first quantized decode step, for the machine it runs
+  on (`-O3 -march=native`; about 50 s on the 2-core development VM under load), and caches the build in
+  torch's extension directory under a name tied to the CPU's feature flags. One function decides
+  (`ops.attention.quantized_key_read`): the fused read on CPU without gradients where the extension builds;
+  elsewhere (no C++ compiler or ninja, a failed build: one log line says so), or with `MEA_KEY_READ=blocks`,
+  the codes are converted a block at a time (`DEQUANT_BLOCK` = 4096 tokens, at most 1 MiB) into one reused
+  buffer, scaled in place, and read by one matrix product per block. The key-read table below measures both
+  against the float cache's matmul.
 * Tried, not kept (exploratory, no result file): `torch.compile` of the key read. Inductor fuses the
   conversion into the reduction, but compiling took tens of seconds per shape and bit width at the first
   decode step, and at 4 bits the compiled read was not faster than the block read.
@@ -82,7 +97,8 @@ def machine(result: dict) -> str:
     m = result["machine"]
     return (f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}, "
             f"{m.get('cpu_capability', '?')}, native bf16: {m.get('cpu_native_bf16', '?')}, "
-            f"threads {m.get('torch_threads', '?')}, commit {m.get('commit', '?')}, {m.get('time', '?')}")
+            f"threads {m.get('torch_threads', '?')}, commit {m.get('commit', '?')}, {m.get('time', '?')}"
+            + (f", quantized keys read: {m['kv_key_read']}" if "kv_key_read" in m else ""))
 
 
 def quantized_pairs(result: dict):
@@ -147,6 +163,44 @@ def kernels_section(result: dict) -> str:
     return "\n".join(lines)
 
 
+FUSED, BLOCKS = "ours (per channel, fused C++)", "ours (per channel, blocks)"  # kernel names in key-read.json
+
+
+def key_read_section(result: dict) -> str:
+    """The key logits of one layer: float cache matmul vs the quantized cache's block and fused reads."""
+    by = {(r["dtype"], r["shape"], r["batch"], r["context"], r["kernel"], r["bits"]): r["cpu_ms"]
+          for r in result["results"] if r["product"] == "keys"}
+    lines = ["| compute | layer | batch | context | float CPU ms | int8 blocks | int8 fused | int4 blocks | int4 fused |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for dtype, shape, batch, context in sorted({k[:4] for k in by}, key=lambda k: (k[0] != "float32", k[1], k[2], k[3])):
+        base = next(v for k, v in by.items() if k[:5] == (dtype, shape, batch, context, "float"))
+        cells = []
+        for bits in (8, 4):
+            for kernel in (BLOCKS, FUSED):
+                ms = by.get((dtype, shape, batch, context, kernel, bits))
+                cells.append(f"{ms:.2f} ({base / ms:.2f}×)" if ms else "")
+        lines.append(f"| {dtype} | {shape} | {batch} | {context} | {base:.2f} | " + " | ".join(cells) + " |")
+    return (f"Machine: {machine(result)}. Median CPU ms (process time) over {result['settings']['repeats']} "
+            "interleaved calls, one thread; in brackets: the float cache's time over the read's (above 1: faster "
+            "than reading the float cache).\n\n" + "\n".join(lines))
+
+
+def fused_summary(result: dict | None) -> str:
+    """One clause: the range of float / fused key-read time from 16k tokens on, per compute dtype."""
+    if result is None:
+        return "the key-read table is not measured yet"
+    rows = [r for r in result["results"] if r["product"] == "keys" and r["context"] >= TARGET_CONTEXT]
+    base = {(r["dtype"], r["shape"], r["batch"], r["context"]): r["cpu_ms"] for r in rows if r["kernel"] == "float"}
+    parts = []
+    for dtype in DTYPES:
+        ratios = [base[(r["dtype"], r["shape"], r["batch"], r["context"])] / r["cpu_ms"]
+                  for r in rows if r["kernel"] == FUSED and r["dtype"] == dtype]
+        if ratios:
+            parts.append(f"{min(ratios):.1f}-{max(ratios):.1f}x in {dtype}")
+    return ("from 16k tokens on, the float key matmul takes " + " and ".join(parts) + " the fused read's time "
+            "(int8 and int4, every batch and layer shape measured)" if parts else "the key-read table has no fused rows")
+
+
 def read_section(results: dict) -> str:
     """The whole read of one layer (`scripts/kv_quant_decode_kernel.py`), float cache vs int8 / int4."""
     lines = ["| compute | context | layer (kernel) | float cache CPU ms | int8 CPU ms (float / int8) "
@@ -194,14 +248,22 @@ def main() -> int:
                      + "\n".join("| " + " | ".join(map(str, v)) + " |" for v in verdicts) + "\n")
     reads = {dtype: load(f"decode-kernel-{tag}.json") for dtype, tag in (("float32", "fp32"), ("bfloat16", "bf16"))}
     reads = {dtype: r for dtype, r in reads.items() if r is not None}
-    kernels, layout = load("read-kernels.json"), load("key-layout.json")
+    kernels, layout, key_read = load("read-kernels.json"), load("key-layout.json"), load("key-read.json")
     sections = [
         (reads, "One layer's read",
          ["python scripts/kv_quant_decode_kernel.py --repeats 9 --out results/kv-quant/decode-kernel-fp32.json",
           "python scripts/kv_quant_decode_kernel.py --repeats 9 --dtype bfloat16 --out results/kv-quant/decode-kernel-bf16.json"],
          "Before this read (values converted block by block like the keys, 1024-token blocks), the same script "
          "measured float / int8 0.52-0.66× and float / int4 0.35-0.45× in float32 (commit e8f8d46, "
-         "`git show e8f8d46:results/kv-quant/decode-kernel-fp32.json`).", read_section),
+         "`git show e8f8d46:results/kv-quant/decode-kernel-fp32.json`). With values read from the planes but keys "
+         "still converted block by block, float / int8 was 0.44-0.81× and float / int4 0.48-0.98× over both "
+         "dtypes (`git show aa28bea:results/kv-quant/decode-kernel-fp32.json`, and `-bf16.json`).", read_section),
+        (key_read, "The key read: fused, blocks and float, one layer",
+         ["OMP_NUM_THREADS=1 python scripts/kv_quant_read_kernels.py --products keys --contexts 4096 16384 32768 "
+          "--batches 1 8 \\\n        --threads 1 --repeats 5 --out results/kv-quant/key-read.json"],
+         "Random keys quantized per channel (groups of 64 tokens) into the layout the cache stores; the float cache's "
+         "read is `q @ K^T` in the compute dtype. Result files older than the fused read (the whole-model and "
+         "one-layer tables above carry their commit) measured the block read.", key_read_section),
         (kernels, "The candidate kernels, one layer",
          ["python scripts/kv_quant_read_kernels.py --repeats 3 --threads 1 --out results/kv-quant/read-kernels.json"],
          "`torch int8pack` / `torch int4pack (per token)` read keys quantized per token, which the cache does not "
@@ -213,7 +275,7 @@ def main() -> int:
         if result:
             body = "".join(f"    {c}\n" for c in commands)
             parts.append(f"\n## {title}\n\n{body}\n" + (f"{note}\n\n" if note else "") + render(result) + "\n")
-    parts.append(OUTRO)
+    parts.append(OUTRO.format(fused=fused_summary(key_read)))
     DOC.write_text("".join(parts))
     print(f"wrote {DOC}", file=sys.stderr)
     return 0
@@ -231,17 +293,14 @@ available there. Rerun the commands above on a quiet machine for the full grid.
 OUTRO = """
 ## What would close the gap
 
-* Keys are the cost. In the kernel table the per-channel key product, which converts every code to a float
-  before a matmul sees it, takes 1.8-2.3x the float key matmul for plain GQA heads in float32 and 8-10x in
-  bf16 (the wide compressed head: 0.9-1.2x). The values, read from the stored planes by torch's packed int4
-  matmul, beat the float value matmul for plain GQA heads in float32 (1.1x at int8, 1.9x at int4), reach
-  0.7-0.8x for the wide compressed head, and lose in bf16 (0.2-0.8x), where the float read is itself a fast
-  bf16 matmul. What closes the key gap is a read that consumes the key codes inside the dot products with a
-  scale per feature and group of tokens: `q' = q * s_g` once per group of 64 tokens, then `sum_d q'_d c_td`
-  with the codes widened in registers. That is the loop torch's int4 kernel already runs, with its scale
-  indexed by (group of tokens, feature) instead of (token, group of features). No maintained CPU library
-  offers it today (torch, optimum-quanto, HQQ checked; torchao is not installed by `make setup`); it is a
-  small C++ (or Triton-CPU) kernel, the one hand-written piece the read would need.
+* Keys were the cost. In the kernel table the block read, which converts every code to a float before a
+  matmul sees it, takes 1.8-2.3x the float key matmul for plain GQA heads in float32 and 8-10x in bf16 (the
+  wide compressed head: 0.9-1.2x). The fused read consumes the codes inside the dot products instead, with
+  the scale folded into the query per group of tokens (key-read table): {fused}. The values, read from the
+  stored planes by torch's packed int4 matmul, beat the float value matmul for plain GQA heads in float32
+  (1.1x at int8, 1.9x at int4), reach 0.7-0.8x for the wide compressed head, and lose in bf16 (0.2-0.8x),
+  where the float read is itself a fast bf16 matmul; the same kind of fused loop over the value codes
+  (per-token scales folded into the probabilities) is the next candidate there.
 * Reading keys per token would let torch's packed kernels read them now (the kernel table: 1.2x the bf16
   float key matmul for 3 heads of 64 at 4 bits), at 2.5x the attention-output error at 4 bits (1.7x after a
   Hadamard rotation; key-layout table). At 8 bits the cost is small in absolute terms (output error 0.012

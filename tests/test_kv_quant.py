@@ -161,9 +161,11 @@ def _decode_case(quantized_tokens: int, tail: int, *, b=2, g=3, r=4, e=16, seed=
     return q, keys, values
 
 
+@pytest.mark.parametrize("key_read", ["auto", "blocks"])  # auto: the fused C++ key read where it builds
 @pytest.mark.parametrize("use_mask,use_factor", [(False, False), (True, False), (False, True), (True, True)])
-def test_decode_blocks_equals_attention_over_dequantized_cache(monkeypatch, use_mask, use_factor):
+def test_decode_blocks_equals_attention_over_dequantized_cache(monkeypatch, use_mask, use_factor, key_read):
     monkeypatch.setattr(attention_ops, "DEQUANT_BLOCK", 16)  # several blocks, plus the tail
+    monkeypatch.setenv(attention_ops.KEY_READ_ENV, key_read)
     q, keys, values = _decode_case(64, 5)
     b, g, r, _ = q.shape
     s = keys.shape[2]

@@ -18,7 +18,7 @@ two layouts, seen as (B, G, S, E) storage heads (G = 1 wide head of all componen
 G = h for head-major ones), hold keys per channel and values per token as int8 / packed int4 codes with
 float16 scales and zero points (`ops.kvquant`). Tokens enter a full-precision tail; whenever the tail holds
 more than `residual` tokens plus a whole group, the oldest whole groups are quantized into the codes.
-Decoding reads the codes block by block (`ops.attention.decode_blocks`).
+Decoding reads the codes in place, never a full-precision copy (`ops.attention.decode_blocks`).
 """
 
 from __future__ import annotations

@@ -14,20 +14,23 @@ M component heads (h'), D head size. Query head i reads composite head G(i) = i 
   The finer mixings of `ops.mixing` (complex per RoPE pair for keys, a latent of any width for values)
   change only the query map before and the value map after that one read.
 
-Both decode kernels also read a quantized cache (`ops.kvquant.QuantizedTokens`): `decode_blocks`
-converts the codes of `DEQUANT_BLOCK` tokens at a time and folds the scales into the queries (keys) and the
-attention probabilities (values), so the temporary full-precision memory is one block of codes, never the
-whole cache.
+Both decode kernels also read a quantized cache (`ops.kvquant.QuantizedTokens`): `decode_blocks` folds the
+scales into the queries (keys) and the attention probabilities (values). Keys are read by a fused C++ kernel
+(`ops.fused_keys`) where it builds, else `DEQUANT_BLOCK` tokens of codes at a time; values by torch's packed
+int4 matmul or a block at a time. The temporary full-precision memory is at most one block of codes, never
+the whole cache.
 """
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
 from ..precision import cpu_capability
+from . import fused_keys
 from .kvquant import VALUE_PLANE, QuantizedTokens, from_planes, pack
 from .mixing import absorb_query, mix, read_values
 
@@ -182,7 +185,38 @@ def _values_blocks(p: torch.Tensor, v: QuantizedTokens, out: torch.Tensor, block
     out += (p @ v.zero.float()).repeat_interleave(ev // groups, dim=-1)
 
 
+KEY_READ_ENV = "MEA_KEY_READ"  # "auto" (default): the fused C++ read where it builds; "blocks": always the block read
+KEY_READS = ("auto", "blocks")
+
+
+def cpu_key_read() -> str:
+    """How a CPU decode step without gradients reads quantized keys on this machine: "fused" where the C++
+    kernel builds (`fused_keys.load`, tried once) and `MEA_KEY_READ` is unset or "auto", else "blocks"."""
+    mode = os.environ.get(KEY_READ_ENV, "auto")
+    if mode not in KEY_READS:
+        raise ValueError(f"{KEY_READ_ENV} must be one of {', '.join(KEY_READS)}, got {mode!r}")
+    return "fused" if mode == "auto" and fused_keys.load() is not None else "blocks"
+
+
+def quantized_key_read(k: QuantizedTokens, q: torch.Tensor) -> str:
+    """How decoding reads quantized keys, the one place that decides: "fused" (`ops.fused_keys`: the codes read
+    inside the dot products by a C++ kernel compiled for this machine at first use) on CPU without gradients
+    where `cpu_key_read` says so; else "blocks" (codes converted a block at a time, `_key_scores_blocks`). The
+    environment variable `MEA_KEY_READ=blocks` forces the block read."""
+    if q.device.type != "cpu" or k.codes.device.type != "cpu" or (torch.is_grad_enabled() and q.requires_grad):
+        return "blocks"
+    return cpu_key_read()
+
+
 def _key_scores(q: torch.Tensor, k: QuantizedTokens, scores: torch.Tensor) -> None:
+    """scores[..., :Q] = q . the Q quantized keys, read as `quantized_key_read` decides."""
+    if quantized_key_read(k, q) == "fused":
+        fused_keys.key_scores(q, k.codes, k.scale, k.zero, scores, bits=k.bits, group_size=k.group_size)
+    else:
+        _key_scores_blocks(q, k, scores)
+
+
+def _key_scores_blocks(q: torch.Tensor, k: QuantizedTokens, scores: torch.Tensor) -> None:
     """scores[..., :Q] = q . the Q quantized keys, a block at a time: each block's codes are converted into one
     reused buffer, scaled per channel and group of tokens in place, and read by one matrix product."""
     b, g, r, e = q.shape
@@ -208,8 +242,9 @@ def _key_scores(q: torch.Tensor, k: QuantizedTokens, scores: torch.Tensor) -> No
 def decode_blocks(q: torch.Tensor, k: QuantizedTokens, v: QuantizedTokens, *, mask: torch.Tensor | None, scale: float,
                   factor: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of (B, G, R, E) queries over (B, G, S, E) quantized keys/values, never building a
-    full-precision copy of the cache. Keys (scaled per channel and group of tokens) are converted
-    `DEQUANT_BLOCK` tokens at a time into one buffer and read by a matrix product (`_key_scores`). Values are
+    full-precision copy of the cache. Keys (scaled per channel and group of tokens) are read by the fused C++
+    kernel, or converted `DEQUANT_BLOCK` tokens at a time into one buffer and read by a matrix product
+    (`_key_scores`; `quantized_key_read` decides). Values are
     scaled per token, so out = sum_t (p_t s_t) codes_t + p_t z_t with the scale folded into the attention
     probabilities: on CPUs with native bfloat16, torch's packed int4 matmul reads the stored planes directly,
     else blocks of codes are converted (`quantized_value_read` decides). The (B, G, R, S) logits are kept

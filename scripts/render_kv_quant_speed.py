@@ -1,6 +1,7 @@
 """Write docs/kv-quant-speed.md from results/kv-quant/ (every number read from a result file):
 
-    decode-cpu-float32.json, decode-cpu-bfloat16.json   `mea bench decode --kv-bits 8 4` (whole models)
+    decode-cpu-{float32,bfloat16}*.json                 `mea bench decode --kv-bits 8 4` (whole models; one
+                                                         file per batch setting, e.g. -batch8)
     read-kernels.json                                    scripts/kv_quant_read_kernels.py (candidate kernels)
     key-read.json                                        the same, keys only: fused vs block vs float key read
     key-layout.json                                      scripts/kv_quant_key_layout.py (accuracy of key layouts)
@@ -83,14 +84,16 @@ def load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def command(settings: dict) -> str:
-    """The `mea bench decode` command line that wrote a result (from its settings)."""
+def command(result: dict, name: str) -> str:
+    """The `mea bench decode` command line that wrote a result file (from its settings and machine header)."""
+    settings = result["settings"]
+
     def values(key):
         return " ".join(str(x) for x in settings[key])
-    return (f"OMP_NUM_THREADS=1 mea bench decode --preset {settings['preset']} --contexts {values('contexts')} "
-            f"--batches {values('batches')} --budgets {values('budgets')} \\\n        --kv-bits {values('kv_bits')} "
-            f"--steps {settings['steps']} --rounds {settings['rounds']} --dtype {settings['dtype']} "
-            f"--out results/kv-quant/decode-cpu-{settings['dtype']}.json")
+    return (f"OMP_NUM_THREADS={result['machine'].get('torch_threads', 1)} mea bench decode --preset "
+            f"{settings['preset']} --contexts {values('contexts')} --batches {values('batches')} --budgets "
+            f"{values('budgets')} \\\n        --kv-bits {values('kv_bits')} --steps {settings['steps']} --rounds "
+            f"{settings['rounds']} --dtype {settings['dtype']} --out results/kv-quant/{name}")
 
 
 def machine(result: dict) -> str:
@@ -232,14 +235,17 @@ def layout_section(result: dict) -> str:
 def main() -> int:
     parts, verdicts = [INTRO], []
     for dtype in DTYPES:
-        result = load(f"decode-cpu-{dtype}.json")
-        if result is None:
+        names = sorted(p.name for p in RESULTS.glob(f"decode-cpu-{dtype}*.json"))  # one file per batch setting
+        if not names:
             parts.append(f"\n## Whole models, {dtype}\n\nNot measured yet: results/kv-quant/decode-cpu-{dtype}.json "
                          "is missing.\n")
-            continue
-        table, v = decode_section(result, dtype)
-        verdicts += v
-        parts.append(f"\n## Whole models, {dtype} compute\n\n    {command(result['settings'])}\n\n{table}\n")
+        for name in names:
+            result = load(name)
+            table, v = decode_section(result, dtype)
+            verdicts += v
+            batches = ", ".join(map(str, result["settings"]["batches"]))
+            parts.append(f"\n## Whole models, {dtype} compute, batch {batches}\n\n    {command(result, name)}\n\n"
+                         f"{table}\n")
     parts.append(SCOPE)
     if verdicts:
         parts.append("\n## Against the targets (16k tokens and beyond)\n\n"

@@ -235,7 +235,8 @@ def layout_section(result: dict) -> str:
 def main() -> int:
     parts, verdicts = [INTRO], []
     for dtype in DTYPES:
-        names = sorted(p.name for p in RESULTS.glob(f"decode-cpu-{dtype}*.json"))  # one file per batch setting
+        names = sorted((p.name for p in RESULTS.glob(f"decode-cpu-{dtype}*.json")),  # one file per batch setting
+                       key=lambda name: load(name)["settings"]["batches"])
         if not names:
             parts.append(f"\n## Whole models, {dtype}\n\nNot measured yet: results/kv-quant/decode-cpu-{dtype}.json "
                          "is missing.\n")
@@ -288,12 +289,13 @@ def main() -> int:
 
 
 SCOPE = """
-Scope of these runs: the development VM (2 cores) ran other long jobs at the same time (load average 5-12),
-so every process got a fraction of a core; absolute times are several times the bandwidth bound, and only
-the ratios inside one run (systems interleaved, medians) mean anything. Batch 8 and 8k/32k contexts were not
-run: a first attempt including them got about 7% of a core and would not have finished, and batch 8 at 16k
-needs about 12 GB for the transformers baseline's cache, above what the bench allows itself of the memory
-available there. Rerun the commands above on a quiet machine for the full grid.
+Scope of these runs: the development VM (2 cores, both threads used) with every other job of the machine
+paused (SIGSTOP) for their duration, systems interleaved, medians of the timed steps. Where the targets are
+missed: the compressed model (absorbed layers) with an int8 cache, in both dtypes, and its int4 cache in bf16
+at 16k and batch 1; its int8 values are two packed-int4 planes, each a call of the packed matmul, and in bf16
+the float read it competes with is already a fast bf16 matmul. Not run: batch 8 at 32k (about 24 GB of float
+cache for the transformers baseline) and batch 8 at 16k in float32 (11.3 GB for the caches, above what the
+bench allows itself of the 8.8 GB left beside the paused jobs).
 """
 
 OUTRO = """

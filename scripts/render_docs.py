@@ -145,21 +145,26 @@ OMP_NUM_THREADS=1 nohup nice -n 10 mea study scaling out/scaling --preset cpu --
 mea study report out/scaling                      # the report of the runs so far, at any time
 mkdir -p results/scaling && cp out/scaling/{report.md,summary.json,study.json,*.png} results/scaling/
 mea study recall results/recall                   # MQAR: GroupNorm's variations (< 30 min on one core)
+mea study recall results/recall-warmup --arms baseline mea mea+blend mea+warmup --seeds 0 1 2 3
 python3 scripts/render_docs.py scaling            # this page
 ```
 """
 
 
+def report_body(path: Path) -> str:
+    """A study's report.md without its title line."""
+    text = read(path)
+    return text.split("\n", 1)[1] if text.startswith("# ") else text
+
+
 def scaling() -> str:
-    report = read(Path("results/scaling/report.md")).replace("](", "](../results/scaling/")
-    report = report.split("\n", 1)[1] if report.startswith("# ") else report
-    recall = read(Path("results/recall/report.md"))
-    recall = recall.split("\n", 1)[1] if recall.startswith("# ") else recall
+    report = report_body(Path("results/scaling/report.md")).replace("](", "](../results/scaling/")
     return page("Scaling curves and the recall failure", "results/scaling/, made by `mea study scaling` and "
-                "copied from its folder; results/recall/, made by `mea study recall`", [
+                "copied from its folder; results/recall/ and results/recall-warmup/, made by `mea study recall`", [
         ("The study", SCALING_ABOUT),
         ("Scaling: results so far", report or "No results yet: the study has not reached its first round."),
-        ("Why GroupNorm breaks associative recall", recall or "No results yet."),
+        ("Why GroupNorm breaks associative recall", report_body(Path("results/recall/report.md")) or "No results yet."),
+        ("A warm-up of the norm, and more seeds", report_body(Path("results/recall-warmup/report.md"))),
     ])
 
 

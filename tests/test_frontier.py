@@ -4,6 +4,8 @@ facts are retrievable only through the cache, and the whole study runs end to en
 import json
 import random
 
+import sys
+
 import pytest
 import torch
 
@@ -137,6 +139,31 @@ def test_cache_system_names():
     for bad in ("quanto-3", "kvpress-foo-0.5", "kvpress-snapkv-1.5", "zip"):
         with pytest.raises(ValueError, match="cache system"):
             cache_system(bad)
+
+
+def test_a_press_with_a_scoring_window_keeps_shorter_contexts_whole(monkeypatch):
+    import contextlib
+    import types
+
+    entered = []
+
+    class SnapKVPress:  # kvpress's interface: an instance called on the model is a context manager
+        window_size = 64
+
+        def __init__(self, compression_ratio):
+            self.compression_ratio = compression_ratio
+
+        @contextlib.contextmanager
+        def __call__(self, model):
+            entered.append(self.compression_ratio)
+            yield
+
+    monkeypatch.setitem(sys.modules, "kvpress", types.SimpleNamespace(SnapKVPress=SnapKVPress))
+    system = cache_system("kvpress-snapkv-0.5")
+    for tokens in (64, 65):
+        with system.during_prefill(None, tokens):
+            pass
+    assert entered == [0.5]  # pruned only the 65-token context
 
 
 def test_frontier_end_to_end_on_a_tiny_model(tiny, tmp_path, monkeypatch):

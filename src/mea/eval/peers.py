@@ -12,10 +12,13 @@
                                 what the model converted to MEA at h' = h would hold
 
 QuantizedCache keeps transformers' defaults (groups of 64 channels, a full-precision residual of up to
-128 recent tokens). kvpress needs transformers < 5.3: it runs in the `.venv-peers` environment (`make peers`).
+128 recent tokens). A press with a scoring window (SnapKV: the last 64 tokens) prunes only contexts longer
+than that window and keeps shorter ones whole. kvpress needs transformers < 5.3: it runs in the `.venv-peers` environment (`make peers`).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from ..ops.kvquant import KV_BITS
 from .protocol import CacheSystem
@@ -85,4 +88,10 @@ def _press(press: str, kept: float):
         raise ValueError("kvpress presses run in the peers environment: `make peers`, then use .venv-peers/bin/python "
                          f"({e})") from e
     instance = getattr(kvpress, PRESSES[press])(compression_ratio=round(1 - kept, 4))
-    return lambda model: instance(model)
+    window = getattr(instance, "window_size", 0)
+
+    def during_prefill(model, tokens: int):
+        # SnapKV scores the context by the attention of its last `window_size` tokens and refuses a context
+        # no longer than that window: such a context (a short LAMBADA passage) is kept whole
+        return instance(model) if tokens > window else contextlib.nullcontext()
+    return during_prefill

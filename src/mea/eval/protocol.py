@@ -25,12 +25,12 @@ from ..cache import cache_bytes_used
 @dataclass
 class CacheSystem:
     """How a model caches its context. `new_cache(model)`: a fresh cache object (None: the model's own
-    default, a DynamicCache or an MEACache); `during_prefill(model)`: a context manager around the
-    prefill forward (e.g. a kvpress press)."""
+    default, a DynamicCache or an MEACache); `during_prefill(model, tokens)`: a context manager around the
+    prefill forward of `tokens` context tokens (e.g. a kvpress press)."""
 
     name: str = "default"
     new_cache: Callable | None = None
-    during_prefill: Callable = field(default=lambda model: contextlib.nullcontext())
+    during_prefill: Callable = field(default=lambda model, tokens: contextlib.nullcontext())
 
     def make_cache(self, model):
         if self.new_cache is not None:
@@ -87,7 +87,7 @@ def prefill(model, system: CacheSystem, context: torch.Tensor) -> CachedContext:
         raise ValueError("the context to prefill is empty; give at least one token")
     model.eval()
     cache = system.make_cache(model)
-    with system.during_prefill(model):
+    with system.during_prefill(model, context.numel()):
         _forward(model, context, cache, 0, keep=1)
     return CachedContext(model, cache, context.numel())
 

@@ -92,18 +92,35 @@ def test_other_instruction_sets_compute_the_same_logits(extension, march):
             assert ((scores.double() - ref).abs() / size).max() < FLOAT32_TOLERANCE
 
 
+def _fused_read(product, bits):
+    """A zero-argument call of one fused read over 40 groups of 64 tokens, returning a new output."""
+    if product == "keys":
+        keys, q = _keys(2, 3, 64 * 40, 64, bits, 64), torch.randn(2, 3, 3, 64)
+
+        def read():
+            scores = torch.empty(2, 3, 3, 64 * 40)
+            fused_keys.key_scores(q, keys.codes, keys.scale, keys.zero, scores, bits=bits, group_size=64)
+            return scores
+    else:
+        values, p = _values(2, 3, 64 * 40, 64, bits, 64), torch.softmax(torch.randn(2, 3, 3, 64 * 40), dim=-1)
+
+        def read():
+            sums = torch.zeros(2, 3, 3, 64)
+            fused_keys.value_sums(p, values.codes, values.scale, values.zero, sums, bits=bits, group_size=64)
+            return sums
+    return read
+
+
+@pytest.mark.parametrize("product", ["keys", "values"])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_threads_split_the_groups_without_changing_a_logit(extension, bits):
-    keys = _keys(2, 3, 64 * 40, 64, bits, 64)
-    q = torch.randn(2, 3, 3, 64)
+def test_threads_split_the_work_without_changing_an_output(extension, product, bits):
+    read = _fused_read(product, bits)
     out = []
     threads = torch.get_num_threads()
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            scores = torch.empty(2, 3, 3, 64 * 40)
-            fused_keys.key_scores(q, keys.codes, keys.scale, keys.zero, scores, bits=bits, group_size=64)
-            out.append(scores)
+            out.append(read())
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(out[0], out[1])
@@ -190,23 +207,6 @@ def test_fused_value_read_matches_reference_and_other_reads(extension, bits, cas
         packed = torch.zeros(b, g, r, e)
         attention_ops._values_int4pack(p.float(), values, packed)
         assert ((packed.double() - ref).abs() / size).max() < BFLOAT16_TOLERANCE
-
-
-@pytest.mark.parametrize("bits", [8, 4])
-def test_threads_split_the_value_read_without_changing_an_output(extension, bits):
-    values = _values(2, 3, 64 * 40, 64, bits, 64)
-    p = torch.softmax(torch.randn(2, 3, 3, 64 * 40), dim=-1)
-    out = []
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            sums = torch.zeros(2, 3, 3, 64)
-            fused_keys.value_sums(p, values.codes, values.scale, values.zero, sums, bits=bits, group_size=64)
-            out.append(sums)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(out[0], out[1])
 
 
 def test_value_read_dispatch(extension, monkeypatch):

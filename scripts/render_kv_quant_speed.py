@@ -43,7 +43,7 @@ features), which is what keeps 4-bit keys accurate (table below).
   (`ops.fused_keys.value_sums`): per token and plane it folds the scale into the R probabilities (`w = p s`)
   and the zero point into one constant per row, recombines the two nibble planes of an 8-bit code into bytes,
   widens a token's 64 codes to float32 in registers and adds them, weighted, into the accumulators of a block
-  of rows held in registers (4 rows with AVX-512), so each code load serves those rows; it accumulates in
+  of rows held in registers (6 rows with AVX-512), so each code load serves those rows; it accumulates in
   float32 (probabilities in float32 or bf16) and builds no float copy of the values. `at::parallel_for` spreads
   batch x heads x planes x chunks of 1024 tokens over torch's threads, and the chunks' partial sums are added
   in order afterwards, so the result does not depend on the thread count. One function decides

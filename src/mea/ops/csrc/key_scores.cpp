@@ -292,7 +292,7 @@ void value_rows(const uint8_t* c, int64_t token_stride, int64_t next, int64_t n,
 }
 
 #if defined(__AVX512F__)
-constexpr int ROW_BLOCK = 4;  // rows per pass: 4 x 4 accumulators of 16 floats fit the 32 vector registers
+constexpr int ROW_BLOCK = 6;  // rows per pass: 6 x 4 accumulators of 16 floats and 4 of codes in 32 registers
 #else
 constexpr int ROW_BLOCK = 2;
 #endif
@@ -304,7 +304,9 @@ void value_passes(const uint8_t* c, int64_t token_stride, int64_t next, int64_t 
   int64_t r = 0;
   for (; r + ROW_BLOCK <= rows; r += ROW_BLOCK)
     value_rows<HV, NIB, ROW_BLOCK>(c, token_stride, next, n, w + r * VALUE_CHUNK, acc + r * width);
-  switch (rows - r) {
+  switch (rows - r) {  // the rest in one pass
+    case 5: return value_rows<HV, NIB, 5>(c, token_stride, next, n, w + r * VALUE_CHUNK, acc + r * width);
+    case 4: return value_rows<HV, NIB, 4>(c, token_stride, next, n, w + r * VALUE_CHUNK, acc + r * width);
     case 3: return value_rows<HV, NIB, 3>(c, token_stride, next, n, w + r * VALUE_CHUNK, acc + r * width);
     case 2: return value_rows<HV, NIB, 2>(c, token_stride, next, n, w + r * VALUE_CHUNK, acc + r * width);
     case 1: return value_rows<HV, NIB, 1>(c, token_stride, next, n, w + r * VALUE_CHUNK, acc + r * width);

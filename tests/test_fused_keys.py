@@ -79,7 +79,7 @@ def test_fused_read_matches_reference_and_block_read(extension, bits, case, dtyp
 @pytest.mark.slow  # two builds of about a minute each
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction-set variants")
 @pytest.mark.parametrize("march", ["haswell", "x86-64"])  # AVX2 only; SSE2 only (the generic vector code)
-def test_other_instruction_sets_compute_the_same_logits(extension, march):
+def test_other_instruction_sets_compute_the_same_outputs(extension, march):
     variant = fused_keys.build(cflags=("-O3", f"-march={march}", "-fopenmp"),
                                name="mea_key_scores_" + march.replace("-", "_"))
     for bits in (8, 4):
@@ -90,6 +90,13 @@ def test_other_instruction_sets_compute_the_same_logits(extension, march):
             scores = torch.empty(b, g, r, n)
             variant.key_scores(q, keys.codes, keys.scale, keys.zero, scores, bits, group)
             assert ((scores.double() - ref).abs() / size).max() < FLOAT32_TOLERANCE
+        for b, g, r, e, n, group in VALUE_CASES:  # two rows per pass without AVX-512
+            values = _values(b, g, n, e, bits, group, capacity_extra=group)
+            p = torch.softmax(torch.randn(b, g, r, n), dim=-1)
+            ref, size = _value_reference(p, values)
+            sums = torch.zeros(b, g, r, e)
+            variant.value_sums(p, values.codes, values.scale, values.zero, sums, bits, group)
+            assert ((sums.double() - ref).abs() / size).max() < VALUE_FLOAT32_TOLERANCE
 
 
 def _fused_read(product, bits):

@@ -321,7 +321,8 @@ Scope of these runs: the development VM (2 cores, both threads used) with every 
 paused (SIGSTOP) for their duration, systems interleaved, medians of the timed steps. Where the targets are
 missed: the compressed model (absorbed layers) with an int8 cache, in both dtypes, and its int4 cache in bf16
 at 16k and batch 1; its int8 values are two packed-int4 planes, each a call of the packed matmul, and in bf16
-the float read it competes with is already a fast bf16 matmul. Not run: batch 8 at 32k (about 24 GB of float
+the float read it competes with is already a fast bf16 matmul. A result file whose machine line names no
+value read predates the fused value read: its values were read by torch's packed int4 matmul. Not run: batch 8 at 32k (about 24 GB of float
 cache for the transformers baseline) and batch 8 at 16k in float32 (11.3 GB for the caches, above what the
 bench allows itself of the 8.8 GB left beside the paused jobs).
 """

@@ -17,8 +17,8 @@ M component heads (h'), D head size. Query head i reads composite head G(i) = i 
 Both decode kernels also read a quantized cache (`ops.kvquant.QuantizedTokens`): `decode_blocks` folds the
 scales into the queries (keys) and the attention probabilities (values). Keys are read by a fused C++ kernel
 (`ops.fused_keys`) where it builds, else `DEQUANT_BLOCK` tokens of codes at a time; values by the same
-extension straight from the stored planes, else torch's packed int4 matmul or a block at a time. The temporary full-precision memory is at most one block of codes, never
-the whole cache.
+extension straight from the stored planes, else torch's packed int4 matmul or a block at a time. The
+temporary full-precision memory is at most one block of codes, never the whole cache.
 """
 
 from __future__ import annotations
@@ -272,8 +272,8 @@ def decode_blocks(q: torch.Tensor, k: QuantizedTokens, v: QuantizedTokens, *, ma
     (`_key_scores`; `quantized_key_read` decides). Values are
     scaled per token, so out = sum_t (p_t s_t) codes_t + p_t z_t with the scale folded into the attention
     probabilities: the fused C++ kernel reads the stored planes directly, else torch's packed int4 matmul (CPUs
-    with native bfloat16), else blocks of codes are converted (`quantized_value_read` decides). The (B, G, R, S) logits are kept
-    whole (R is a few query rows), so the softmax is exact. mask: bool (B, 1, R, S); factor: (B, 1, R, S)
+    with native bfloat16), else blocks of codes are converted (`quantized_value_read` decides). The (B, G, R, S)
+    logits are kept whole (R is a few query rows), so the softmax is exact. mask: bool (B, 1, R, S); factor: (B, 1, R, S)
     per-logit multipliers (QK-norm after mixing)."""
     b, g, r, e = q.shape
     s, n = k.shape[2], k.quantized

@@ -4,8 +4,8 @@ SmolLM2-135M's shapes (an uncompressed layer: 3 KV heads of 64, 3 query rows eac
 h' = 2: one 128-wide head, 9 query rows), batch 1.
 
 Candidates: the float cache (plain matmuls); ours (`ops.attention`: keys per channel converted a block at a
-time or read by the fused C++ kernel `ops.fused_keys`, values as planes read by torch's packed int4 matmul,
-or converted blocks); torch's packed low-bit
+time or read by the fused C++ kernel `ops.fused_keys`, values as planes read by the same extension's fused
+kernel, by torch's packed int4 matmul, or converted blocks); torch's packed low-bit
 matmuls `_weight_int8pack_mm` (x @ W^T, W int8 with one scale per output row) and
 `_weight_int4pack_mm_for_cpu` (W int4 with a scale and zero point per output row and group of 32-256 of the
 summed features). Those take scales that vary along W's rows (keys: per token; values: per feature), never
@@ -19,6 +19,9 @@ bfloat16 compute, at batch 1 or more (torch's packed kernels: batch 1 only). Wri
 
     python scripts/kv_quant_read_kernels.py [--contexts 4096 16384] [--batches 1] [--products keys values] \
         [--shapes uncompressed compressed] [--out results/kv-quant/read-kernels.json]
+
+The value-read table: `--products values --contexts 4096 16384 32768 --batches 1 8 --threads 1 --repeats 5
+--out results/kv-quant/value-read.json`.
 """
 
 from __future__ import annotations
@@ -43,7 +46,12 @@ SLOW_FLOAT32_CONTEXT = 4096  # torch's packed kernels in float32 (a scalar path,
 
 def candidates(kv_heads: int, rows: int, width: int, context: int, dtype: torch.dtype, batch: int = 1,
                products: tuple[str, ...] = ("keys", "values")) -> dict:
-    """name -> (product, bits, zero-argument call) over random keys/values of one layer."""
+    """(product, kernel, bits) -> zero-argument call over random keys/values of one layer, `products` only."""
+    out = _all_candidates(kv_heads, rows, width, context, dtype, batch, products)
+    return {key: fn for key, fn in out.items() if key[0] in products}
+
+
+def _all_candidates(kv_heads, rows, width, context, dtype, batch, products) -> dict:
     b, g, r, e, s = batch, kv_heads, rows, width, context
     q = torch.randn(b, g, r, e, dtype=dtype)
     k = torch.randn(b, g, s, e, dtype=dtype)
@@ -67,6 +75,9 @@ def candidates(kv_heads: int, rows: int, width: int, context: int, dtype: torch.
         acc = torch.zeros(b, g, r, e)
         block = ops.DEQUANT_BLOCK
         out[("values", "ours (blocks)", bits)] = lambda values=values: ops._values_blocks(p, values, acc, block)
+        if fused_keys.load() is not None:
+            out[("values", "ours (planes, fused C++)", bits)] = lambda values=values: fused_keys.value_sums(
+                p, values.codes, values.scale, values.zero, acc, bits=values.bits, group_size=values.group_size)
         if ops.int4pack_layout_matches():
             out[("values", "ours (planes, torch int4pack, bf16)", bits)] = (
                 lambda values=values: ops._values_int4pack(p, values, acc))

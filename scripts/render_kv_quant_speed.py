@@ -4,6 +4,7 @@
                                                          file per batch setting, e.g. -batch8)
     read-kernels.json                                    scripts/kv_quant_read_kernels.py (candidate kernels)
     key-read.json                                        the same, keys only: fused vs block vs float key read
+    value-read.json                                      the same, values only: fused vs int4pack vs blocks vs float
     key-layout.json                                      scripts/kv_quant_key_layout.py (accuracy of key layouts)
 
 Usage (from the repository root): python3 scripts/render_kv_quant_speed.py"""
@@ -33,16 +34,25 @@ token) and the output `p . V` (a sum over the S tokens). The cache stores keys p
 zero point per feature and group of 64 tokens: KIVI) and values per token (one per token and group of 64
 features), which is what keeps 4-bit keys accurate (table below).
 
-* **Values**: the per-token scale folds into the probabilities, `out = sum_t (p_t s_t) (c_t - m) + p_t (z_t +
-  m s_t)`, so the codes need no scaling at all and torch's own packed int4 CPU matmul
-  (`torch._weight_int4pack_mm_for_cpu`, x @ W^T with W int4 and a scale and zero point per output row and
-  group of summed features) reads them with unit scales, W = V^T. The cache stores value codes as *planes*
-  that are, byte for byte, that kernel's packed layout of V^T (64 features per plane, token-major, features j
-  and j + 32 of a plane in one byte; an 8-bit code is two planes, high and low nibble, summed as 16 h + l).
-  Appending tokens appends rows, so the read needs no repacking and no copy. Used on CPUs with native bf16
-  arithmetic (`mea.precision.cpu_capability`, decided at run time) and when the torch build's layout matches
-  (`ops.attention.int4pack_layout_matches` packs a probe once); one function decides
-  (`ops.attention.quantized_value_read`). Elsewhere the codes are converted a block at a time.
+* **Values**: the per-token scale folds into the probabilities, `out = sum_t (p_t s_t) c_t + p_t z_t`, so the
+  codes need no scaling at all. The cache stores value codes as *planes* (64 features per plane, token-major,
+  features j and j + 32 of a plane in one byte; an 8-bit code is two planes, high and low nibble, c = 16 h +
+  l) that are, byte for byte, the packed layout of V^T that torch's own int4 CPU matmul
+  (`torch._weight_int4pack_mm_for_cpu`) reads; appending tokens appends rows, so no read needs repacking or a
+  copy. mea reads them with its own kernel, the second function of the key read's C++ extension
+  (`ops.fused_keys.value_sums`): per token and plane it folds the scale into the R probabilities (`w = p s`)
+  and the zero point into one constant per row, recombines the two nibble planes of an 8-bit code into bytes,
+  widens a token's 64 codes to float32 in registers and adds them, weighted, into the accumulators of a block
+  of rows held in registers (6 rows with AVX-512), so each code load serves those rows; it accumulates in
+  float32 (probabilities in float32 or bf16) and builds no float copy of the values. `at::parallel_for` spreads
+  batch x heads x planes x chunks of 1024 tokens over torch's threads, and the chunks' partial sums are added
+  in order afterwards, so the result does not depend on the thread count. One function decides
+  (`ops.attention.quantized_value_read`): the fused read on CPU without gradients where the extension builds
+  and one scale covers a plane (the group size a multiple of the plane width); else torch's packed int4 matmul
+  (in bf16, one call per head, plane and nibble, with unit scales: the real ones are folded into its input) on
+  CPUs with native bf16 arithmetic (`mea.precision.cpu_capability`) where the torch build's layout matches
+  (`ops.attention.int4pack_layout_matches` packs a probe once); else the codes are converted a block at a
+  time. `MEA_VALUE_READ=int4pack` or `=blocks` forces the other reads.
 * **Keys**: no library kernel takes scales that vary along the summed features (per channel) and along the
   tokens (per group) at once: torch's `_weight_int8pack_mm` has one scale per output row, its int4 kernel a
   scale per output row and group of at least 32 summed features, `torch._int_mm` none; optimum-quanto and
@@ -101,7 +111,8 @@ def machine(result: dict) -> str:
     return (f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}, "
             f"{m.get('cpu_capability', '?')}, native bf16: {m.get('cpu_native_bf16', '?')}, "
             f"threads {m.get('torch_threads', '?')}, commit {m.get('commit', '?')}, {m.get('time', '?')}"
-            + (f", quantized keys read: {m['kv_key_read']}" if "kv_key_read" in m else ""))
+            + (f", quantized keys read: {m['kv_key_read']}" if "kv_key_read" in m else "")
+            + (f", quantized values read: {m['kv_value_read']}" if "kv_value_read" in m else ""))
 
 
 def quantized_pairs(result: dict):
@@ -200,20 +211,26 @@ def kernels_section(result: dict) -> str:
     return "\n".join(lines)
 
 
-FUSED, BLOCKS = "ours (per channel, fused C++)", "ours (per channel, blocks)"  # kernel names in key-read.json
+READ_KERNELS = {  # product -> (column label, kernel name in the result file), in table order
+    "keys": [("blocks", "ours (per channel, blocks)"), ("fused", "ours (per channel, fused C++)")],
+    "values": [("blocks", "ours (blocks)"), ("int4pack", "ours (planes, torch int4pack, bf16)"),
+               ("fused", "ours (planes, fused C++)")],
+}
 
 
-def key_read_section(result: dict) -> str:
-    """The key logits of one layer: float cache matmul vs the quantized cache's block and fused reads."""
+def product_read_section(result: dict, product: str) -> str:
+    """One product of one layer: the float cache's matmul vs the quantized cache's reads of it."""
     by = {(r["dtype"], r["shape"], r["batch"], r["context"], r["kernel"], r["bits"]): r["cpu_ms"]
-          for r in result["results"] if r["product"] == "keys"}
-    lines = ["| compute | layer | batch | context | float CPU ms | int8 blocks | int8 fused | int4 blocks | int4 fused |",
-             "|---|---|---|---|---|---|---|---|---|"]
+          for r in result["results"] if r["product"] == product}
+    kernels = READ_KERNELS[product]
+    columns = [f"int{bits} {label}" for bits in (8, 4) for label, _ in kernels]
+    lines = ["| compute | layer | batch | context | float CPU ms | " + " | ".join(columns) + " |",
+             "|---|---|---|---|---|" + "---|" * len(columns)]
     for dtype, shape, batch, context in sorted({k[:4] for k in by}, key=lambda k: (k[0] != "float32", k[1], k[2], k[3])):
         base = next(v for k, v in by.items() if k[:5] == (dtype, shape, batch, context, "float"))
         cells = []
         for bits in (8, 4):
-            for kernel in (BLOCKS, FUSED):
+            for _, kernel in kernels:
                 ms = by.get((dtype, shape, batch, context, kernel, bits))
                 cells.append(f"{ms:.2f} ({base / ms:.2f}×)" if ms else "")
         lines.append(f"| {dtype} | {shape} | {batch} | {context} | {base:.2f} | " + " | ".join(cells) + " |")
@@ -222,20 +239,22 @@ def key_read_section(result: dict) -> str:
             "than reading the float cache).\n\n" + "\n".join(lines))
 
 
-def fused_summary(result: dict | None) -> str:
-    """One clause: the range of float / fused key-read time from 16k tokens on, per compute dtype."""
+def fused_summary(result: dict | None, product: str) -> str:
+    """One clause: the range of float / fused read time of one product from 16k tokens on, per compute dtype."""
     if result is None:
-        return "the key-read table is not measured yet"
-    rows = [r for r in result["results"] if r["product"] == "keys" and r["context"] >= TARGET_CONTEXT]
+        return f"the {product[:-1]}-read table is not measured yet"
+    fused = dict(READ_KERNELS[product])["fused"]
+    rows = [r for r in result["results"] if r["product"] == product and r["context"] >= TARGET_CONTEXT]
     base = {(r["dtype"], r["shape"], r["batch"], r["context"]): r["cpu_ms"] for r in rows if r["kernel"] == "float"}
     parts = []
     for dtype in DTYPES:
         ratios = [base[(r["dtype"], r["shape"], r["batch"], r["context"])] / r["cpu_ms"]
-                  for r in rows if r["kernel"] == FUSED and r["dtype"] == dtype]
+                  for r in rows if r["kernel"] == fused and r["dtype"] == dtype]
         if ratios:
             parts.append(f"{min(ratios):.1f}-{max(ratios):.1f}x in {dtype}")
-    return ("from 16k tokens on, the float key matmul takes " + " and ".join(parts) + " the fused read's time "
-            "(int8 and int4, every batch and layer shape measured)" if parts else "the key-read table has no fused rows")
+    return (f"from 16k tokens on, the float {product[:-1]} matmul takes " + " and ".join(parts) + " the fused "
+            "read's time (int8 and int4, every batch and layer shape measured)" if parts
+            else f"the {product[:-1]}-read table has no fused rows")
 
 
 def read_section(results: dict) -> str:
@@ -293,6 +312,7 @@ def main() -> int:
     reads = {dtype: load(f"decode-kernel-{tag}.json") for dtype, tag in (("float32", "fp32"), ("bfloat16", "bf16"))}
     reads = {dtype: r for dtype, r in reads.items() if r is not None}
     kernels, layout, key_read = load("read-kernels.json"), load("key-layout.json"), load("key-read.json")
+    value_read = load("value-read.json")
     sections = [
         (reads, "One layer's read",
          ["python scripts/kv_quant_decode_kernel.py --repeats 9 --out results/kv-quant/decode-kernel-fp32.json",
@@ -307,7 +327,15 @@ def main() -> int:
           "--batches 1 8 \\\n        --threads 1 --repeats 5 --out results/kv-quant/key-read.json"],
          "Random keys quantized per channel (groups of 64 tokens) into the layout the cache stores; the float cache's "
          "read is `q @ K^T` in the compute dtype. Result files older than the fused read (the whole-model and "
-         "one-layer tables above carry their commit) measured the block read.", key_read_section),
+         "one-layer tables above carry their commit) measured the block read.",
+         lambda result: product_read_section(result, "keys")),
+        (value_read, "The value read: fused, torch int4pack, blocks and float, one layer",
+         ["OMP_NUM_THREADS=1 python scripts/kv_quant_read_kernels.py --products values --contexts 4096 16384 32768 "
+          "--batches 1 8 \\\n        --threads 1 --repeats 5 --out results/kv-quant/value-read.json"],
+         "Random values quantized per token (groups of 64 features) into the planes the cache stores, softmax "
+         "probabilities in float32 (what the decode step passes); the float cache's read is `p @ V` in the compute "
+         "dtype. Result files older than the fused value read (the tables above carry their commit) measured torch's "
+         "int4pack read of the values.", lambda result: product_read_section(result, "values")),
         (kernels, "The candidate kernels, one layer",
          ["python scripts/kv_quant_read_kernels.py --repeats 3 --threads 1 --out results/kv-quant/read-kernels.json"],
          "`torch int8pack` / `torch int4pack (per token)` read keys quantized per token, which the cache does not "
@@ -319,7 +347,7 @@ def main() -> int:
         if result:
             body = "".join(f"    {c}\n" for c in commands)
             parts.append(f"\n## {title}\n\n{body}\n" + (f"{note}\n\n" if note else "") + render(result) + "\n")
-    parts.append(OUTRO.format(fused=fused_summary(key_read)))
+    parts.append(OUTRO.format(fused=fused_summary(key_read, "keys"), fused_values=fused_summary(value_read, "values")))
     DOC.write_text("".join(parts))
     print(f"wrote {DOC}", file=sys.stderr)
     return 0
@@ -330,7 +358,8 @@ Scope of these runs: the development VM (2 cores, both threads used) with every 
 paused (SIGSTOP) for their duration, systems interleaved, medians of the timed steps. Where the targets are
 missed: the compressed model (absorbed layers) with an int8 cache, in both dtypes, and its int4 cache in bf16
 at 16k and batch 1; its int8 values are two packed-int4 planes, each a call of the packed matmul, and in bf16
-the float read it competes with is already a fast bf16 matmul. Not run: batch 8 at 32k (about 24 GB of float
+the float read it competes with is already a fast bf16 matmul. A result file whose machine line names no
+value read predates the fused value read: its values were read by torch's packed int4 matmul. Not run: batch 8 at 32k (about 24 GB of float
 cache for the transformers baseline) and batch 8 at 16k in float32 (11.3 GB for the caches, above what the
 bench allows itself of the 8.8 GB left beside the paused jobs).
 """
@@ -341,19 +370,21 @@ OUTRO = """
 * Keys were the cost. In the kernel table the block read, which converts every code to a float before a
   matmul sees it, takes 1.8-2.3x the float key matmul for plain GQA heads in float32 and 8-10x in bf16 (the
   wide compressed head: 0.9-1.2x). The fused read consumes the codes inside the dot products instead, with
-  the scale folded into the query per group of tokens (key-read table): {fused}. The values, read from the
-  stored planes by torch's packed int4 matmul, beat the float value matmul for plain GQA heads in float32
-  (1.1x at int8, 1.9x at int4), reach 0.7-0.8x for the wide compressed head, and lose in bf16 (0.2-0.8x),
-  where the float read is itself a fast bf16 matmul; the same kind of fused loop over the value codes
-  (per-token scales folded into the probabilities) is the next candidate there.
+  the scale folded into the query per group of tokens (key-read table): {fused}.
+* Then values. Read from the stored planes by torch's packed int4 matmul they beat the float value matmul
+  for plain GQA heads in float32 but lost in bf16, where the float read is itself a fast bf16 matmul, and for
+  the compressed model's int8 cache (two planes, so two library calls per head and plane, each with bf16
+  conversions and a fixed cost). The fused value read replaces those calls by one pass over the codes with
+  float32 accumulation (value-read table): {fused_values}.
 * Reading keys per token would let torch's packed kernels read them now (the kernel table: 1.2x the bf16
   float key matmul for 3 heads of 64 at 4 bits), at 2.5x the attention-output error at 4 bits (1.7x after a
   Hadamard rotation; key-layout table). At 8 bits the cost is small in absolute terms (output error 0.012
   against 0.005), so an 8-bit per-token key layout is the cheapest next step if int8 speed matters more
   than the last digit of accuracy.
 * In bf16 compute the float cache's read is already cheap where torch uses a bf16 matmul, so the quantized
-  cache has the least to gain there; the value planes' read is dominated by per-call overhead at batch 1
-  (one packed-matmul call per head, plane and nibble), which batching the calls per layer would cut.
+  cache has the least to gain there. What is left per decode step besides the two reads is per-layer Python
+  and library-call overhead (softmax, the full-precision tail's small matmuls, the value recombination),
+  largest relative to the reads at batch 1 and short contexts.
 """
 
 

@@ -17,7 +17,7 @@ from . import kv_check
 from ..cache import cache_bytes_held
 from ..machine import available_memory, machine_header
 from ..markdown import markdown_table
-from ..ops.attention import cpu_key_read
+from ..ops.attention import cpu_key_read, cpu_value_read
 from .charts import plot_vs_context
 from .systems import (
     LLAMA,
@@ -97,7 +97,8 @@ def bench_decode(*, preset: str = "smollm2-135m", contexts=(1024, 4096, 16384, 3
     return {
         "benchmark": "decode",
         "machine": {**machine_header(dev), "read_bandwidth_GBps": bandwidth / 1e9,
-                    **({"kv_key_read": cpu_key_read()} if kv_bits and dev.type == "cpu" else {})},
+                    **({"kv_key_read": cpu_key_read(), "kv_value_read": cpu_value_read()}
+                       if kv_bits and dev.type == "cpu" else {})},
         "settings": dict(preset=preset, contexts=list(contexts), batches=list(batches), steps=steps, rounds=rounds,
                          dtype=dtype, budgets=list(budgets), kv_bits=list(kv_bits), seed=seed),
         "results": results,

@@ -16,9 +16,9 @@ M component heads (h'), D head size. Query head i reads composite head G(i) = i 
 
 Both decode kernels also read a quantized cache (`ops.kvquant.QuantizedTokens`): `decode_blocks` folds the
 scales into the queries (keys) and the attention probabilities (values). Keys are read by a fused C++ kernel
-(`ops.fused_keys`) where it builds, else `DEQUANT_BLOCK` tokens of codes at a time; values by torch's packed
-int4 matmul or a block at a time. The temporary full-precision memory is at most one block of codes, never
-the whole cache.
+(`ops.fused_keys`) where it builds, else `DEQUANT_BLOCK` tokens of codes at a time; values by the same
+extension straight from the stored planes, else torch's packed int4 matmul or a block at a time. The
+temporary full-precision memory is at most one block of codes, never the whole cache.
 """
 
 from __future__ import annotations
@@ -125,19 +125,6 @@ def int4pack_layout_matches() -> bool:
     return torch.equal(packed.flatten(), pack(w.t().to(torch.uint8).contiguous(), 4).flatten())
 
 
-def quantized_value_read(v: QuantizedTokens, p: torch.Tensor) -> str:
-    """How decoding reads quantized values, the one place that decides: "int4pack" (torch's packed int4 CPU
-    matmul, in bfloat16, straight from the stored planes) on CPUs with native bfloat16 arithmetic
-    (`precision.cpu_capability`) where the layout matches (`int4pack_layout_matches`) and one scale covers a
-    plane; else "blocks" (codes converted to floats a block at a time)."""
-    if (p.device.type == "cpu" and v.quantized and v.codes.shape[-1] * 2 == VALUE_PLANE
-            and v.group_size % VALUE_PLANE == 0 and v.quantized % INT4PACK_GROUP == 0
-            and not (torch.is_grad_enabled() and p.requires_grad)
-            and cpu_capability()["cpu_native_bf16"] and int4pack_layout_matches()):
-        return "int4pack"
-    return "blocks"
-
-
 @lru_cache(maxsize=8)
 def _unit_scales(groups: int, device: torch.device) -> torch.Tensor:
     """(groups, VALUE_PLANE, 2) bfloat16 scale 1 and zero 0: torch's int4 matmul dequantizes (c - 8) s + z, so
@@ -187,15 +174,53 @@ def _values_blocks(p: torch.Tensor, v: QuantizedTokens, out: torch.Tensor, block
 
 KEY_READ_ENV = "MEA_KEY_READ"  # "auto" (default): the fused C++ read where it builds; "blocks": always the block read
 KEY_READS = ("auto", "blocks")
+VALUE_READ_ENV = "MEA_VALUE_READ"  # "auto" (default): fused C++, else torch's int4pack, else blocks; or one forced
+VALUE_READS = ("auto", "int4pack", "blocks")
+
+
+def _read_setting(env: str, choices: tuple[str, ...]) -> str:
+    mode = os.environ.get(env, "auto")
+    if mode not in choices:
+        raise ValueError(f"{env} must be one of {', '.join(choices)}, got {mode!r}")
+    return mode
 
 
 def cpu_key_read() -> str:
     """How a CPU decode step without gradients reads quantized keys on this machine: "fused" where the C++
     kernel builds (`fused_keys.load`, tried once) and `MEA_KEY_READ` is unset or "auto", else "blocks"."""
-    mode = os.environ.get(KEY_READ_ENV, "auto")
-    if mode not in KEY_READS:
-        raise ValueError(f"{KEY_READ_ENV} must be one of {', '.join(KEY_READS)}, got {mode!r}")
+    mode = _read_setting(KEY_READ_ENV, KEY_READS)
     return "fused" if mode == "auto" and fused_keys.load() is not None else "blocks"
+
+
+def cpu_value_read() -> str:
+    """How a CPU decode step without gradients reads quantized values on this machine (for layouts every read
+    takes): "fused" where the C++ kernel builds and `MEA_VALUE_READ` is unset or "auto"; else "int4pack"
+    (torch's packed int4 CPU matmul, in bfloat16, straight from the stored planes) on CPUs with native
+    bfloat16 arithmetic (`precision.cpu_capability`) where the layout matches (`int4pack_layout_matches`),
+    unless `MEA_VALUE_READ=blocks`; else "blocks"."""
+    mode = _read_setting(VALUE_READ_ENV, VALUE_READS)
+    if mode == "auto" and fused_keys.load() is not None:
+        return "fused"
+    if mode != "blocks" and cpu_capability()["cpu_native_bf16"] and int4pack_layout_matches():
+        return "int4pack"
+    return "blocks"
+
+
+def quantized_value_read(v: QuantizedTokens, p: torch.Tensor) -> str:
+    """How decoding reads quantized values, the one place that decides: on CPU without gradients, the read
+    `cpu_value_read` names where the layout suits it -- "fused" (`ops.fused_keys.value_sums`) where one scale
+    covers a plane (the group size a multiple of the plane width), "int4pack" for planes of 64 features with
+    whole groups of `INT4PACK_GROUP` tokens; everything else, "blocks" (codes converted a block at a time)."""
+    if (p.device.type != "cpu" or v.codes.device.type != "cpu" or not v.quantized
+            or (torch.is_grad_enabled() and p.requires_grad)):
+        return "blocks"
+    read, width = cpu_value_read(), v.codes.shape[-1] * 2
+    if read == "fused" and v.group_size % width == 0:
+        return "fused"
+    if (read == "int4pack" and width == VALUE_PLANE and v.group_size % VALUE_PLANE == 0
+            and v.quantized % INT4PACK_GROUP == 0):
+        return "int4pack"
+    return "blocks"
 
 
 def quantized_key_read(k: QuantizedTokens, q: torch.Tensor) -> str:
@@ -246,9 +271,9 @@ def decode_blocks(q: torch.Tensor, k: QuantizedTokens, v: QuantizedTokens, *, ma
     kernel, or converted `DEQUANT_BLOCK` tokens at a time into one buffer and read by a matrix product
     (`_key_scores`; `quantized_key_read` decides). Values are
     scaled per token, so out = sum_t (p_t s_t) codes_t + p_t z_t with the scale folded into the attention
-    probabilities: on CPUs with native bfloat16, torch's packed int4 matmul reads the stored planes directly,
-    else blocks of codes are converted (`quantized_value_read` decides). The (B, G, R, S) logits are kept
-    whole (R is a few query rows), so the softmax is exact. mask: bool (B, 1, R, S); factor: (B, 1, R, S)
+    probabilities: the fused C++ kernel reads the stored planes directly, else torch's packed int4 matmul (CPUs
+    with native bfloat16), else blocks of codes are converted (`quantized_value_read` decides). The (B, G, R, S)
+    logits are kept whole (R is a few query rows), so the softmax is exact. mask: bool (B, 1, R, S); factor: (B, 1, R, S)
     per-logit multipliers (QK-norm after mixing)."""
     b, g, r, e = q.shape
     s, n = k.shape[2], k.quantized
@@ -265,7 +290,10 @@ def decode_blocks(q: torch.Tensor, k: QuantizedTokens, v: QuantizedTokens, *, ma
     p = torch.softmax(scores, dim=-1)  # (B, G, R, S) float32
     out = (p[..., n:].to(q.dtype) @ v.tail).float() if s > n else p.new_zeros((b, g, r, v.shape[3]))
     if n:
-        if quantized_value_read(v, p) == "int4pack":
+        read = quantized_value_read(v, p)
+        if read == "fused":
+            fused_keys.value_sums(p[..., :n], v.codes, v.scale, v.zero, out, bits=v.bits, group_size=v.group_size)
+        elif read == "int4pack":
             _values_int4pack(p[..., :n], v, out)
         else:
             _values_blocks(p[..., :n], v, out, max(DEQUANT_BLOCK // k.group_size, 1) * k.group_size)

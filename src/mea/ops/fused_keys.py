@@ -1,13 +1,16 @@
-"""The fused key read of a quantized cache: a small C++ kernel (`csrc/key_scores.cpp`) that computes the key
+"""The fused reads of a quantized cache: a small C++ extension (`csrc/key_scores.cpp`) that computes the key
 logits q . K^T straight from per-channel key codes, the scale folded into the query once per group of tokens
-and the zero point into one constant per group, codes widened in registers (no float buffer of keys).
+and the zero point into one constant per group, codes widened in registers (no float buffer of keys); and the
+value sums p @ V straight from the stored value planes, the per-token scale folded into the probabilities and
+the zero point into one constant per row (no float buffer of values). One build holds both.
 
 Built with torch's extension loader (`torch.utils.cpp_extension.load`: a C++ compiler and ninja) the first
 time it is asked for, `-O3 -march=native` for the machine it runs on, into torch's extension directory
 (`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`) under a name that includes a fingerprint of the
 CPU's feature flags, so a directory shared by different machines never hands one a binary for another. Later
 processes load the cached build. `load` tries once per process; where the build fails it returns None and
-logs one line, and decoding uses the block read (`ops.attention.quantized_key_read` decides).
+logs one line, and decoding uses the other reads (`ops.attention.quantized_key_read` and
+`quantized_value_read` decide).
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def load():
         return build()
     except Exception as err:  # noqa: BLE001 -- no compiler, no ninja, a failed build: the block read works anywhere
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        log.warning("mea: fused quantized-key read unavailable (%s); keys are read in blocks", first)
+        log.warning("mea: fused quantized-cache read unavailable (%s); keys are read in blocks, values by the other reads", first)
         return None
 
 
@@ -71,3 +74,15 @@ def key_scores(q: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: 
     """scores[..., :Q] = q (B, G, R, E) . the Q keys of codes (B, G, Q, E*bits/8) uint8 with float16 scales and
     zero points (B, G, Q/g, E); accumulated in float32 (q is read as float32). Needs `load()` to succeed."""
     load().key_scores(q.float().contiguous(), codes, scale, zero, scores, bits, group_size)
+
+
+def value_sums(p: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, out: torch.Tensor,
+               *, bits: int, group_size: int) -> None:
+    """out (B, G, R, E) float32 += p (B, G, R, Q) @ the Q values held as planes (B, G, P, Q, W/2) uint8
+    (`kvquant.to_planes`) with float16 scales and zero points (B, G, Q, E/group_size), `group_size` a multiple of
+    the plane width W; accumulated in float32 (p is read as float32 or bfloat16). Needs `load()` to succeed."""
+    if p.dtype not in (torch.float32, torch.bfloat16):
+        p = p.float()
+    if p.stride(-1) != 1:
+        p = p.contiguous()
+    load().value_sums(p, codes, scale, zero, out, bits, group_size)

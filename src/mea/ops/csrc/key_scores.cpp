@@ -1,6 +1,7 @@
-// Key logits q . K^T straight from per-channel quantized key codes (KIVI layout, `mea.ops.kvquant`).
+// The two products of a decode step's read of a quantized cache (KIVI layout, `mea.ops.kvquant`), straight from
+// the stored codes: key logits q . K^T (`key_scores`) and the value sums p @ V (`value_sums`, below).
 //
-// Token t of group j (`group_size` consecutive tokens) dequantizes feature d as k_td = c_td s_jd + z_jd, so
+// Keys: token t of group j (`group_size` consecutive tokens) dequantizes feature d as k_td = c_td s_jd + z_jd, so
 //     q . k_t = sum_d (q_d s_jd) c_td + sum_d q_d z_jd.
 // The scale folds into the query once per group (E values per query row) and the zero point into one constant
 // per group and row; the inner loop widens codes to float32 in registers and accumulates in float32: no
@@ -14,6 +15,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -229,6 +231,180 @@ void run(const Problem& p, const Dot& dot) {
                    [&](int64_t begin, int64_t end) { score_groups(p, dot, begin, end); });
 }
 
+// ---- values: out += p @ V from per-token quantized value planes ------------------------------------------
+//
+// Token t's value feature d dequantizes as v_td = c_td s_t,grp(d) + z_t,grp(d), so for query row r
+//     sum_t p_rt v_td = sum_t (p_rt s_t,grp) c_td + sum_t p_rt z_t,grp.
+// The scale folds into the probabilities (w_rt = p_rt s_t, once per token, row and plane) and the zero point
+// into one constant per row and plane. Codes come straight from the stored planes (`mea.ops.kvquant.to_planes`:
+// W features per plane, token-major, byte j holding features j and j + W/2; an 8-bit code is two planes, high
+// then low nibble, recombined into bytes before widening). Each widened token serves a block of rows held in
+// registers. Work items are (batch, head, plane, chunk of VALUE_CHUNK tokens); their partial sums are added in
+// chunk order afterwards, so the result does not depend on the number of threads.
+
+constexpr int64_t VALUE_CHUNK = 1024;  // tokens per work item
+
+struct ValueProblem {
+  const uint8_t* codes;
+  const c10::Half *scale, *zero;
+  float* out;
+  int64_t batch, heads, rows, width, blocks, tokens, chunks, group_size, nibbles;
+  int64_t p_strides[3], code_strides[4], scale_strides[3], zero_strides[3], out_strides[3];  // .., token/row
+};
+
+// One token's codes of one block of W = 32 HV features, widened into 2 HV vectors: vector k holds features
+// 16 k .. 16 k + 15 (the low nibbles of the plane's bytes, then the high ones). NIB = 2: 8-bit codes, the
+// high-nibble plane at c, the low-nibble one at c + next.
+template <int HV, int NIB>
+inline void widen_token(const uint8_t* c, int64_t next, vf* x) {
+  for (int i = 0; i < HV; ++i) {
+    vb a = load_b(c + i * W), lo, hi;
+    if (NIB == 2) {
+      vb l = load_b(c + next + i * W);
+      lo = ((a & 15) << 4) | (l & 15);
+      hi = (a & 0xF0) | (l >> 4);
+    } else {
+      lo = a & 15;
+      hi = a >> 4;
+    }
+    x[i] = widen(lo);
+    x[HV + i] = widen(hi);
+  }
+}
+
+// acc (RB rows x W) = sum over n tokens of w[r][t] * codes_t, the RB x 2 HV accumulators in registers.
+template <int HV, int NIB, int RB>
+void value_rows(const uint8_t* c, int64_t token_stride, int64_t next, int64_t n, const float* w, float* acc) {
+  constexpr int NV = 2 * HV;
+  vf a[RB][NV];
+  for (int r = 0; r < RB; ++r)
+    for (int k = 0; k < NV; ++k) a[r][k] = vf{};
+  for (int64_t t = 0; t < n; ++t) {
+    vf x[NV];
+    widen_token<HV, NIB>(c + t * token_stride, next, x);
+    for (int r = 0; r < RB; ++r) {
+      const float wr = w[r * VALUE_CHUNK + t];
+      for (int k = 0; k < NV; ++k) a[r][k] += wr * x[k];
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int k = 0; k < NV; ++k) std::memcpy(acc + r * NV * W + k * W, &a[r][k], sizeof(vf));
+}
+
+#if defined(__AVX512F__)
+constexpr int ROW_BLOCK = 6;  // rows per pass: 6 x 4 accumulators of 16 floats and 4 of codes in 32 registers
+#else
+constexpr int ROW_BLOCK = 2;
+#endif
+
+template <int HV, int NIB>
+void value_passes(const uint8_t* c, int64_t token_stride, int64_t next, int64_t n, int64_t rows, const float* w,
+                  float* acc) {
+  constexpr int64_t width = 32 * HV;
+  int64_t r = 0;
+  for (; r + ROW_BLOCK <= rows; r += ROW_BLOCK)
+    value_rows<HV, NIB, ROW_BLOCK>(c, token_stride, next, n, w + r * VALUE_CHUNK, acc + r * width);
+  switch (rows - r) {  // the rest in one pass
+    case 5: return value_rows<HV, NIB, 5>(c, token_stride, next, n, w + r * VALUE_CHUNK, acc + r * width);
+    case 4: return value_rows<HV, NIB, 4>(c, token_stride, next, n, w + r * VALUE_CHUNK, acc + r * width);
+    case 3: return value_rows<HV, NIB, 3>(c, token_stride, next, n, w + r * VALUE_CHUNK, acc + r * width);
+    case 2: return value_rows<HV, NIB, 2>(c, token_stride, next, n, w + r * VALUE_CHUNK, acc + r * width);
+    case 1: return value_rows<HV, NIB, 1>(c, token_stride, next, n, w + r * VALUE_CHUNK, acc + r * width);
+    default: return;
+  }
+}
+
+// Any plane width (W not a multiple of 32): one code at a time.
+template <int NIB>
+void value_scalar(const uint8_t* c, int64_t token_stride, int64_t next, int64_t n, int64_t rows, int64_t width,
+                  const float* w, float* acc) {
+  const int64_t half = width / 2;
+  std::fill(acc, acc + rows * width, 0.f);
+  for (int64_t t = 0; t < n; ++t) {
+    const uint8_t* ct = c + t * token_stride;
+    for (int64_t j = 0; j < half; ++j) {
+      const int a = ct[j];
+      const int l = NIB == 2 ? ct[next + j] : 0;
+      const float lo = NIB == 2 ? ((a & 15) << 4 | (l & 15)) : (a & 15);
+      const float hi = NIB == 2 ? ((a & 0xF0) | (l >> 4)) : (a >> 4);
+      for (int64_t r = 0; r < rows; ++r) {
+        acc[r * width + j] += w[r * VALUE_CHUNK + t] * lo;
+        acc[r * width + half + j] += w[r * VALUE_CHUNK + t] * hi;
+      }
+    }
+  }
+}
+
+// Work items [begin, end): each writes its R x W partial sums (zero-point term included) into partial.
+template <typename P, int HV, int NIB>
+void value_items(const ValueProblem& v, const P* p, float* partial, int64_t begin, int64_t end) {
+  const int64_t r_n = v.rows, width = v.width;
+  std::vector<float> w(r_n * VALUE_CHUNK), sf(VALUE_CHUNK), zf(VALUE_CHUNK), zsum(r_n);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t chunk = item % v.chunks, bgf = item / v.chunks, f = bgf % v.blocks, bg = bgf / v.blocks;
+    const int64_t g = bg % v.heads, b = bg / v.heads;
+    const int64_t t0 = chunk * VALUE_CHUNK, n = std::min(VALUE_CHUNK, v.tokens - t0);
+    const int64_t grp = f * width / v.group_size;
+    const c10::Half* s = v.scale + b * v.scale_strides[0] + g * v.scale_strides[1] + t0 * v.scale_strides[2] + grp;
+    const c10::Half* z = v.zero + b * v.zero_strides[0] + g * v.zero_strides[1] + t0 * v.zero_strides[2] + grp;
+    for (int64_t t = 0; t < n; ++t) {
+      sf[t] = static_cast<float>(s[t * v.scale_strides[2]]);
+      zf[t] = static_cast<float>(z[t * v.zero_strides[2]]);
+    }
+    for (int64_t r = 0; r < r_n; ++r) {
+      const P* pr = p + b * v.p_strides[0] + g * v.p_strides[1] + r * v.p_strides[2] + t0;
+      float* wr = w.data() + r * VALUE_CHUNK;
+      float constant = 0.f;
+      for (int64_t t = 0; t < n; ++t) {
+        const float pt = static_cast<float>(pr[t]);
+        wr[t] = pt * sf[t];
+        constant += pt * zf[t];
+      }
+      zsum[r] = constant;
+    }
+    const uint8_t* c = v.codes + b * v.code_strides[0] + g * v.code_strides[1] + f * v.nibbles * v.code_strides[2] +
+                       t0 * v.code_strides[3];
+    float* acc = partial + item * r_n * width;
+    if (HV)
+      value_passes<HV, NIB>(c, v.code_strides[3], v.code_strides[2], n, r_n, w.data(), acc);
+    else
+      value_scalar<NIB>(c, v.code_strides[3], v.code_strides[2], n, r_n, width, w.data(), acc);
+    for (int64_t r = 0; r < r_n; ++r)
+      for (int64_t j = 0; j < width; ++j) acc[r * width + j] += zsum[r];
+  }
+}
+
+template <typename P, int HV, int NIB>
+void run_values(const ValueProblem& v, const P* p) {
+  const int64_t per_item = v.rows * v.width, units = v.batch * v.heads * v.blocks;
+  at::Tensor partial = at::empty({units * v.chunks * per_item}, at::kFloat);
+  float* part = partial.data_ptr<float>();
+  at::parallel_for(0, units * v.chunks, 1,
+                   [&](int64_t begin, int64_t end) { value_items<P, HV, NIB>(v, p, part, begin, end); });
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {  // chunks added in order: thread-independent
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t f = u % v.blocks, bg = u / v.blocks, g = bg % v.heads, b = bg / v.heads;
+      for (int64_t r = 0; r < v.rows; ++r) {
+        float* o = v.out + b * v.out_strides[0] + g * v.out_strides[1] + r * v.out_strides[2] + f * v.width;
+        for (int64_t chunk = 0; chunk < v.chunks; ++chunk) {
+          const float* a = part + (u * v.chunks + chunk) * per_item + r * v.width;
+          for (int64_t j = 0; j < v.width; ++j) o[j] += a[j];
+        }
+      }
+    }
+  });
+}
+
+template <typename P>
+void dispatch_values(const ValueProblem& v, const P* p) {
+  const bool two = v.nibbles == 2;
+  switch (v.width) {  // the plane widths of real models, unrolled; anything else, one code at a time
+    case 64: return two ? run_values<P, 2, 2>(v, p) : run_values<P, 2, 1>(v, p);
+    case 32: return two ? run_values<P, 1, 2>(v, p) : run_values<P, 1, 1>(v, p);
+    default: return two ? run_values<P, 0, 2>(v, p) : run_values<P, 0, 1>(v, p);
+  }
+}
+
 }  // namespace
 
 // scores[..., :Q] (float32, (B, G, R, S)) = q (float32, (B, G, R, E)) . the Q keys held as codes (uint8,
@@ -262,6 +438,42 @@ void key_scores(const torch::Tensor& q, const torch::Tensor& codes, const torch:
   }
 }
 
+// out (float32, (B, G, R, E)) += p (float32 or bfloat16, (B, G, R, Q)) @ the Q values held as planes (uint8,
+// (B, G, E / W * bits / 4, Q, W / 2), `to_planes`) with float16 scales and zero points (B, G, Q, E / group_size),
+// group_size a multiple of the plane width W (one scale per token and plane).
+void value_sums(const torch::Tensor& p, const torch::Tensor& codes, const torch::Tensor& scale,
+                const torch::Tensor& zero, torch::Tensor& out, int64_t bits, int64_t group_size) {
+  TORCH_CHECK(p.dim() == 4 && codes.dim() == 5 && scale.dim() == 4 && zero.dim() == 4 && out.dim() == 4,
+              "value_sums: p, scales, out 4-D and codes 5-D");
+  TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kBFloat16, "value_sums: float32 or bfloat16 p");
+  TORCH_CHECK(out.scalar_type() == at::kFloat, "value_sums: float32 out");
+  TORCH_CHECK(codes.scalar_type() == at::kByte, "value_sums: uint8 codes");
+  TORCH_CHECK(scale.scalar_type() == at::kHalf && zero.scalar_type() == at::kHalf, "value_sums: float16 scales");
+  TORCH_CHECK(bits == 8 || bits == 4, "value_sums: 4 or 8 bits");
+  const int64_t b_n = p.size(0), g_n = p.size(1), r_n = p.size(2), n = p.size(3), e = out.size(3);
+  const int64_t width = 2 * codes.size(4), nibbles = bits / 4;
+  TORCH_CHECK(p.stride(3) == 1 && codes.stride(4) == 1 && scale.stride(3) == 1 && zero.stride(3) == 1 &&
+              out.stride(3) == 1, "value_sums: unit stride along the last dimension");
+  TORCH_CHECK(codes.size(0) == b_n && codes.size(1) == g_n && codes.size(3) == n && e % width == 0 &&
+              codes.size(2) == e / width * nibbles, "value_sums: codes (B, G, E / W * bits / 4, Q, W / 2)");
+  TORCH_CHECK(group_size % width == 0 && e % group_size == 0 && scale.size(2) == n &&
+              scale.size(3) == e / group_size && zero.sizes() == scale.sizes(),
+              "value_sums: scales (B, G, Q, E / group_size), group_size a multiple of the plane width");
+  TORCH_CHECK(out.size(0) == b_n && out.size(1) == g_n && out.size(2) == r_n, "value_sums: out (B, G, R, E)");
+  ValueProblem v{codes.data_ptr<uint8_t>(), scale.data_ptr<c10::Half>(), zero.data_ptr<c10::Half>(),
+                 out.data_ptr<float>(), b_n, g_n, r_n, width, e / width, n, (n + VALUE_CHUNK - 1) / VALUE_CHUNK,
+                 group_size, nibbles, {p.stride(0), p.stride(1), p.stride(2)},
+                 {codes.stride(0), codes.stride(1), codes.stride(2), codes.stride(3)},
+                 {scale.stride(0), scale.stride(1), scale.stride(2)}, {zero.stride(0), zero.stride(1), zero.stride(2)},
+                 {out.stride(0), out.stride(1), out.stride(2)}};
+  if (n == 0) return;
+  if (p.scalar_type() == at::kFloat)
+    dispatch_values(v, p.data_ptr<float>());
+  else
+    dispatch_values(v, p.data_ptr<c10::BFloat16>());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("key_scores", &key_scores, "q . K^T from per-channel quantized key codes, into scores[..., :Q]");
+  m.def("value_sums", &value_sums, "out += p @ V from per-token quantized value planes");
 }

@@ -7,6 +7,8 @@
     value-read.json                                      the same, values only: fused vs int4pack vs blocks vs float
     key-layout.json                                      scripts/kv_quant_key_layout.py (accuracy of key layouts)
 
+Also the README's short speed table, between its kv-speed markers.
+
 Usage (from the repository root): python3 scripts/render_kv_quant_speed.py"""
 import json
 import sys
@@ -14,6 +16,7 @@ from pathlib import Path
 
 RESULTS = Path("results/kv-quant")
 DOC = Path("docs/kv-quant-speed.md")
+README, BEGIN, END = Path("README.md"), "<!-- kv-speed:begin -->", "<!-- kv-speed:end -->"
 TARGET_CONTEXT = 16384  # the targets hold at this context and beyond
 DTYPES = ("float32", "bfloat16")
 
@@ -350,18 +353,32 @@ def main() -> int:
     parts.append(OUTRO.format(fused=fused_summary(key_read, "keys"), fused_values=fused_summary(value_read, "values")))
     DOC.write_text("".join(parts))
     print(f"wrote {DOC}", file=sys.stderr)
+    readme = README.read_text()
+    if BEGIN in readme and verdicts:
+        head, rest = readme.split(BEGIN, 1)
+        README.write_text(f"{head}{BEGIN}\n{readme_table(verdicts)}\n{END}{rest.split(END, 1)[1]}")
+        print(f"wrote {README} (between its {BEGIN} markers)", file=sys.stderr)
     return 0
+
+
+def readme_table(verdicts: list[list]) -> str:
+    """The README's short table: float / quantized at TARGET_CONTEXT per compute dtype, batch and system."""
+    rows = {}
+    for dtype, batch, context, name, cache, ratio, _, _ in verdicts:
+        if context == TARGET_CONTEXT:
+            rows.setdefault((dtype, batch, name), {})[cache] = ratio
+    lines = [f"| compute | batch | system | float / int8 at {TARGET_CONTEXT // 1024}k | float / int4 at "
+             f"{TARGET_CONTEXT // 1024}k |", "|---|---|---|---|---|"]
+    lines += [f"| {d} | {b} | {n} | {r.get('int8', '')} | {r.get('int4', '')} |" for (d, b, n), r in rows.items()]
+    return "\n".join(lines)
 
 
 SCOPE = """
 Scope of these runs: the development VM (2 cores, both threads used) with every other job of the machine
-paused (SIGSTOP) for their duration, systems interleaved, medians of the timed steps. Where the targets are
-missed: the compressed model (absorbed layers) with an int8 cache, in both dtypes, and its int4 cache in bf16
-at 16k and batch 1; its int8 values are two packed-int4 planes, each a call of the packed matmul, and in bf16
-the float read it competes with is already a fast bf16 matmul. A result file whose machine line names no
-value read predates the fused value read: its values were read by torch's packed int4 matmul. Not run: batch 8 at 32k (about 24 GB of float
+paused (SIGSTOP) for their duration, systems interleaved, medians of the timed steps; keys and values read
+by the fused C++ kernels (each machine line names the reads). Not run: batch 8 at 32k (about 24 GB of float
 cache for the transformers baseline) and batch 8 at 16k in float32 (11.3 GB for the caches, above what the
-bench allows itself of the 8.8 GB left beside the paused jobs).
+bench allows itself of the 10.5 GB left beside the paused jobs).
 """
 
 OUTRO = """

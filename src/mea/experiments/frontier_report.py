@@ -66,7 +66,8 @@ def write_frontier_report(out: Path, systems: list[dict], *, notes: list[str]) -
               "tokens; KV kept: that over the original's. Every answer is read from the stored cache after the context "
               "was prefilled into it (no full-precision prefill of the question). Perplexity: each window's prefix is "
               "prefilled, the rest read from the cache in chunks and scored (kvpress presses prune at the prefill only; "
-              "QuantizedCache keeps up to 128 recent tokens in full precision and quantizes the rest). The model runs "
+              "QuantizedCache keeps up to 128 recent tokens in full precision and quantizes the rest). SnapKV keeps "
+              "contexts no longer than its 64-token scoring window whole (short LAMBADA passages). The model runs "
               "in fp32 on CPU, so the original's cache is fp32: against a 16-bit cache a quantized cache keeps twice "
               "the fraction shown, and MEA the same fraction. Proportions: [95% Wilson interval] (n)."]
     lines += _sizes(out, rows) + _targets(rows) + _needle_cells(rows) + _chat(rows) + [f"- {n}" for n in notes]

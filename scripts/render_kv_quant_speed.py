@@ -7,8 +7,6 @@
     value-read.json                                      the same, values only: fused vs int4pack vs blocks vs float
     key-layout.json                                      scripts/kv_quant_key_layout.py (accuracy of key layouts)
 
-Also the README's short speed table, between its kv-speed markers.
-
 Usage (from the repository root): python3 scripts/render_kv_quant_speed.py"""
 import json
 import sys
@@ -16,7 +14,6 @@ from pathlib import Path
 
 RESULTS = Path("results/kv-quant")
 DOC = Path("docs/kv-quant-speed.md")
-README, BEGIN, END = Path("README.md"), "<!-- kv-speed:begin -->", "<!-- kv-speed:end -->"
 TARGET_CONTEXT = 16384  # the targets hold at this context and beyond
 DTYPES = ("float32", "bfloat16")
 
@@ -353,24 +350,7 @@ def main() -> int:
     parts.append(OUTRO.format(fused=fused_summary(key_read, "keys"), fused_values=fused_summary(value_read, "values")))
     DOC.write_text("".join(parts))
     print(f"wrote {DOC}", file=sys.stderr)
-    readme = README.read_text()
-    if BEGIN in readme and verdicts:
-        head, rest = readme.split(BEGIN, 1)
-        README.write_text(f"{head}{BEGIN}\n{readme_table(verdicts)}\n{END}{rest.split(END, 1)[1]}")
-        print(f"wrote {README} (between its {BEGIN} markers)", file=sys.stderr)
     return 0
-
-
-def readme_table(verdicts: list[list]) -> str:
-    """The README's short table: float / quantized at TARGET_CONTEXT per compute dtype, batch and system."""
-    rows = {}
-    for dtype, batch, context, name, cache, ratio, _, _ in verdicts:
-        if context == TARGET_CONTEXT:
-            rows.setdefault((dtype, batch, name), {})[cache] = ratio
-    lines = [f"| compute | batch | system | float / int8 at {TARGET_CONTEXT // 1024}k | float / int4 at "
-             f"{TARGET_CONTEXT // 1024}k |", "|---|---|---|---|---|"]
-    lines += [f"| {d} | {b} | {n} | {r.get('int8', '')} | {r.get('int4', '')} |" for (d, b, n), r in rows.items()]
-    return "\n".join(lines)
 
 
 SCOPE = """

@@ -135,7 +135,7 @@ def memory_section(result: dict) -> str:
             "|---|---|---|---|---|---|"]
     for r in result["results"]:
         rows.append(f"| {r['context']} | {r['system']} | {r['peak_bytes'] / 2**20:.1f} | "
-                    f"{r['kv_bytes_predicted'] / 2**20:.1f} | {r['peak_bytes'] / r['kv_bytes_predicted']:.2f} | "
+                    f"{r['kv_bytes_predicted'] / 2**20:.1f} | {r['peak_over_predicted']:.2f} | "
                     f"{(r['peak_bytes'] - r['kv_bytes_predicted']) / 2**20:.1f} |")
     savings = []  # what quantizing saved in real memory, against what the configurations predict it saves
     for _, context, name, twins, base in quantized_pairs(result):

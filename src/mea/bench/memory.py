@@ -102,7 +102,7 @@ def markdown(result: dict) -> str:
                             "peak / predicted"],
                            [[r["context"], r["system"], f"{r['peak_bytes'] / 2**20:.1f}", f"{r['kv_bytes'] / 2**20:.1f}",
                              f"{r['kv_bytes_predicted'] / 2**20:.1f}", f"{r['peak_over_kv']:.2f}",
-                             f"{r['peak_bytes'] / r['kv_bytes_predicted']:.2f}"] for r in result["results"]])
+                             f"{r['peak_over_predicted']:.2f}"] for r in result["results"]])
     return table + ("\n" + kv_check.markdown(result["kv_generate"]) if "kv_generate" in result else "")
 
 

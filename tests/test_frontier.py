@@ -286,3 +286,15 @@ def test_plot_takes_seeds_that_share_a_kv_fraction(tmp_path):
 
     _plot(tmp_path / "f.png", [row("s0", 30.0, 0.2), row("s1", 31.0, 0.3)])
     assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_only_builds_the_models_its_systems_read(tmp_path):
+    from mea.experiments.frontier import needed_steps, plan
+
+    steps, systems = plan("src", tmp_path, heads=3, levels=[0.67, 0.5], methods=["svd"], quant=[], presses=[],
+                          recover_tokens=(4096,), peers_python=None, recover_seeds=(0,))
+    model = {s.name: s.model for s in systems}
+    built = [t.name for t, _ in needed_steps(steps, {model["mea-svd-0.5-free"]})]
+    assert built == ["svd-0.5-free"]
+    built = [t.name for t, _ in needed_steps(steps, {model["mea-svd-0.5-rec-s0"], model["original"]})]
+    assert built == ["svd-0.5-fit", "svd-0.5-rec-s0"]  # the recovery reads the fitted model

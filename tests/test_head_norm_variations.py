@@ -1,6 +1,6 @@
-"""GroupNorm's variations (a gain per head, no per-feature weight, a learned blend): each matches a
-hand-written reference in value and gradients, round-trips through save/load, and is refused where it
-means nothing; the recall study runs, resumes and reports them."""
+"""GroupNorm's variations (a gain per head, no per-feature weight, a learned blend, the weight's initial
+value): each matches a hand-written reference in value and gradients, round-trips through save/load, and is
+refused where it means nothing; the recall study runs, resumes and reports them."""
 
 import json
 
@@ -65,10 +65,19 @@ def test_initial_values_leave_groupnorm_or_the_raw_output():
     blend = MEAAttention(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, head_norm_blend=True)
     torch.testing.assert_close(gain.combine_heads(out), plain.combine_heads(out))  # g = 1: GroupNorm
     torch.testing.assert_close(blend.combine_heads(out), out)  # a = 0: no norm yet
+    scaled = MEAAttention(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, head_norm_init=0.2)
+    torch.testing.assert_close(scaled.combine_heads(out), 0.2 * plain.combine_heads(out))  # w = 0.2 at init
+
+
+def test_model_init_keeps_the_norm_weights_initial_value():
+    model = MEAForCausalLM(make_config("tiny", "mea", mea_head_norm_init=0.2))
+    for layer in model.model.layers:
+        assert torch.equal(layer.self_attn.head_norm.weight, torch.full((model.config.head_dim,), 0.2))
+        assert torch.equal(layer.input_layernorm.weight, torch.ones(model.config.hidden_size))  # other norms: 1
 
 
 @pytest.mark.parametrize("fields", [dict(mea_head_gain=True), dict(mea_head_norm_weight=False),
-                                    dict(mea_head_norm_blend=True)])
+                                    dict(mea_head_norm_blend=True), dict(mea_head_norm_init=0.2)])
 def test_save_and_load_round_trip(tmp_path, fields):
     torch.manual_seed(0)
     model = MEAForCausalLM(make_config("tiny", "mea", **fields)).eval()
@@ -94,6 +103,11 @@ def test_variations_need_groupnorm():
         make_config("tiny", "mea-no-groupnorm", mea_head_norm_weight=False)
     with pytest.raises(ValueError, match="need head_norm=True"):
         MEAAttention(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, head_norm=False, head_norm_blend=True)
+    with pytest.raises(ValueError, match="need mea_head_norm=True"):
+        make_config("tiny", "mea-no-groupnorm", mea_head_norm_init=0.2)
+    with pytest.raises(ValueError, match="needs head_norm_weight=True"):
+        MEAAttention(hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8, head_norm_weight=False,
+                     head_norm_init=0.2)
 
 
 def test_recall_study_runs_resumes_and_reports(tmp_path, monkeypatch):
@@ -121,6 +135,8 @@ def test_norm_warmup_schedules_the_blend_and_ends_as_mea():
     small = dict(pairs=2, queries=2, num_keys=8, num_values=8, steps=6, batch=8, eval_size=16)
     run = train_mqar("mea", mea_head_norm_blend=True, norm_warmup=3, **small)
     assert all(a == 1.0 for layer in run["learned"]["head_norm_blend"] for a in layer)  # fixed, at full strength
+    assert len(run["head_output_rms"]["init"]) == 2 and all(x > 0 for x in run["head_output_rms"]["end"])
+    assert train_mqar("baseline", **small)["head_output_rms"] == {"init": None, "end": None}  # no GroupNorm
     learned = train_mqar("mea", mea_head_norm_blend=True, **small)  # without the warm-up the blend is learned
     assert all(abs(a) < 0.5 for layer in learned["learned"]["head_norm_blend"] for a in layer)
     with pytest.raises(ValueError, match="mea_head_norm_blend=True"):

@@ -54,13 +54,16 @@ def train_mqar(variant: str, *, seed: int = 0, pairs: int = 4, queries: int = 4,
         raise ValueError("norm_warmup schedules the GroupNorm blend: give mea_head_norm_blend=True with it")
     model = MEAForCausalLM(cfg).to(dev)
     model.config.use_cache = False
+    spec = dict(pairs=pairs, queries=queries, num_keys=num_keys, num_values=num_values)
+    eval_ids, eval_answer = (x.to(dev) for x in mqar_batch(eval_size, generator=torch.Generator().manual_seed(
+        10_000 + seed), **spec))  # a fixed set
+    rms_at_init = head_output_rms(model, eval_ids)
     blends = [layer.self_attn.head_norm_blend for layer in model.model.layers] if norm_warmup else []
     for a in blends:
         a.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
-    spec = dict(pairs=pairs, queries=queries, num_keys=num_keys, num_values=num_values)
     model.train()
     for step in range(steps):
         for a in blends:
@@ -73,17 +76,37 @@ def train_mqar(variant: str, *, seed: int = 0, pairs: int = 4, queries: int = 4,
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-    ids, answer = (x.to(dev) for x in mqar_batch(eval_size, generator=torch.Generator().manual_seed(10_000 + seed),
-                                                  **spec))  # fixed set
     model.eval()
     with torch.no_grad():
-        pred = model(input_ids=ids[:, :-1]).logits.argmax(-1)
-    accuracy = (pred[answer] == ids[:, 1:][answer]).float().mean().item()
+        pred = model(input_ids=eval_ids[:, :-1]).logits.argmax(-1)
+    accuracy = (pred[eval_answer] == eval_ids[:, 1:][eval_answer]).float().mean().item()
     attention = [layer.self_attn for layer in model.model.layers]
     learned = {name: [getattr(a, name).tolist() for a in attention]  # GroupNorm variations' per-head values
                for name in ("head_gain", "head_norm_blend") if getattr(attention[0], name, None) is not None}
     return {"variant": variant, "seed": seed, "accuracy": accuracy, "final_train_loss": loss.item(), **spec,
-            "steps": steps, "kv_cache_bytes_per_token": cfg.kv_cache_bytes_per_token(), "learned": learned}
+            "steps": steps, "kv_cache_bytes_per_token": cfg.kv_cache_bytes_per_token(), "learned": learned,
+            "head_output_rms": {"init": rms_at_init, "end": head_output_rms(model, eval_ids)}}
+
+
+def head_output_rms(model: MEAForCausalLM, ids: torch.Tensor) -> list[float] | None:
+    """Per layer, the median over tokens and heads of the RMS of each head's raw attention output (GroupNorm's
+    input) on `ids`; None for a model without GroupNorm."""
+    norms = [layer.self_attn.head_norm for layer in model.model.layers]
+    if any(n is None for n in norms):
+        return None
+    got = []
+    hooks = [n.register_forward_pre_hook(lambda _, args: got.append(args[0].pow(2).mean(-1).sqrt().median().item()))
+             for n in norms]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(input_ids=ids[:, :-1])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return got
 
 
 def mqar_sweep(variants: list[str], seeds: list[int], *, log=None, **kwargs) -> dict:

@@ -108,6 +108,16 @@ def plan(src: str, out: Path, *, heads: int, levels, methods, quant, presses, re
     return steps, systems
 
 
+def needed_steps(steps: list[tuple[Path, list[str]]], models: set[str]) -> list[tuple[Path, list[str]]]:
+    """The steps that build `models` and the models those steps read (a recovery needs its fitted model)."""
+    needed, keep = set(models), []
+    for target, cmd in reversed(steps):  # a step comes after every step it reads from
+        if str(target) in needed:
+            keep.append((target, cmd))
+            needed.update(a for a in cmd if any(a == str(t) for t, _ in steps))
+    return keep[::-1]
+
+
 def _run(cmd: list[str], log_path: Path, log) -> None:
     log(" ".join(cmd[2:]))
     with open(log_path, "a") as f:
@@ -146,6 +156,9 @@ def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, method
     if report_only:
         return write_report(out, systems, notes=notes)
     (out / "logs").mkdir(exist_ok=True)
+    chosen = [s for s in systems if not only or any(fnmatch.fnmatch(s.name, p) for p in only)]
+    if only:
+        steps = needed_steps(steps, {s.model for s in chosen})
     for target, cmd in steps:
         if target.exists():
             continue
@@ -154,9 +167,7 @@ def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, method
                 _run(cmd, out / "logs" / f"{target.name}.log", log)
             else:
                 log(f"{target.name}: being built by another running study process; skipped")
-    for s in systems:
-        if only and not any(fnmatch.fnmatch(s.name, p) for p in only):
-            continue
+    for s in chosen:
         if all((out / "systems" / f"{s.name}.{m}.json").exists() for m in measures):
             continue
         with _claim(out / "systems" / f"{s.name}.lock") as mine:

@@ -7,7 +7,9 @@ match should be quiet). The variations give part of it back: a learnable gain pe
 per head), no per-feature weight (does the shared weight matter), and a learned blend from the raw output
 to the normalised one (a_i from 0: the norm's strength is learned; a_i -> 0 keeps the magnitude), and a
 warm-up of the norm's strength (the same blend, not learned, raised linearly from 0 to 1 over the first half
-of training: the model ends as MEA; does the norm block recall only while the circuit forms?).
+of training: the model ends as MEA; does the norm block recall only while the circuit forms?). Then the norm's
+scale apart from its normalisation: a large eps (the norm nearly linear, at a scale set by eps) and a small
+initial weight (full normalisation at the raw output's scale).
 
     OUT/study.json          the plan (a rerun must ask for the same one)
     OUT/runs/NAME.json      one MQAR run each, written when it ends (a rerun skips it)
@@ -36,6 +38,13 @@ ARMS: dict[str, tuple[str, dict]] = {
     "mea+noweight": ("mea", {"mea_head_norm_weight": False}),
     "mea+blend": ("mea", {"mea_head_norm_blend": True}),
     "mea+warmup": ("mea", {"mea_head_norm_blend": True, "norm_warmup": 0.5}),  # a fraction of the steps
+    # the norm's scale apart from its normalisation: a large eps makes RMSNorm nearly linear, x / sqrt(eps) for
+    # head outputs of RMS << sqrt(eps) (the report gives the RMS: about 0.1 at init here); a weight of 0.1 at
+    # init gives the full norm about the raw output's scale
+    "mea+eps0.1": ("mea", {"mea_head_norm_eps": 0.1}),
+    "mea+eps1": ("mea", {"mea_head_norm_eps": 1.0}),
+    "mea+eps10": ("mea", {"mea_head_norm_eps": 10.0}),
+    "mea+w0.1": ("mea", {"mea_head_norm_init": 0.1}),
     "mea-no-groupnorm": ("mea-no-groupnorm", {}),
 }
 DESCRIPTIONS = {
@@ -45,6 +54,10 @@ DESCRIPTIONS = {
     "mea+noweight": "MEA, the norm without its per-feature weight (mea_head_norm_weight=False)",
     "mea+blend": "MEA, (1 - a) o + a norm(o) with a learnable a per head from 0 (mea_head_norm_blend)",
     "mea+warmup": "MEA with the norm's strength a raised from 0 to 1 over the first half of training (ends as MEA)",
+    "mea+eps0.1": "MEA, the norm's eps 0.1: about 3x the raw output, large outputs compressed",
+    "mea+eps1": "MEA, the norm's eps 1: about the raw output (nearly no normalisation)",
+    "mea+eps10": "MEA, the norm's eps 10: about 0.32x the raw output, nearly linear",
+    "mea+w0.1": "MEA, the norm's weight 0.1 at init: full normalisation at about the raw output's scale",
     "mea-no-groupnorm": "HLC without GroupNorm",
 }
 
@@ -134,12 +147,16 @@ def summarize(plan: dict, runs: list[dict]) -> dict:
 
 
 def _learned(rs: list[dict]) -> dict:
-    """Mean over seeds and heads of each learned norm parameter, per layer."""
+    """Mean over seeds (and heads) of each learned norm parameter and of the raw head outputs' RMS, per layer."""
     out = {}
     for name in ("head_gain", "head_norm_blend"):
         per_run = [r["learned"][name] for r in rs if name in r.get("learned", {})]
         if per_run:
             out[name] = [float(np.mean([np.mean(run[layer]) for run in per_run])) for layer in range(len(per_run[0]))]
+    for when in ("init", "end"):  # runs from before the RMS was recorded have none
+        per_run = [r["head_output_rms"][when] for r in rs if (r.get("head_output_rms") or {}).get(when)]
+        if per_run:
+            out[f"head output RMS at {when}"] = [float(np.mean(layer)) for layer in zip(*per_run)]
     return out
 
 

@@ -81,6 +81,7 @@ class MEAAttention(nn.Module):
         head_norm: bool = True,
         head_norm_eps: float = 1e-5,
         head_norm_weight: bool = True,
+        head_norm_init: float = 1.0,
         head_gain: bool = False,
         head_norm_blend: bool = False,
         hlc_init: str | None = None,
@@ -99,9 +100,10 @@ class MEAAttention(nn.Module):
                          num_component_heads=num_component_heads, num_key_components=num_key_components,
                          num_value_components=num_value_components, key_mixing=key_mixing,
                          value_mixing=value_mixing, value_latent_dim=value_latent_dim, hlc=hlc, head_norm=head_norm,
-                         head_norm_eps=head_norm_eps, head_norm_weight=head_norm_weight, head_gain=head_gain,
-                         head_norm_blend=head_norm_blend, qk_norm=qk_norm, qk_norm_eps=qk_norm_eps, qkv_bias=qkv_bias,
-                         out_bias=out_bias, kv_quant=kv_quant, layer_idx=layer_idx)
+                         head_norm_eps=head_norm_eps, head_norm_weight=head_norm_weight,
+                         head_norm_init=head_norm_init, head_gain=head_gain, head_norm_blend=head_norm_blend,
+                         qk_norm=qk_norm, qk_norm_eps=qk_norm_eps, qkv_bias=qkv_bias, out_bias=out_bias,
+                         kv_quant=kv_quant, layer_idx=layer_idx)
         head_dim = head_dim or hidden_size // num_heads
         num_component_heads = num_kv_heads if num_component_heads is None else num_component_heads
         if num_heads % num_kv_heads:
@@ -133,8 +135,15 @@ class MEAAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps=qk_norm_eps) if qk_norm else None
         # the paper's GroupNorm, and its variations: a gain per head after it, its strength blended in from 0
         self.head_norm = RMSNorm(head_dim, eps=head_norm_eps, weight=head_norm_weight) if head_norm else None
-        if (head_gain or head_norm_blend or not head_norm_weight) and not head_norm:
-            raise ValueError("head_gain, head_norm_blend and head_norm_weight=False vary GroupNorm: they need head_norm=True")
+        if (head_gain or head_norm_blend or not head_norm_weight or head_norm_init != 1.0) and not head_norm:
+            raise ValueError("head_gain, head_norm_blend, head_norm_weight=False and head_norm_init vary GroupNorm: "
+                             "they need head_norm=True")
+        if head_norm_init != 1.0 and not head_norm_weight:
+            raise ValueError("head_norm_init is the initial value of the norm's per-feature weight: it needs "
+                             "head_norm_weight=True")
+        self.head_norm_init = head_norm_init
+        if self.head_norm is not None and self.head_norm.weight is not None:
+            nn.init.constant_(self.head_norm.weight, head_norm_init)
         self.head_gain = nn.Parameter(torch.ones(num_heads)) if head_gain else None
         self.head_norm_blend = nn.Parameter(torch.zeros(num_heads)) if head_norm_blend else None
         self.attention_map = AttentionMap()  # eager attention hands its probabilities through here

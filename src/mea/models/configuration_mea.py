@@ -42,6 +42,7 @@ class MEAConfig(PreTrainedConfig):
     mea_head_norm_eps: float = 1e-5  # as the Differential Transformer's subln
     # variations of GroupNorm (need mea_head_norm=True; not with differential attention):
     mea_head_norm_weight: bool = True  # the norm's learnable per-feature scale (False: plain RMS normalisation)
+    mea_head_norm_init: float = 1.0  # the per-feature weight's initial value: the scale of the norm's output at init
     mea_head_gain: bool = False  # a learnable gain per head after the norm (init 1): heads keep a magnitude each
     mea_head_norm_blend: bool = False  # (1 - a_i) o_i + a_i norm(o_i), a learnable a_i per head from 0: the norm's strength is learned
     mea_num_component_heads: int | list | None = None  # h' (per layer if a list); None: h' = h
@@ -92,6 +93,7 @@ class MEAConfig(PreTrainedConfig):
                              f"use_qk_norm=False and even head counts (got {n} query, {h} KV heads)")
         variations = [f for f in ("mea_head_gain", "mea_head_norm_blend") if getattr(self, f)]
         variations += [] if self.mea_head_norm_weight else ["mea_head_norm_weight=False"]
+        variations += [] if self.mea_head_norm_init == 1.0 else ["mea_head_norm_init"]
         if variations and (not self.mea_head_norm or self.mea_differential):
             raise ValueError(f"{', '.join(variations)} vary GroupNorm: they need mea_head_norm=True and "
                              "mea_differential=False")

@@ -71,6 +71,7 @@ def decoder_layer(config: MEAConfig, i: int) -> MEADecoderLayer:
             head_norm=config.mea_head_norm,
             head_norm_eps=config.mea_head_norm_eps,
             head_norm_weight=config.mea_head_norm_weight,
+            head_norm_init=config.mea_head_norm_init,
             head_gain=config.mea_head_gain,
             head_norm_blend=config.mea_head_norm_blend,
             hlc_init=config.mea_hlc_init,
@@ -118,6 +119,8 @@ class MEAPreTrainedModel(PreTrainedModel):
             w_k, w_v = module.initial_mixing(self.config.mea_hlc_init)
             init.copy_(module.hlc_k, w_k)
             init.copy_(module.hlc_v, w_v)
+        if isinstance(module, MEAAttention) and module.head_norm is not None and module.head_norm.weight is not None:
+            init.constant_(module.head_norm.weight, module.head_norm_init)
         if isinstance(module, MEAAttention) and module.head_gain is not None:
             init.ones_(module.head_gain)
         if isinstance(module, MEAAttention) and module.head_norm_blend is not None:

@@ -146,6 +146,10 @@ mea study report out/scaling                      # the report of the runs so fa
 mkdir -p results/scaling && cp out/scaling/{report.md,summary.json,study.json,*.png} results/scaling/
 mea study recall results/recall                   # MQAR: GroupNorm's variations (< 30 min on one core)
 mea study recall results/recall-warmup --arms baseline mea mea+blend mea+warmup --seeds 0 1 2 3
+mea study recall results/recall-scale --arms baseline mea mea-no-groupnorm mea+eps0.1 mea+eps1 mea+eps10 \
+    mea+w0.1 --seeds 0 1 2 3                      # the norm's scale apart from its normalisation
+mea study recall results/recall-lr --arms baseline mea mea+eps1 --lr 3e-3 --high-lr 3e-4 --seeds 0 1 2 3
+mea study recall results/recall-long --arms baseline mea --steps 3200 --high-lr 3e-3 --seeds 0 1
 python3 scripts/render_docs.py scaling            # this page
 ```
 """
@@ -157,15 +161,24 @@ def report_body(path: Path) -> str:
     return text.split("\n", 1)[1] if text.startswith("# ") else text
 
 
+RECALL_FOLLOW_UPS = [  # (section, report) of the later recall studies, shown once they have run
+    ("The norm's scale, apart from its normalisation", "results/recall-scale/report.md"),
+    ("Other learning rates", "results/recall-lr/report.md"),
+    ("Four times the training steps", "results/recall-long/report.md"),
+]
+
+
 def scaling() -> str:
     report = report_body(Path("results/scaling/report.md")).replace("](", "](../results/scaling/")
     return page("Scaling curves and the recall failure", "results/scaling/, made by `mea study scaling` and "
-                "copied from its folder; results/recall/ and results/recall-warmup/, made by `mea study recall`", [
+                "copied from its folder; results/recall*/, made by `mea study recall`", [
         ("The study", SCALING_ABOUT),
         ("Scaling: results so far", report or "No results yet: the study has not reached its first round."),
         ("Why GroupNorm breaks associative recall", report_body(Path("results/recall/report.md")) or "No results yet."),
         ("A warm-up of the norm, and more seeds", report_body(Path("results/recall-warmup/report.md"))),
+        *[(title, body) for title, path in RECALL_FOLLOW_UPS if (body := report_body(Path(path)))],
     ])
+
 
 
 def compression() -> str:
@@ -184,15 +197,21 @@ def compression() -> str:
 
 
 def readme_with_frontier(readme: str) -> str:
-    """The README with the first table of the frontier report (and its note) between the frontier markers."""
+    """The README with the first table of the frontier report between the frontier markers: its header and the
+    systems measured on retrieval as well (a LAMBADA value), then a pointer to every row, and the table's note."""
     report = read(Path("results/frontier/report.md"))
     if not report:
         return readme
     lines = report.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("|"))
     end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    header, rows = lines[start:start + 2], lines[start + 2:end]
+    column = [c.strip() for c in header[0].strip("|").split("|")].index("LAMBADA")
+    kept = [r for r in rows if r.strip("|").split("|")[column].strip() != "—"]
     note = next((line for line in lines[end:] if line.strip()), "")
-    block = "\n".join(lines[start:end]) + "\n\n" + note
+    more = (f"{len(rows) - len(kept)} more systems measured on fewer measures (training-free models, further "
+            "presses, seeds) are in [results/frontier/report.md](results/frontier/report.md). ")
+    block = "\n".join(header + kept) + "\n\n" + (more if len(kept) < len(rows) else "") + note
     head, rest = readme.split("<!-- frontier:begin -->", 1)
     return f"{head}<!-- frontier:begin -->\n{block}\n<!-- frontier:end -->{rest.split('<!-- frontier:end -->', 1)[1]}"
 

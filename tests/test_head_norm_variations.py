@@ -141,3 +141,12 @@ def test_norm_warmup_schedules_the_blend_and_ends_as_mea():
     assert all(abs(a) < 0.5 for layer in learned["learned"]["head_norm_blend"] for a in layer)
     with pytest.raises(ValueError, match="mea_head_norm_blend=True"):
         train_mqar("mea", norm_warmup=3, **small)
+
+
+def test_verdicts_give_a_partial_recovery_as_a_share_of_the_gap():
+    plan = {"arms": ["baseline", "mea", "mea+gain"], "lr": 1e-3, "high_lr": 3e-2, "seeds": [0, 1, 2], "settings": {}}
+    accuracy = {"baseline": [0.98, 0.99, 1.0], "mea": [0.30, 0.31, 0.32], "mea+gain": [0.63, 0.65, 0.67]}
+    runs = [{"arm": arm, "lr": 1e-3, "seed": s, "accuracy": a, "final_train_loss": 0.1, "num_values": 16}
+            for arm, accs in accuracy.items() for s, a in enumerate(accs)]
+    (verdict,) = rs.summarize(plan, runs)["verdicts"]
+    assert verdict.startswith("mea+gain: recovers 50% of MEA's gap to the baseline: 0.650")

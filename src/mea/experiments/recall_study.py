@@ -171,11 +171,13 @@ def verdicts(plan: dict, rows: list[dict]) -> list[str]:
         if vs_mea is None or vs_base is None:
             out.append(f"{arm}: recall {r['mean']:.3f}; not enough seeds for a test")
             continue
+        gap = at[("baseline", plan["lr"])]["mean"] - at[("mea", plan["lr"])]["mean"]
         if vs_mea["p"] >= ALPHA:
             word = "no significant change in recall from MEA's"
         elif vs_mea["diff"] > 0:
             word = ("restores recall (no significant difference from the baseline)" if vs_base["p"] >= ALPHA
-                    else "recovers part of the recall")
+                    else f"recovers {vs_mea['diff'] / gap:.0%} of MEA's gap to the baseline" if gap > 0
+                    else "recalls better than MEA")
         else:
             word = "recalls worse than MEA"
         text = (f"{arm}: {word}: {r['mean']:.3f} vs MEA {at[('mea', plan['lr'])]['mean']:.3f} (p {vs_mea['p']:.2g}) "

@@ -150,6 +150,7 @@ mea study recall results/recall-scale --arms baseline mea mea-no-groupnorm mea+e
     mea+w0.1 --seeds 0 1 2 3                      # the norm's scale apart from its normalisation
 mea study recall results/recall-lr --arms baseline mea mea+eps1 --lr 3e-3 --high-lr 3e-4 --seeds 0 1 2 3
 mea study recall results/recall-long --arms baseline mea --steps 3200 --high-lr 3e-3 --seeds 0 1
+mea study recall results/recall-w --arms baseline mea mea+w0.1 --high-lr 3e-3 --seeds 0 1 2 3 4 5 6 7
 python3 scripts/render_docs.py scaling            # this page
 ```
 """
@@ -165,6 +166,7 @@ RECALL_FOLLOW_UPS = [  # (section, report) of the later recall studies, shown on
     ("The norm's scale, apart from its normalisation", "results/recall-scale/report.md"),
     ("Other learning rates", "results/recall-lr/report.md"),
     ("Four times the training steps", "results/recall-long/report.md"),
+    ("The norm at the raw output's scale, eight seeds", "results/recall-w/report.md"),
 ]
 
 

@@ -176,30 +176,51 @@ def _chat(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _style(family: str) -> str:
+    """A marker per kind of system, so that a colour shared by two families still tells them apart."""
+    if family == "original":
+        return "*"
+    if family.endswith("cache"):  # MEA or the original with our quantized cache
+        return "D"
+    return {"kvpress": "^", "MEA": "o"}.get(family.split(" ")[0], "s")  # QuantizedCache: squares
+
+
+PPL_CUT = 20  # perplexity axes stop at this multiple of the original's (the training-free svd reaches 1000x)
+
+
 def _plot(path: Path, rows: list[dict]) -> None:
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4 * len(PLOTTED), 3.6))
+    fig, (*axes, key) = plt.subplots(1, len(PLOTTED) + 1, figsize=(4 * len(PLOTTED) + 3, 3.6),
+                                     gridspec_kw={"width_ratios": [4] * len(PLOTTED) + [3]})
     families = list(dict.fromkeys(r["family"] for r in rows))
+    colours = plt.get_cmap("tab20")
+    original = {r["name"]: r for r in rows}.get("original")
     for ax, (measure, title) in zip(axes, PLOTTED):
-        for fam in families:
+        for i, fam in enumerate(families):
             pts = sorted(((r["kv_fraction"], r["measures"][measure]) for r in rows  # seeds share a fraction
                           if r["family"] == fam and r["kv_fraction"] is not None and measure in r["measures"]),
                          key=lambda p: p[0])
             if not pts:
                 continue
-            xs = [p[0] for p in pts]
+            xs, style = [p[0] for p in pts], dict(marker=_style(fam), color=colours(i % 20), label=fam)
             if measure.startswith("ppl_"):
-                ax.plot(xs, [p[1]["ppl"] for p in pts], marker="*" if fam == "original" else "o", label=fam)
+                ax.plot(xs, [p[1]["ppl"] for p in pts], **style)
             else:
                 ys = [p[1]["value"] for p in pts]
                 # clipped at 0: a Wilson bound can miss an accuracy of exactly 0 or 1 by a rounding error
                 err = [[max(0.0, y - p[1]["ci95"][0]) for y, p in zip(ys, pts)],
                        [max(0.0, p[1]["ci95"][1] - y) for y, p in zip(ys, pts)]]
-                ax.errorbar(xs, ys, yerr=err, marker="*" if fam == "original" else "o", capsize=2, label=fam)
+                ax.errorbar(xs, ys, yerr=err, capsize=2, **style)
         ax.set_xlabel("KV bytes held / original's")
-        ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         if measure.startswith("ppl_"):
             ax.set_yscale("log")
-    axes[0].legend(fontsize=6)
+            if original and measure in original["measures"]:
+                base = original["measures"][measure]["ppl"]
+                ax.set_ylim(base / 1.2, base * PPL_CUT)
+                title += f" (cut at {PPL_CUT}x the original)"
+        ax.set_title(title, fontsize=9)
+    handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}  # every family once
+    key.axis("off")
+    key.legend(handles.values(), handles.keys(), loc="center", fontsize=7)
     save_figure(fig, path, dpi=110)

@@ -157,9 +157,10 @@ python3 scripts/render_docs.py scaling            # this page
 
 
 def report_body(path: Path) -> str:
-    """A study's report.md without its title line."""
+    """A study's report.md without its title line, its sections one level down (they sit inside a page's)."""
     text = read(path)
-    return text.split("\n", 1)[1] if text.startswith("# ") else text
+    body = text.split("\n", 1)[1] if text.startswith("# ") else text
+    return "\n".join("#" + line if line.startswith("## ") else line for line in body.splitlines()) + "\n"
 
 
 RECALL_FOLLOW_UPS = [  # (section, report) of the later recall studies, shown once they have run

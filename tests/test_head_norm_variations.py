@@ -148,5 +148,6 @@ def test_verdicts_give_a_partial_recovery_as_a_share_of_the_gap():
     accuracy = {"baseline": [0.98, 0.99, 1.0], "mea": [0.30, 0.31, 0.32], "mea+gain": [0.63, 0.65, 0.67]}
     runs = [{"arm": arm, "lr": 1e-3, "seed": s, "accuracy": a, "final_train_loss": 0.1, "num_values": 16}
             for arm, accs in accuracy.items() for s, a in enumerate(accs)]
-    (verdict,) = rs.summarize(plan, runs)["verdicts"]
+    mea, verdict = rs.summarize(plan, runs)["verdicts"]
+    assert mea.startswith("MEA recalls 0.310 vs the baseline's 0.990 at lr 0.001 (p ")
     assert verdict.startswith("mea+gain: recovers 50% of MEA's gap to the baseline: 0.650")

@@ -163,6 +163,12 @@ def _learned(rs: list[dict]) -> dict:
 def verdicts(plan: dict, rows: list[dict]) -> list[str]:
     out = []
     at = {(r["arm"], r["lr"]): r for r in rows}
+    if {"baseline", "mea"} <= set(plan["arms"]):
+        parts = [f"{at[('mea', lr)]['mean']:.3f} vs the baseline's {at[('baseline', lr)]['mean']:.3f} at lr {lr:g}"
+                 + (f" (p {v['p']:.2g})" if (v := at[("mea", lr)]["vs_baseline"]) else "")
+                 for lr in (plan["lr"], plan["high_lr"]) if at[("mea", lr)]["accuracy"] and at[("baseline", lr)]["accuracy"]]
+        if parts:
+            out.append("MEA recalls " + "; ".join(parts) + ".")
     for arm in plan["arms"]:
         if arm in ("baseline", "mea") or not at[(arm, plan["lr"])]["accuracy"]:
             continue

@@ -27,7 +27,7 @@ import numpy as np
 from ..atomic import write_json_atomic, write_text_atomic
 from .launcher import fix_plan
 from .run_files import read_json
-from .stats import welch
+from .stats import p_text, welch
 
 ALPHA = 0.05
 # arm -> (variant, MEAConfig overrides)
@@ -165,7 +165,7 @@ def verdicts(plan: dict, rows: list[dict]) -> list[str]:
     at = {(r["arm"], r["lr"]): r for r in rows}
     if {"baseline", "mea"} <= set(plan["arms"]):
         parts = [f"{at[('mea', lr)]['mean']:.3f} vs the baseline's {at[('baseline', lr)]['mean']:.3f} at lr {lr:g}"
-                 + (f" (p {v['p']:.2g})" if (v := at[("mea", lr)]["vs_baseline"]) else "")
+                 + (f" (p {p_text(v['p'])})" if (v := at[("mea", lr)]["vs_baseline"]) else "")
                  for lr in (plan["lr"], plan["high_lr"]) if at[("mea", lr)]["accuracy"] and at[("baseline", lr)]["accuracy"]]
         if parts:
             out.append("MEA recalls " + "; ".join(parts) + ".")
@@ -186,8 +186,8 @@ def verdicts(plan: dict, rows: list[dict]) -> list[str]:
                     else "recalls better than MEA")
         else:
             word = "recalls worse than MEA"
-        text = (f"{arm}: {word}: {r['mean']:.3f} vs MEA {at[('mea', plan['lr'])]['mean']:.3f} (p {vs_mea['p']:.2g}) "
-                f"and baseline {at[('baseline', plan['lr'])]['mean']:.3f} (p {vs_base['p']:.2g})")
+        text = (f"{arm}: {word}: {r['mean']:.3f} vs MEA {at[('mea', plan['lr'])]['mean']:.3f} (p {p_text(vs_mea['p'])}) "
+                f"and baseline {at[('baseline', plan['lr'])]['mean']:.3f} (p {p_text(vs_base['p'])})")
         if hi["accuracy"]:
             text += (f"; at lr {plan['high_lr']:g}: {hi['mean']:.3f}, {hi['failed']}/{len(hi['accuracy'])} runs failed "
                      f"to train (MEA {at[('mea', plan['high_lr'])]['mean'] or float('nan'):.3f}, baseline "
@@ -209,7 +209,7 @@ def render_markdown(summary: dict) -> str:
             continue
         per_seed = ", ".join(f"s{s}: {a:.3f}" for s, a in zip(r["seeds"], r["accuracy"]))
         ms = f"{r['mean']:.3f}" + (f" ± {r['std']:.3f}" if r["std"] is not None else "")
-        vs = [("—" if v is None else f"{v['diff']:+.3f} ({v['p']:.2g})") for v in (r["vs_mea"], r["vs_baseline"])]
+        vs = [("—" if v is None else f"{v['diff']:+.3f} ({p_text(v['p'])})") for v in (r["vs_mea"], r["vs_baseline"])]
         learned = "; ".join(f"{k} per layer " + ", ".join(f"{x:.2f}" for x in v) for k, v in r["learned"].items())
         lines.append(f"| {r['arm']} | {DESCRIPTIONS[r['arm']]} | {r['lr']:g} | {per_seed} | {ms} | {vs[0]} | {vs[1]} | "
                      f"{r['failed']}/{len(r['accuracy'])} | {learned or '—'} |")

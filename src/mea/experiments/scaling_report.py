@@ -15,7 +15,7 @@ from ..plotting import pyplot, save_figure
 from .run_files import read_json, read_jsonl
 from .scaling_fit import fit_with_intervals, gap_trend, mean_curve
 from .scaling_layout import run_name
-from .stats import welch
+from .stats import p_text, welch
 
 ALPHA = 0.05
 REFERENCE = "baseline"
@@ -158,7 +158,7 @@ def verdicts(summary: dict) -> list[str]:
     out = [trend_sentence(g) for g in summary["gaps"]]
     for b in summary["gap_by_size"]:
         if b["rows"] and len(b["rows"]) >= 2:
-            rows = ", ".join(f"{r['size']} {r['gap']:+.3f}" + (f" (p {r['p']:.2g})" if r["p"] is not None else "")
+            rows = ", ".join(f"{r['size']} {r['gap']:+.3f}" + (f" (p {p_text(r['p'])})" if r["p"] is not None else "")
                              for r in b["rows"])
             out.append(f"{b['variant']} - baseline across sizes at {_tok(b['tokens'])} tokens: {rows}; "
                        f"{b['slope_per_decade']:+.3f} nats per tenfold parameters.")
@@ -221,7 +221,7 @@ def render_markdown(plan: dict, summary: dict) -> str:
                   "|---|" + "---|" * (len(pts) + 1)]
         for g in gs:
             by = {p["tokens"]: p for p in g["points"]}
-            row = [f"{by[t]['gap']:+.3f}" + (f" (p {by[t]['p']:.2g})" if by.get(t, {}).get("p") is not None else "")
+            row = [f"{by[t]['gap']:+.3f}" + (f" (p {p_text(by[t]['p'])})" if by.get(t, {}).get("p") is not None else "")
                    if t in by else "—" for t in pts]
             tr = g["trend"]
             trend = "—" if tr is None else f"{tr['slope_per_decade']:+.3f} {_ci(tr['slope_ci'], '{:+.3f}')}"
@@ -232,7 +232,7 @@ def render_markdown(plan: dict, summary: dict) -> str:
         if not b["rows"]:
             continue
         lines.append(f"- {b['variant']} at {_tok(b['tokens'])} tokens: " + ", ".join(
-            f"{r['size']} ({_tok(r['params'])} params) {r['gap']:+.3f}" + (f" (p {r['p']:.2g})" if r["p"] is not None
+            f"{r['size']} ({_tok(r['params'])} params) {r['gap']:+.3f}" + (f" (p {p_text(r['p'])})" if r["p"] is not None
                                                                            else "") for r in b["rows"])
             + (f"; slope {b['slope_per_decade']:+.3f} nats per tenfold parameters" if b["slope_per_decade"] is not None
                else ""))

@@ -21,6 +21,11 @@ def t_sf_two_sided(t: float, df: float) -> float:
     return float(min(1.0, max(0.0, 1.0 - 2.0 * area)))
 
 
+def p_text(p: float) -> str:
+    """A p-value for a report: two significant digits, or an upper bound below what `t_sf_two_sided` resolves."""
+    return "< 1e-6" if p < 1e-6 else f"{p:.2g}"
+
+
 def welch(a: list[float], b: list[float]) -> dict | None:
     """Welch's unequal-variance t-test of mean(a) - mean(b); None with fewer than 2 values on a side."""
     if len(a) < 2 or len(b) < 2:

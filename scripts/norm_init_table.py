@@ -1,8 +1,8 @@
 """Language-model loss of MEA with GroupNorm's weight initialised small (`mea_head_norm_init`), against the
-scaling study's baseline, GroupNorm and MEA runs at the same size, data, schedule and token count.
+scaling study's runs at the same size, data, schedule and token count (its first round).
 
-    for s in 0 1; do mea train --config out/scaling/configs/micro__mea__s$s.json --set mea_head_norm_init=0.1 \
-        --out out/norm-init/micro__mea-w0.1__s$s --until 489; done
+    for size in micro mini; do for s in 0 1; do mea train --config out/scaling/configs/${size}__mea__s$s.json \
+        --set mea_head_norm_init=0.1 --out out/norm-init/${size}__mea-w0.1__s$s --until 489; done; done
     mkdir -p results/norm-init && for r in out/norm-init/*/; do mkdir -p results/norm-init/$(basename $r) && \
         cp $r/metrics.jsonl $r/run.json results/norm-init/$(basename $r)/; done
     .venv/bin/python scripts/norm_init_table.py   # -> results/norm-init/report.md
@@ -20,28 +20,33 @@ OUT = Path("results/norm-init")
 
 def main() -> None:
     scaling = json.loads(Path("results/scaling/summary.json").read_text())
-    cells = {c["variant"]: c for c in scaling["cells"] if c["size"] == "micro"}
-    at = cells["baseline"]["at_tokens"]
-    losses = {v: cells[v]["loss_at"] for v in ("baseline", "groupnorm", "mea-no-groupnorm", "mea")}
-    runs = sorted(OUT.glob("micro__*__s*"))
-    for run in runs:
-        init = json.loads((run / "run.json").read_text())["config"]["model"]["mea_head_norm_init"]
-        points = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
-        loss = next((p["val_loss"] for p in points if p["tokens"] == at), None)
-        if loss is not None:
-            losses.setdefault(f"mea, GroupNorm weight {init:g} at init", []).append(loss)
-    base = losses["baseline"]
+    params = scaling["params"]
     lines = ["# MEA with GroupNorm's weight initialised small: language-model loss", "",
-             f"micro (447k parameters), the scaling study's data and schedule, each variant at its learning rate "
-             f"there (MEA's 0.01 for the new runs); validation loss at {at:,} tokens; p: Welch's t-test over seeds "
-             "against the baseline and against MEA. Made by `.venv/bin/python scripts/norm_init_table.py` (commands in its docstring).", "",
-             "| variant | loss per seed | mean | gap to the baseline (p) | vs MEA (p) |", "|---|---|---|---|---|"]
-    for name, vals in losses.items():
-        mean = sum(vals) / len(vals)
-        gaps = [welch(vals, ref) if name != ref_name else None for ref_name, ref in (("baseline", base),
-                                                                                      ("mea", losses["mea"]))]
-        gap, vs_mea = ("—" if w is None else f"{w['diff']:+.3f} ({p_text(w['p'])})" for w in gaps)
-        lines.append(f"| {name} | {', '.join(f'{v:.3f}' for v in vals)} | {mean:.3f} | {gap} | {vs_mea} |")
+             "The scaling study's data and schedule, each variant at its learning rate there (MEA's for the new "
+             "runs); validation loss at the token count every run reached; p: Welch's t-test over seeds against "
+             "the baseline and against MEA. Made by `.venv/bin/python scripts/norm_init_table.py` (commands in its "
+             "docstring)."]
+    for size in sorted({run.name.split("__")[0] for run in OUT.glob("*__*__s*")}, key=list(params).index):
+        cells = {c["variant"]: c for c in scaling["cells"] if c["size"] == size and c.get("loss_at")}
+        if "baseline" not in cells or "mea" not in cells:
+            lines += ["", f"**{size}**: the scaling study has no shared loss for the baseline and MEA yet."]
+            continue
+        at = cells["baseline"]["at_tokens"]
+        losses = {v: cells[v]["loss_at"] for v in cells if cells[v]["at_tokens"] == at}
+        for run in sorted(OUT.glob(f"{size}__*__s*")):
+            init = json.loads((run / "run.json").read_text())["config"]["model"]["mea_head_norm_init"]
+            points = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+                      if "val_loss" in line]
+            loss = next((p["val_loss"] for p in points if p["tokens"] == at), None)
+            if loss is not None:
+                losses.setdefault(f"mea, GroupNorm weight {init:g} at init", []).append(loss)
+        lines += ["", f"**{size}** ({params[size]:,} parameters), at {at:,} tokens", "",
+                  "| variant | loss per seed | mean | gap to the baseline (p) | vs MEA (p) |", "|---|---|---|---|---|"]
+        for name, vals in losses.items():
+            gaps = [welch(vals, losses[ref]) if name != ref else None for ref in ("baseline", "mea")]
+            gap, vs_mea = ("—" if w is None else f"{w['diff']:+.3f} ({p_text(w['p'])})" for w in gaps)
+            lines.append(f"| {name} | {', '.join(f'{v:.3f}' for v in vals)} | {sum(vals) / len(vals):.3f} | {gap} | "
+                         f"{vs_mea} |")
     (OUT / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -151,6 +151,7 @@ mea study recall results/recall-scale --arms baseline mea mea-no-groupnorm mea+e
 mea study recall results/recall-lr --arms baseline mea mea+eps1 --lr 3e-3 --high-lr 3e-4 --seeds 0 1 2 3
 mea study recall results/recall-long --arms baseline mea --steps 3200 --high-lr 3e-3 --seeds 0 1
 mea study recall results/recall-w --arms baseline mea mea+w0.1 --high-lr 3e-3 --seeds 0 1 2 3 4 5 6 7
+.venv/bin/python scripts/norm_init_table.py      # GroupNorm's weight at 0.1 in language modelling (its docstring)
 python3 scripts/render_docs.py scaling            # this page
 ```
 """
@@ -163,11 +164,12 @@ def report_body(path: Path) -> str:
     return "\n".join("#" + line if line.startswith("## ") else line for line in body.splitlines()) + "\n"
 
 
-RECALL_FOLLOW_UPS = [  # (section, report) of the later recall studies, shown once they have run
+FOLLOW_UPS = [  # (section, report) of the later studies of GroupNorm, shown once they have run
     ("The norm's scale, apart from its normalisation", "results/recall-scale/report.md"),
     ("Other learning rates", "results/recall-lr/report.md"),
     ("Four times the training steps", "results/recall-long/report.md"),
     ("The norm at the raw output's scale, eight seeds", "results/recall-w/report.md"),
+    ("The same initial weight in language modelling", "results/norm-init/report.md"),
 ]
 
 
@@ -179,7 +181,7 @@ def scaling() -> str:
         ("Scaling: results so far", report or "No results yet: the study has not reached its first round."),
         ("Why GroupNorm breaks associative recall", report_body(Path("results/recall/report.md")) or "No results yet."),
         ("A warm-up of the norm, and more seeds", report_body(Path("results/recall-warmup/report.md"))),
-        *[(title, body) for title, path in RECALL_FOLLOW_UPS if (body := report_body(Path(path)))],
+        *[(title, body) for title, path in FOLLOW_UPS if (body := report_body(Path(path)))],
     ])
 
 

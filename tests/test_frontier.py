@@ -298,3 +298,22 @@ def test_only_builds_the_models_its_systems_read(tmp_path):
     assert built == ["svd-0.5-free"]
     built = [t.name for t, _ in needed_steps(steps, {model["mea-svd-0.5-rec-s0"], model["original"]})]
     assert built == ["svd-0.5-fit", "svd-0.5-rec-s0"]  # the recovery reads the fitted model
+
+
+def test_stacked_mea_is_compared_with_2bit_caches_holding_no_fewer_bytes():
+    from mea.experiments.frontier_report import _stacked_vs_2bit, stacked_vs_2bit
+
+    def row(name, family, nbytes, ppl, lambada):
+        return {"name": name, "family": family, "kv_bytes_per_token": nbytes,
+                "measures": {"ppl_modern": {"ppl": ppl}, "lambada": {"value": lambada, "ci95": [lambada - 0.02,
+                                                                                                   lambada + 0.02]}}}
+
+    ours = row("mea-x-0.33-rec-s0+int4", "MEA x (recovered) + int4 cache", 2160, 44.0, 0.04)
+    quanto = row("quanto-2", "quanto (QuantizedCache)", 4320, 151.0, 0.05)
+    cmp = stacked_vs_2bit(ours, quanto)
+    assert cmp["ppl_modern"]["better"] and not cmp["ppl_modern"]["overlap"]
+    assert not cmp["lambada"]["better"] and cmp["lambada"]["overlap"]  # 0.04 vs 0.05, intervals overlap
+    big = row("mea-x-0.67-rec-s0+int4", "MEA x (recovered) + int4 cache", 8000, 30.0, 0.14)
+    lines = _stacked_vs_2bit([ours, big, quanto, row("quanto-4", "quanto (QuantizedCache)", 7200, 23.5, 0.27)])
+    table = [line for line in lines if line.startswith("| mea-")]
+    assert len(table) == 1 and "| quanto-2 |" in table[0] and table[0].endswith("| 1 of 2 measured |")

@@ -70,7 +70,8 @@ def write_frontier_report(out: Path, systems: list[dict], *, notes: list[str]) -
               "contexts no longer than its 64-token scoring window whole (short LAMBADA passages). The model runs "
               "in fp32 on CPU, so the original's cache is fp32: against a 16-bit cache a quantized cache keeps twice "
               "the fraction shown, and MEA the same fraction. Proportions: [95% Wilson interval] (n)."]
-    lines += _sizes(out, rows) + _targets(rows) + _needle_cells(rows) + _chat(rows) + [f"- {n}" for n in notes]
+    lines += (_sizes(out, rows) + _targets(rows) + _stacked_vs_2bit(rows) + _needle_cells(rows) + _chat(rows)
+              + [f"- {n}" for n in notes])
     write_text_atomic(out / "report.md", "\n".join(lines) + "\n")
     write_json_atomic(out / "summary.json", {"rows": rows, "notes": notes})
     if rows:
@@ -142,6 +143,48 @@ def _targets(rows: list[dict]) -> list[str]:
     for r, c in checked:
         lines.append(f"| {r['name']} | {cell(c.get('ppl_modern'), 'ratio')} | {cell(c.get('ppl_shakespeare'), 'ratio')} "
                      f"| {cell(c.get('lambada'), 'ratio')} | {cell(c.get('needle'), 'share')} |")
+    return lines
+
+
+def stacked_vs_2bit(mine: dict, theirs: dict) -> dict:
+    """Per measure both have, whether `mine` (MEA with our quantized cache) does better than `theirs` (a 2-bit
+    QuantizedCache) and, for proportions, whether their 95% intervals overlap."""
+    out = {}
+    for m, _ in PLOTTED:
+        a, b = mine["measures"].get(m), theirs["measures"].get(m)
+        if a is None or b is None:
+            continue
+        if m.startswith("ppl_"):
+            out[m] = {"mine": a["ppl"], "theirs": b["ppl"], "better": a["ppl"] < b["ppl"], "overlap": False}
+        else:
+            overlap = a["ci95"][0] <= b["ci95"][1] and b["ci95"][0] <= a["ci95"][1]
+            out[m] = {"mine": a["value"], "theirs": b["value"], "better": a["value"] > b["value"], "overlap": overlap}
+    return out
+
+
+def _stacked_vs_2bit(rows: list[dict]) -> list[str]:
+    """Every MEA system with our quantized cache against every 2-bit QuantizedCache holding at least its bytes."""
+    stacked = [r for r in rows if r["name"].startswith("mea-") and "+int" in r["name"] and r["kv_bytes_per_token"]]
+    two_bit = [r for r in rows if r["family"].endswith("(QuantizedCache)") and r["name"].endswith("-2")
+               and r["kv_bytes_per_token"]]
+    pairs = [(a, b) for a in stacked for b in two_bit if a["kv_bytes_per_token"] <= b["kv_bytes_per_token"]]
+    if not pairs:
+        return []
+    lines = ["", "## MEA with our quantized cache against 2-bit quantization, at no more bytes", "",
+             "Each cell: ours vs theirs; `better` / `worse` for ours, `(overlap)` where the 95% intervals of a "
+             "proportion overlap.", "",
+             "| ours | bytes | 2-bit | bytes | " + " | ".join(t for _, t in PLOTTED) + " | ours better on |",
+             "|---|---|---|---|" + "---|" * len(PLOTTED) + "---|"]
+    for a, b in pairs:
+        cmp = stacked_vs_2bit(a, b)
+        cells = []
+        for m, _ in PLOTTED:
+            c = cmp.get(m)
+            cells.append("—" if c is None else f"{c['mine']:.3g} vs {c['theirs']:.3g} "
+                         f"{'better' if c['better'] else 'worse'}{' (overlap)' if c['overlap'] else ''}")
+        won = sum(c["better"] for c in cmp.values())
+        lines.append(f"| {a['name']} | {a['kv_bytes_per_token']:.0f} | {b['name']} | {b['kv_bytes_per_token']:.0f} | "
+                     + " | ".join(cells) + f" | {won} of {len(cmp)} measured |")
     return lines
 
 

@@ -141,3 +141,16 @@ def test_train_until_pauses_and_resume_continues_exactly(text, tmp_path):
     assert _val(tmp_path / "b") == _val(tmp_path / "a")
     with pytest.raises(ValueError, match="--until"):
         train(cfg, tmp_path / "c", until=0)
+
+
+def test_gap_by_size_waits_for_sizes_not_started():
+    from mea.experiments.scaling_report import _gap_by_size
+
+    def gap(size, points):
+        return {"size": size, "variant": "mea", "points": [{"tokens": t, "gap": g, "p": 0.01} for t, g in points]}
+
+    params = {"micro": 10**5, "mini": 10**6, "midi": 10**7}
+    got = _gap_by_size("mea", [gap("micro", [(1000, 0.5), (2000, 0.4)]), gap("mini", [(1000, 0.45), (2000, 0.3)]),
+                               gap("midi", [])], params)
+    assert got["tokens"] == 2000 and [r["size"] for r in got["rows"]] == ["micro", "mini"]
+    assert abs(got["slope_per_decade"] - (-0.1)) < 1e-9

@@ -118,7 +118,9 @@ def _gap(size: str, v: str, ca: list[list], cb: list[list]) -> dict:
 
 
 def _gap_by_size(v: str, gaps: list[dict], params: dict) -> dict:
-    """The gap at the largest token count every size has reached, per size, and its slope in log10(params)."""
+    """The gap at the largest token count every size with a gap has reached (sizes not started yet wait), per
+    size, and its slope in log10(params)."""
+    gaps = [g for g in gaps if g["points"]]
     shared = set.intersection(*(set(p["tokens"] for p in g["points"]) for g in gaps)) if gaps else set()
     if not shared:
         return {"variant": v, "tokens": None, "rows": [], "slope_per_decade": None}

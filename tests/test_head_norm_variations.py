@@ -151,3 +151,10 @@ def test_verdicts_give_a_partial_recovery_as_a_share_of_the_gap():
     mea, verdict = rs.summarize(plan, runs)["verdicts"]
     assert mea.startswith("MEA recalls 0.310 vs the baseline's 0.990 at lr 0.001 (p ")
     assert verdict.startswith("mea+gain: recovers 50% of MEA's gap to the baseline: 0.650")
+
+
+def test_the_small_init_variant_is_mea_with_the_norm_weight_at_0_1():
+    cfg = make_config("tiny", "mea-gn0.1")
+    assert cfg.mea_hlc and cfg.mea_head_norm and cfg.mea_head_norm_init == 0.1
+    assert {k: v for k, v in cfg.to_dict().items() if k.startswith("mea_") and k != "mea_head_norm_init"} == \
+        {k: v for k, v in make_config("tiny", "mea").to_dict().items() if k.startswith("mea_") and k != "mea_head_norm_init"}

@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from ..convert.fold import plain_config_fields
 from ..machine import machine_header
 from ..markdown import markdown_table
-from ..models import VARIANTS, MEAForCausalLM, make_config
+from ..models import PAPER_VARIANTS, MEAForCausalLM, make_config
 from .timing import in_fresh_process, rotated, synchronize
 
 
@@ -31,7 +31,7 @@ def training_system(preset: str, name: str):
 def training_systems(preset: str) -> tuple[dict, dict]:
     """Every variant the preset's head counts allow, plus transformers' Llama; and the variants skipped."""
     systems, skipped = {}, {}
-    for name in [*VARIANTS, "transformers-llama"]:
+    for name in [*PAPER_VARIANTS, "transformers-llama"]:  # variants that differ only in init run alike
         try:
             systems[name] = training_system(preset, name)
         except ValueError as e:  # e.g. Differential attention needs even head counts

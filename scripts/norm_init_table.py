@@ -7,7 +7,12 @@ scaling study's runs at the same size, data, schedule and token count (its first
         cp $r/metrics.jsonl $r/run.json results/norm-init/$(basename $r)/; done
     .venv/bin/python scripts/norm_init_table.py   # -> results/norm-init/report.md
 
-The other variants' losses come from results/scaling/summary.json (`loss_at`, per seed, at `at_tokens`)."""
+The other variants' losses come from results/scaling/summary.json (`loss_at`, per seed, at `at_tokens`).
+A second table puts the learning-rate study's short runs side by side (the same quick preset for both):
+
+    mea study lr out/lr-gn-init --variants mea-gn0.1 --lrs 0.01 0.1 0.3 --seeds 0 1 2
+    mkdir -p results/lr-gn-init && cp out/lr-gn-init/{report.md,summary.json,study.json,*.png} results/lr-gn-init/
+"""
 
 import json
 import sys
@@ -47,8 +52,38 @@ def main() -> None:
             gap, vs_mea = ("—" if w is None else f"{w['diff']:+.3f} ({p_text(w['p'])})" for w in gaps)
             lines.append(f"| {name} | {', '.join(f'{v:.3f}' for v in vals)} | {sum(vals) / len(vals):.3f} | {gap} | "
                          f"{vs_mea} |")
+    lines += lr_study_lines()
     (OUT / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def lr_study_lines() -> list[str]:
+    """Final validation loss per variant and rate in the quick learning-rate study and the new variant's runs at
+    the same preset, each against the baseline at its best rate."""
+    tables = [json.loads(p.read_text()) for p in (Path("results/lr-study-quick/summary.json"),
+                                                  Path("results/lr-gn-init/summary.json")) if p.exists()]
+    if len(tables) < 2:
+        return []
+    rows = [r for t in tables for r in t["table"] if r["variant"] in ("baseline", "mea", "mea-gn0.1")]
+    best = tables[0]["best_lr"]["baseline"]
+    base = next(r["losses"] for r in rows if r["variant"] == "baseline" and r["lr"] == best)
+    lrs = sorted({r["lr"] for r in rows if r["variant"] == "mea-gn0.1"})
+    lines = ["", "**The learning-rate study's short runs** (`--preset quick`: mini, 150 steps of 16 x 128 tokens, "
+             f"3 seeds; results/lr-study-quick/ and results/lr-gn-init/): final validation loss; against the "
+             f"baseline at its best rate ({best:g}, {sum(base) / len(base):.3f}).", "",
+             "| variant | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+    for v in ("baseline", "mea", "mea-gn0.1"):
+        cells = []
+        for lr in lrs:
+            r = next((r for r in rows if r["variant"] == v and r["lr"] == lr), None)
+            if r is None or not r["losses"]:
+                cells.append("—" if r is None else f"diverged {r['diverged']}/{r['n']}")
+                continue
+            w = welch(r["losses"], base)
+            cells.append(f"{r['mean']:.3f}" + ("" if w is None or (v == "baseline" and lr == best)
+                                               else f" ({w['diff']:+.3f}, p {p_text(w['p'])})"))
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@ reads them): OUT/runs/<run_name>/, variants listed in VARIANT_ORDER."""
 
 from __future__ import annotations
 
-VARIANT_ORDER = ["baseline", "groupnorm", "diff", "mea-no-groupnorm", "mea"]
+from ..models.presets import PAPER_VARIANTS
+
+VARIANT_ORDER = list(PAPER_VARIANTS)
 
 
 def run_name(variant: str, lr: float, seed: int) -> str:

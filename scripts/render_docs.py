@@ -185,7 +185,6 @@ def scaling() -> str:
     ])
 
 
-
 def compression() -> str:
     table = subprocess.run([sys.executable, "scripts/render_compression_table.py"], capture_output=True, text=True,
                            check=True).stdout

@@ -3,7 +3,6 @@ facts are retrievable only through the cache, and the whole study runs end to en
 
 import json
 import random
-
 import sys
 
 import pytest

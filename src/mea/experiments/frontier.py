@@ -110,11 +110,11 @@ def plan(src: str, out: Path, *, heads: int, levels, methods, quant, presses, re
 
 def needed_steps(steps: list[tuple[Path, list[str]]], models: set[str]) -> list[tuple[Path, list[str]]]:
     """The steps that build `models` and the models those steps read (a recovery needs its fitted model)."""
-    needed, keep = set(models), []
+    built, needed, keep = {str(t) for t, _ in steps}, set(models), []
     for target, cmd in reversed(steps):  # a step comes after every step it reads from
         if str(target) in needed:
             keep.append((target, cmd))
-            needed.update(a for a in cmd if any(a == str(t) for t, _ in steps))
+            needed.update(a for a in cmd if a in built)
     return keep[::-1]
 
 

@@ -6,7 +6,8 @@ import mea
 from mea.compress.calibrate import input_moments, key_moments
 from mea.compress.factor_model import factor_model
 from mea.compress.factorize import factorize_heads, weighted_error
-from mea.compress.plan import budget_plan, parse_layers, preset_layers, uniform_plan
+from mea.compress.plan import (budget_plan, greedy_descent, parse_layers, preset_layers, uniform_plan,
+                              width_budget_plan)
 
 
 def test_factorize_full_rank_is_exact_and_error_non_increasing():
@@ -86,6 +87,27 @@ def test_plans():
         uniform_plan(4, 3, 4, [0])
     with pytest.raises(ValueError, match="outside"):
         parse_layers("0-9", 8)
+
+
+def test_greedy_descent_takes_the_cheapest_loss_per_unit_saved():
+    options = [[(4, 0.0), (2, 1.0), (1, 9.0)],  # 0.5 per unit, then 8
+               [(4, 0.0), (3, 0.2), (1, 0.6)]]  # 0.2 per unit, then 0.2
+    assert greedy_descent(options, 8) == [0, 0]
+    assert greedy_descent(options, 7) == [0, 1]
+    assert greedy_descent(options, 5) == [0, 2]  # layer 1 all the way down before layer 0's 0.5 per unit
+    assert greedy_descent(options, 3) == [1, 2]
+    with pytest.raises(ValueError, match="below"):
+        greedy_descent(options, 1)
+
+
+def test_width_budget_plan_gives_sensitive_layers_more_width():
+    splits = {l: {48: (2, 16), 32: (1, 16), 16: None} for l in range(3)}
+    splits = {l: {w: kv for w, kv in row.items() if kv} for l, row in splits.items()}
+    sens = {0: {48: 5.0, 32: 9.0}, 1: {48: 0.1, 32: 0.2}, 2: {48: 0.1, 32: 0.3}}
+    plan = width_budget_plan(sens, splits, 3, 16, 32 * 3 / (3 * 96) + 64 / 288, value_latent=True)
+    assert plan[0] == (3, 48) and plan[1] == plan[2] == (1, 16)  # 96 + 32 + 32 floats
+    with pytest.raises(ValueError, match="below what the probed widths reach"):
+        width_budget_plan(sens, splits, 3, 16, 0.2, value_latent=True)
 
 
 def test_layerwise_fit_reduces_the_error_it_trains_on(calibrated):

@@ -79,7 +79,24 @@ def test_retrieval_probe_allocates_a_budget(capsys, tmp_path, tiny_llama_dir):
     assert sum(res["plan"]) <= 0.5 * 9 and min(res["plan"]) >= 1
     code, res, err = run(capsys, "compress", tiny_llama_dir, tmp_path / "c", "--kv-budget", "0.5", "--method",
                          "rope-pair-latent", "--probe-objective", "retrieval", *SMALL)
-    assert code == 2 and "--probe-objective" in err
+    assert code == 2 and "--allocate probe" in err
+
+
+def test_width_probe_allocates_a_value_latent_budget_across_layers(capsys, tmp_path, tiny_llama_dir):
+    """rope-pair-latent with --allocate probe: each layer at a probed width (or whole), h'_K and R per layer,
+    the cache within the budget, and the model it writes loads and holds exactly the planned bytes."""
+    code, res, err = run(capsys, "compress", tiny_llama_dir, tmp_path / "w", "--kv-budget", "0.5", "--method",
+                         "rope-pair-latent", "--allocate", "probe", "--probe-objective", "both", *SMALL)
+    assert code == 0, err
+    config = AutoModelForCausalLM.from_pretrained(tmp_path / "w").config
+    head_dim, heads = config.head_dim, config.num_key_value_heads
+    widths = [k * head_dim + r for k, r in res["plan"]]
+    assert sum(widths) <= 0.5 * 3 * 2 * heads * head_dim
+    assert all(1 <= k <= heads and 1 <= r <= heads * head_dim for k, r in res["plan"])
+    assert res["kv_fraction"] == pytest.approx(sum(widths) / (3 * 2 * heads * head_dim))
+    code, _, err = run(capsys, "compress", tiny_llama_dir, tmp_path / "s", "--kv-budget", "0.5", "--method",
+                       "rope-pair-latent", "--allocate", "probe", "--sensitivity", tmp_path / "none.json", *SMALL)
+    assert code == 2 and "--sensitivity" in err
 
 
 def test_answer_loss_scores_exactly_the_answer_tokens(tiny_llama_dir):

@@ -259,6 +259,25 @@ def test_plan_recovers_each_seed_from_the_fitted_model(tmp_path):
     assert {s.cache for s in systems[-7:]} == {"mea-kv4"}
 
 
+def test_plan_builds_probe_allocated_models_beside_the_default(tmp_path):
+    from mea.experiments.frontier import plan
+
+    steps, systems = plan("src", tmp_path, heads=3, levels=[0.67], methods=["rope-pair-latent"], quant=[], presses=[],
+                          recover_tokens=(4096,), peers_python=None, probe_objectives=("both",))
+    built = {target.name: cmd[cmd.index("-m") + 2:] for target, cmd in steps}
+    assert list(built) == ["rope-pair-latent-0.67-free", "rope-pair-latent-0.67-fit", "rope-pair-latent-0.67-rec-s0",
+                           "rope-pair-latent-0.67-probe-both-free", "rope-pair-latent-0.67-probe-both-fit",
+                           "rope-pair-latent-0.67-probe-both-rec-s0"]
+    fit = built["rope-pair-latent-0.67-probe-both-fit"]
+    assert fit[fit.index("--kv-budget") + 1] == "0.67" and fit[fit.index("--allocate") + 1] == "probe"
+    assert fit[fit.index("--probe-objective") + 1] == "both"
+    assert "--allocate" not in built["rope-pair-latent-0.67-fit"]
+    assert built["rope-pair-latent-0.67-probe-both-rec-s0"][1] == str(tmp_path / "models" /
+                                                                     "rope-pair-latent-0.67-probe-both-fit")
+    family = {s.name: s.family for s in systems}
+    assert family["mea-rope-pair-latent-0.67-probe-both-rec-s0"] == "MEA rope-pair-latent, both probe (recovered)"
+
+
 def test_target_checks_compare_with_the_original():
     from mea.experiments.frontier_report import target_checks
 

@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out")
     e.add_argument("--src", help="the model (default: the embedded SmolLM2)")
     e.add_argument("--levels", type=float, nargs="+", help="KV fractions kept by MEA and kvpress (default 0.67 0.5 0.33)")
-    e.add_argument("--methods", nargs="*", help="`mea compress --method` names (default whitened svd)")
+    e.add_argument("--methods", nargs="*", help="`mea compress --method` names (default rope-pair-latent whitened svd)")
     e.add_argument("--quant", nargs="*", help="QuantizedCache systems (default quanto-4 quanto-2 hqq-4 hqq-2)")
     e.add_argument("--presses", nargs="*", help="kvpress presses (default streamingllm snapkv expectedattention knorm)")
     e.add_argument("--recover-tokens", type=int, nargs="+", help="also measure MEA after recovery on N tokens; "
@@ -230,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--recover-args", help='further `mea recover` flags, e.g. "--lr 3e-4 --retrieval-frac 0.5"')
     e.add_argument("--kv-bits", type=int, nargs="*", help="also measure the original and each MEA model with our "
                    "quantized cache at these bits (default none)")
+    e.add_argument("--probe-objectives", nargs="*", choices=PROBE_OBJECTIVES, help="also build each method and level "
+                   "with its layers' sizes chosen by the probe of these objectives (`mea compress --allocate probe "
+                   "--probe-objective O`; default none)")
     e.add_argument("--measures", nargs="+", help="subset of bytes ppl_modern ppl_shakespeare lambada needle multikey chat")
     e.add_argument("--only", nargs="+", help="measure only the systems matching these patterns, e.g. 'mea-*-rec-s0'")
     e.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")

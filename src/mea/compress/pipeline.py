@@ -24,7 +24,8 @@ from ..machine import available_memory
 from .calibrate import input_moments, key_moments
 from .factor_model import error_curves, factor_model
 from .methods import METHODS, method_of
-from .plan import LAYER_PRESETS, budget_plan, load_sensitivity, parse_layers, preset_layers, uniform_plan, width_plan
+from .plan import (LAYER_PRESETS, budget_plan, load_sensitivity, parse_layers, preset_layers, probe_width_splits,
+                   uniform_plan, width_budget_plan, width_plan)
 from .probe import PROBE_OBJECTIVES, probe_layers, quick_probe_loss
 from .recover import FIT_MODES, layerwise_fit
 from .streaming import Shards, check_streamable, compress_streamed, copy_tokenizer_files, finish
@@ -44,8 +45,8 @@ class CompressOptions:
     preset: str = field(  # layers compressed when --layers is not given
         default="full", metadata={"choices": LAYER_PRESETS})
     kv_budget: float | None = None  # fraction of the original KV bytes kept; h' per layer from sensitivity
-    allocate: str = field(  # how --kv-budget is spread: probe (whole heads by measured loss) or errors (per-layer curves)
-        default="probe", metadata={"choices": ("probe", "errors")})
+    allocate: str = field(  # how --kv-budget is spread: probe (per-layer sizes by measured loss), errors (every layer the budget, split by its error curves), auto (probe for head-level methods, errors for value latents)
+        default="auto", metadata={"choices": ("auto", "probe", "errors")})
     sensitivity: str | None = None  # a `mea probe` probe.json for --kv-budget (else a quick probe runs)
     probe_objective: str = field(  # the quick probe's loss: next-token (text), planted answers (retrieval), or both
         default="text", metadata={"choices": PROBE_OBJECTIVES})
@@ -97,16 +98,23 @@ def validate(opts: CompressOptions) -> None:
     if opts.probe_objective not in PROBE_OBJECTIVES:
         raise ValueError(f"--probe-objective must be one of {', '.join(PROBE_OBJECTIVES)}, got {opts.probe_objective!r}")
     if (opts.sensitivity or opts.probe_objective != "text") and allocation(opts) == "errors":
-        raise ValueError("--sensitivity and --probe-objective steer the probe's allocation; with --allocate errors (and "
-                         "for value-latent methods) each layer's budget is split by its own error curves: drop them")
+        raise ValueError("--sensitivity and --probe-objective steer the probe's allocation; with --allocate errors (the "
+                         "default for value-latent methods) each layer's budget is split by its own error curves: drop "
+                         "them, or add --allocate probe")
+    if opts.sensitivity and method_of(opts.method).value_mixing == "latent":
+        raise ValueError("--sensitivity reads a `mea probe` table of whole heads; a value-latent method's probe "
+                         "measures cached widths, which `mea compress --allocate probe` runs itself: drop --sensitivity")
 
 
-ALLOCATIONS = ("probe", "errors")
+ALLOCATIONS = ("auto", "probe", "errors")
 
 
 def allocation(opts: CompressOptions) -> str:
-    """How --kv-budget is spent: value latents have widths that are not whole heads, so always "errors"."""
-    return "errors" if method_of(opts.method).value_mixing == "latent" else opts.allocate
+    """How --kv-budget is spent. auto: the probe for head-level methods; for value latents every layer the
+    budget split by its error curves (the probe of widths costs a probe pass per layer and width)."""
+    if opts.allocate != "auto":
+        return opts.allocate
+    return "errors" if method_of(opts.method).value_mixing == "latent" else "probe"
 
 
 def heads_plan(cfg, opts: CompressOptions) -> list[int]:
@@ -123,17 +131,22 @@ def make_plan(model, opts: CompressOptions, tokenizer, moments, keys) -> list:
     h, num_layers = cfg.num_key_value_heads, cfg.num_hidden_layers
     if opts.virtual_heads is not None:
         return heads_plan(cfg, opts)
+    latent = method_of(opts.method).value_mixing == "latent"
+    curves = ([error_curves(layer.self_attn, moments[i], opts.method) for i, layer in enumerate(model.model.layers)]
+              if allocation(opts) == "errors" or latent else None)
     if allocation(opts) == "errors":  # the same share of every layer, split between keys and values by error
-        curves = [error_curves(layer.self_attn, moments[i], opts.method) for i, layer in enumerate(model.model.layers)]
-        return width_plan(curves, h, cfg.head_dim, opts.kv_budget,
-                          value_latent=method_of(opts.method).value_mixing == "latent")
+        return width_plan(curves, h, cfg.head_dim, opts.kv_budget, value_latent=latent)
     if opts.sensitivity:
-        sens = load_sensitivity(opts.sensitivity)
-    else:
-        log(f"measuring per-layer sensitivity (quick {opts.probe_objective} probe; `mea probe` writes a fuller one)...")
-        sens = probe_layers(model, quick_probe_loss(tokenizer, opts.probe_objective), moments, keys,
-                            levels=list(range(1, h)), method=opts.method, log=log)["delta_loss"]
-    return budget_plan(sens, num_layers, h, opts.kv_budget)
+        return budget_plan(load_sensitivity(opts.sensitivity), num_layers, h, opts.kv_budget)
+    log(f"measuring per-layer sensitivity (quick {opts.probe_objective} probe; `mea probe` writes a fuller one)...")
+    probe = quick_probe_loss(tokenizer, opts.probe_objective)
+    if not latent:
+        sens = probe_layers(model, probe, moments, keys, levels=list(range(1, h)), method=opts.method, log=log)
+        return budget_plan(sens["delta_loss"], num_layers, h, opts.kv_budget)
+    splits = probe_width_splits(curves, h, cfg.head_dim, opts.kv_budget, value_latent=True)  # layers may differ
+    widths = sorted({w for row in splits.values() for w in row}, reverse=True)
+    sens = probe_layers(model, probe, moments, keys, levels=widths, method=opts.method, splits=splits, log=log)
+    return width_budget_plan(sens["delta_loss"], splits, h, cfg.head_dim, opts.kv_budget, value_latent=True)
 
 
 def calibration_set(tok, opts: CompressOptions):

@@ -72,33 +72,39 @@ def quick_probe_loss(tokenizer, objective: str = "text") -> ProbeLoss:
 
 
 def probe_layers(model, probe: ProbeLoss, moments, key_moments=None, *, levels: list[int],
-                 method: str = "whitened", log=print) -> dict:
-    """delta_loss[layer][h'] = the probe's loss with only that layer at h' virtual heads, minus the
-    uncompressed loss (nats per token). moments / key_moments: from `calibrate` (see `factor_model`)."""
+                 method: str = "whitened", splits: dict[int, dict[int, tuple[int, int]]] | None = None,
+                 log=print) -> dict:
+    """delta_loss[layer][level] = the probe's loss with only that layer compressed, minus the uncompressed loss
+    (nats per token). A level is h' virtual heads, or with `splits` a cached width in floats per token, the layer
+    then compressed to splits[layer][width] = (h'_K, value size) (`plan.probe_width_splits`; widths a layer
+    cannot take are skipped). moments / key_moments: from `calibrate` (see `factor_model`)."""
     cfg = model.config
+    unit = "h'" if splits is None else "width"
     base = probe.loss(model)
     delta: dict[int, dict[int, float]] = {}
     for layer in range(cfg.num_hidden_layers):
         delta[layer] = {}
         block = model.model.layers[layer]
         original = block.self_attn
+        targets = {m: m for m in levels} if splits is None else {m: splits[layer][m] for m in levels
+                                                                  if m in splits[layer]}
         try:
-            for m in levels:  # swap in the compressed attention of this one layer, measure, restore
-                block.self_attn, _ = factor_attention(original, m, method=method,
+            for m, target in targets.items():  # swap in the compressed attention of this one layer, measure, restore
+                block.self_attn, _ = factor_attention(original, target, method=method,
                                                       sigma=moments[layer] if moments is not None else None,
                                                       key_stats=key_moments[layer] if key_moments else None)
                 delta[layer][m] = probe.loss(model) - base
         finally:
             block.self_attn = original
-        log(f"layer {layer:2d}: " + ", ".join(f"h'={m}: +{delta[layer][m]:.4f}" for m in levels))
-    return {"base_loss": base, "levels": levels, "method": method, "objective": probe.objective,
+        log(f"layer {layer:2d}: " + ", ".join(f"{unit}={m}: +{d:.4f}" for m, d in delta[layer].items()))
+    return {"base_loss": base, "levels": levels, "unit": unit, "method": method, "objective": probe.objective,
             "tokens": probe.tokens, "delta_loss": delta}
 
 
 def probe_markdown(result: dict) -> str:
-    levels = result["levels"]
-    rows = ["| layer | " + " | ".join(f"Δloss h'={m}" for m in levels) + " |", "|---|" + "---|" * len(levels)]
-    rows += [f"| {layer} | " + " | ".join(f"{d[m]:+.4f}" for m in levels) + " |"
+    levels, unit = result["levels"], result.get("unit", "h'")
+    rows = ["| layer | " + " | ".join(f"Δloss {unit}={m}" for m in levels) + " |", "|---|" + "---|" * len(levels)]
+    rows += [f"| {layer} | " + " | ".join(f"{d[m]:+.4f}" if m in d else "—" for m in levels) + " |"
              for layer, d in result["delta_loss"].items()]
     return (f"Base loss {result['base_loss']:.4f} nats/token on {result['tokens']} probe tokens "
             f"({result['method']}, objective {result.get('objective', 'text')}).\n\n" + "\n".join(rows) + "\n")
@@ -110,8 +116,11 @@ def plot_probe(result: dict, path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     layers = sorted(result["delta_loss"], key=int)
+    unit = result.get("unit", "h'")
     for m in result["levels"]:
-        ax.plot([int(l) for l in layers], [result["delta_loss"][l][m] for l in layers], marker="o", label=f"h'={m}")
+        rows = [l for l in layers if m in result["delta_loss"][l]]
+        ax.plot([int(l) for l in rows], [result["delta_loss"][l][m] for l in rows], marker="o",
+                label=f"{unit}={m}")
     ax.set_xlabel("layer compressed (alone)")
     ax.set_ylabel("Δ validation loss (nats/token)")
     ax.set_yscale("symlog", linthresh=1e-3)

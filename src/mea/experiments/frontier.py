@@ -4,6 +4,7 @@ actually holds. Each step is a subprocess skipped when its output exists, so the
     OUT/models/METHOD-LEVEL-free     mea compress SRC ... --method METHOD --recover none   (training-free)
     OUT/models/METHOD-LEVEL-fit      mea compress SRC ... --method METHOD   (+ the default layer-wise fit: what
                                      `mea compress` and `make run` give)
+    OUT/models/METHOD-LEVEL-probe-O-*   the same with --allocate probe --probe-objective O (with --probe-objectives)
     OUT/models/METHOD-LEVEL-rec-sS   mea recover OUT/models/METHOD-LEVEL-fit ... --tokens N --seed S [RECOVER_ARGS]
                                      (with --recover-tokens, one per seed; a further budget M is named
                                      METHOD-LEVEL-rec{M/1024}k-sS, a longer run of the same recipe)
@@ -69,12 +70,14 @@ def rec_tag(tokens: int, first: int) -> str:
 
 
 def plan(src: str, out: Path, *, heads: int, levels, methods, quant, presses, recover_tokens=(),
-         peers_python: str | None, recover_seeds=(0,), recover_args: str = "", kv_bits=(), device: str | None = None,
-         dtype: str = STUDY_DTYPE) -> tuple[list[tuple[Path, list[str]]], list[System]]:
+         peers_python: str | None, recover_seeds=(0,), recover_args: str = "", kv_bits=(), probe_objectives=(),
+         device: str | None = None, dtype: str = STUDY_DTYPE) -> tuple[list[tuple[Path, list[str]]], list[System]]:
     """(model-building steps as (output, command)), (systems to measure). `recover_args`: further
     `mea recover` flags, e.g. "--lr 3e-4 --retrieval-frac 0.5"; `recover_tokens`: the recovery budgets (the
     first is the main one, see `rec_tag`); `kv_bits`: also measure the original and
-    every MEA model with our quantized cache at these bits (`mea-kvB` in `mea.eval.peers`)."""
+    every MEA model with our quantized cache at these bits (`mea-kvB` in `mea.eval.peers`); `probe_objectives`:
+    also build every method and level with the sizes of its layers chosen by the probe of each objective
+    (`mea compress --allocate probe --probe-objective O`, models METHOD-LEVEL-probe-O-...)."""
     mea = [sys.executable, "-m", "mea"]
     on = ["--device", device] if device else []  # compress and recover place themselves; compress computes in dtype
     steps, systems = [], [System("original", "original", src, "default", sys.executable)]
@@ -84,25 +87,29 @@ def plan(src: str, out: Path, *, heads: int, levels, methods, quant, presses, re
                     for p in presses for kept in levels]
     for method in methods:
         for level in levels:
-            args = ["--method", method, *level_args(level, heads, method)]
-            free, fit = (out / "models" / f"{method}-{level}-{k}" for k in ("free", "fit"))
-            args += [*on, "--dtype", dtype]
-            steps.append((free, mea + ["compress", src, str(free), *args, "--recover", "none", "--no-eval"]))
-            steps.append((fit, mea + ["compress", src, str(fit), *args, "--no-eval"]))
-            systems.append(System(f"mea-{method}-{level}-free", f"MEA {method} (training-free)", str(free), "default",
-                                  sys.executable, level))
-            systems.append(System(f"mea-{method}-{level}-fit", f"MEA {method} (layer-wise fit)", str(fit), "default",
-                                  sys.executable, level))
-            for tokens in recover_tokens:
-                tag = rec_tag(tokens, recover_tokens[0])
-                for seed in recover_seeds:
-                    rec = out / "models" / f"{method}-{level}-{tag}-s{seed}"
-                    steps.append((rec, mea + ["recover", str(fit), str(rec), "--teacher", src, "--tokens",
-                                              str(tokens), "--seed", str(seed), *on, *shlex.split(recover_args),
-                                              "--no-eval"]))
-                    family = "recovered" if tag == "rec" else f"recovered, {tokens} tokens"
-                    systems.append(System(f"mea-{method}-{level}-{tag}-s{seed}", f"MEA {method} ({family})",
-                                          str(rec), "default", sys.executable, level))
+            variants = [("", "", level_args(level, heads, method))]  # (name part, family part, compress arguments)
+            variants += [(f"-probe-{o}", f", {o} probe", ["--kv-budget", str(level), "--allocate", "probe",
+                                                           "--probe-objective", o]) for o in probe_objectives]
+            for part, kind, level_flags in variants:
+                name = f"{method}-{level}{part}"
+                args = ["--method", method, *level_flags, *on, "--dtype", dtype]
+                free, fit = (out / "models" / f"{name}-{k}" for k in ("free", "fit"))
+                steps.append((free, mea + ["compress", src, str(free), *args, "--recover", "none", "--no-eval"]))
+                steps.append((fit, mea + ["compress", src, str(fit), *args, "--no-eval"]))
+                systems.append(System(f"mea-{name}-free", f"MEA {method}{kind} (training-free)", str(free), "default",
+                                      sys.executable, level))
+                systems.append(System(f"mea-{name}-fit", f"MEA {method}{kind} (layer-wise fit)", str(fit), "default",
+                                      sys.executable, level))
+                for tokens in recover_tokens:
+                    tag = rec_tag(tokens, recover_tokens[0])
+                    for seed in recover_seeds:
+                        rec = out / "models" / f"{name}-{tag}-s{seed}"
+                        steps.append((rec, mea + ["recover", str(fit), str(rec), "--teacher", src, "--tokens",
+                                                  str(tokens), "--seed", str(seed), *on, *shlex.split(recover_args),
+                                                  "--no-eval"]))
+                        family = "recovered" if tag == "rec" else f"recovered, {tokens} tokens"
+                        systems.append(System(f"mea-{name}-{tag}-s{seed}", f"MEA {method}{kind} ({family})",
+                                              str(rec), "default", sys.executable, level))
     systems += [System(f"{s.name}+int{bits}", f"{s.family} + int{bits} cache", s.model, f"mea-kv{bits}", s.python)
                 for bits in kv_bits for s in list(systems) if s.cache == "default"]
     return steps, systems
@@ -128,7 +135,7 @@ def _run(cmd: list[str], log_path: Path, log) -> None:
 
 def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, methods=METHODS, quant=QUANT,
                  presses=PRESSES, recover_tokens=(), recover_seeds=(0,), recover_args: str = "", kv_bits=(),
-                 only=(), quick: bool = False, sizes: Sizes | None = None,
+                 probe_objectives=(), only=(), quick: bool = False, sizes: Sizes | None = None,
                  measures=MEASURES, peers_python: str = PEERS_PYTHON, heads: int | None = None, report_only: bool = False,
                  device: str | None = None, dtype: str = STUDY_DTYPE, log=print) -> dict:
     """Build the MEA models, measure every system (each measure skipped when its file exists), write the
@@ -151,7 +158,8 @@ def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, method
         heads = load(src, placement(device, dtype)[1]).model.config.num_key_value_heads if methods and not report_only else 1
     steps, systems = plan(src, out, heads=heads, levels=levels, methods=methods, quant=quant, presses=presses,
                           recover_tokens=recover_tokens, peers_python=peers, recover_seeds=recover_seeds,
-                          recover_args=recover_args, kv_bits=kv_bits, device=device, dtype=dtype)
+                          recover_args=recover_args, kv_bits=kv_bits, probe_objectives=probe_objectives,
+                          device=device, dtype=dtype)
     (out / "systems").mkdir(parents=True, exist_ok=True)
     if report_only:
         return write_report(out, systems, notes=notes)

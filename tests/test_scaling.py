@@ -146,11 +146,14 @@ def test_train_until_pauses_and_resume_continues_exactly(text, tmp_path):
 def test_gap_by_size_waits_for_sizes_not_started():
     from mea.experiments.scaling_report import _gap_by_size
 
-    def gap(size, points):
-        return {"size": size, "variant": "mea", "points": [{"tokens": t, "gap": g, "p": 0.01} for t, g in points]}
+    def gap(size, points):  # two seeds a side, 0.02 either side of their means
+        return {"size": size, "variant": "mea", "points": [{"tokens": t, "gap": g, "p": 0.01, "seeds": [4 + g - 0.02,
+                4 + g + 0.02], "baseline_seeds": [3.98, 4.02]} for t, g in points]}
 
     params = {"micro": 10**5, "mini": 10**6, "midi": 10**7}
     got = _gap_by_size("mea", [gap("micro", [(1000, 0.5), (2000, 0.4)]), gap("mini", [(1000, 0.45), (2000, 0.3)]),
                                gap("midi", [])], params)
     assert got["tokens"] == 2000 and [r["size"] for r in got["rows"]] == ["micro", "mini"]
     assert abs(got["slope_per_decade"] - (-0.1)) < 1e-9
+    lo, hi = got["slope_ci"]  # resampling moves each size's gap by at most 0.04: the slope by at most 0.08
+    assert -0.18 - 1e-9 <= lo < -0.1 < hi <= -0.02 + 1e-9

@@ -115,3 +115,22 @@ def gap_trend(curves_a: list[list], curves_b: list[list], *, reps: int = BOOTSTR
     return {"slope_per_decade": gap_slope(common, gap), "slope_ci": interval(slopes) if resampled else None,
             "first": {"tokens": int(common[0]), "gap": float(gap[0])},
             "last": {"tokens": int(common[-1]), "gap": float(gap[-1])}, "points": int(common.size)}
+
+
+def size_trend(params: list[float], seeds_a: list[list[float]], seeds_b: list[list[float]], *, reps: int = BOOTSTRAP,
+               seed: int = 0) -> dict | None:
+    """How mean(a) - mean(b) at one token count changes with model size: its least-squares slope per decade of
+    parameters across the sizes (`params`; seeds_a[i] / seeds_b[i]: the seeds' losses at size i), with a
+    bootstrap interval drawing each size's seeds with replacement on each side (None with 1 seed a side)."""
+    if len(params) < 2:
+        return None
+    x = np.log10(np.asarray(params, float))
+
+    def slope(a, b):
+        return float(np.polyfit(x, [np.mean(u) - np.mean(v) for u, v in zip(a, b)], 1)[0])
+
+    rng = np.random.default_rng(seed)
+    draws = [slope([rng.choice(u, len(u)) for u in seeds_a], [rng.choice(v, len(v)) for v in seeds_b])
+             for _ in range(reps)]
+    resampled = all(len(u) > 1 for u in seeds_a) and all(len(v) > 1 for v in seeds_b)
+    return {"slope_per_decade": slope(seeds_a, seeds_b), "slope_ci": interval(draws) if resampled else None}

@@ -13,7 +13,7 @@ import numpy as np
 from ..atomic import write_json_atomic, write_text_atomic
 from ..plotting import pyplot, save_figure
 from .run_files import read_json, read_jsonl
-from .scaling_fit import fit_with_intervals, gap_trend, mean_curve
+from .scaling_fit import fit_with_intervals, gap_trend, mean_curve, size_trend
 from .scaling_layout import run_name
 from .stats import p_text, welch
 
@@ -113,23 +113,24 @@ def _gap(size: str, v: str, ca: list[list], cb: list[list]) -> dict:
         for t in common:
             a, b = [dict(c)[t] for c in ca], [dict(c)[t] for c in cb]
             w = welch(a, b)
-            points.append({"tokens": t, "gap": float(np.mean(a) - np.mean(b)), "p": w["p"] if w else None})
+            points.append({"tokens": t, "gap": float(np.mean(a) - np.mean(b)), "p": w["p"] if w else None,
+                           "seeds": a, "baseline_seeds": b})
     return {"size": size, "variant": v, "points": points, "trend": gap_trend(ca, cb) if ca and cb else None}
 
 
 def _gap_by_size(v: str, gaps: list[dict], params: dict) -> dict:
     """The gap at the largest token count every size with a gap has reached (sizes not started yet wait), per
-    size, and its slope in log10(params)."""
+    size, and its slope in log10(params) with a bootstrap interval over the seeds (`size_trend`)."""
     gaps = [g for g in gaps if g["points"]]
     shared = set.intersection(*(set(p["tokens"] for p in g["points"]) for g in gaps)) if gaps else set()
     if not shared:
-        return {"variant": v, "tokens": None, "rows": [], "slope_per_decade": None}
+        return {"variant": v, "tokens": None, "rows": [], "slope_per_decade": None, "slope_ci": None}
     t = max(shared)
     rows = [{"size": g["size"], "params": params[g["size"]], **next(p for p in g["points"] if p["tokens"] == t)}
             for g in gaps]
-    slope = (float(np.polyfit(np.log10([r["params"] for r in rows]), [r["gap"] for r in rows], 1)[0])
-             if len(rows) >= 2 else None)
-    return {"variant": v, "tokens": t, "rows": rows, "slope_per_decade": slope}
+    trend = size_trend([r["params"] for r in rows], [r["seeds"] for r in rows], [r["baseline_seeds"] for r in rows])
+    return {"variant": v, "tokens": t, "rows": rows, "slope_per_decade": trend and trend["slope_per_decade"],
+            "slope_ci": trend and trend["slope_ci"]}
 
 
 def trend_sentence(g: dict) -> str:
@@ -162,8 +163,11 @@ def verdicts(summary: dict) -> list[str]:
         if b["rows"] and len(b["rows"]) >= 2:
             rows = ", ".join(f"{r['size']} {r['gap']:+.3f}" + (f" (p {p_text(r['p'])})" if r["p"] is not None else "")
                              for r in b["rows"])
+            ci = b.get("slope_ci")
             out.append(f"{b['variant']} - baseline across sizes at {_tok(b['tokens'])} tokens: {rows}; "
-                       f"{b['slope_per_decade']:+.3f} nats per tenfold parameters.")
+                       f"{b['slope_per_decade']:+.3f} nats per tenfold parameters"
+                       + (f" (95% CI {ci[0]:+.3f} to {ci[1]:+.3f}, over seeds)." if ci else " (one seed a side: no "
+                          "interval)."))
     return out
 
 
@@ -236,8 +240,8 @@ def render_markdown(plan: dict, summary: dict) -> str:
         lines.append(f"- {b['variant']} at {_tok(b['tokens'])} tokens: " + ", ".join(
             f"{r['size']} ({_tok(r['params'])} params) {r['gap']:+.3f}" + (f" (p {p_text(r['p'])})" if r["p"] is not None
                                                                            else "") for r in b["rows"])
-            + (f"; slope {b['slope_per_decade']:+.3f} nats per tenfold parameters" if b["slope_per_decade"] is not None
-               else ""))
+            + (f"; slope {b['slope_per_decade']:+.3f} nats per tenfold parameters "
+               f"{_ci(b.get('slope_ci'), '{:+.3f}')}" if b["slope_per_decade"] is not None else ""))
     lines += ["", "![loss against tokens](loss_vs_tokens.png)", "", "![gap against tokens](gap_vs_tokens.png)", ""]
     return "\n".join(lines)
 

@@ -158,3 +158,49 @@ def test_the_small_init_variant_is_mea_with_the_norm_weight_at_0_1():
     assert cfg.mea_hlc and cfg.mea_head_norm and cfg.mea_head_norm_init == 0.1
     assert {k: v for k, v in cfg.to_dict().items() if k.startswith("mea_") and k != "mea_head_norm_init"} == \
         {k: v for k, v in make_config("tiny", "mea").to_dict().items() if k.startswith("mea_") and k != "mea_head_norm_init"}
+
+
+def test_measured_init_sets_each_norm_to_the_rms_it_then_reads(tmp_path):
+    from mea.models.head_norm_init import MEASURE_ROWS, head_output_rms, measure_head_norm_init
+
+    torch.manual_seed(0)
+    model = MEAForCausalLM(make_config("tiny", "mea-gn-measured"))
+    weights = [layer.self_attn.head_norm.weight for layer in model.model.layers]
+    assert all(torch.equal(w, torch.ones_like(w)) for w in weights)  # 1 until measured
+    ids = torch.randint(0, 100, (MEASURE_ROWS + 4, 48))
+    measured = measure_head_norm_init(model, ids)
+    assert len(measured) == len(weights) and all(0 < m < 1 for m in measured)
+    assert [w.unique().tolist() for w in weights] == [[pytest.approx(m)] for m in measured]
+    # each layer was measured after the earlier ones were set: reading again gives the same values
+    assert head_output_rms(model, ids[:MEASURE_ROWS]) == pytest.approx(measured, rel=1e-5)
+    model.save_pretrained(tmp_path / "m")
+    loaded = MEAForCausalLM.from_pretrained(tmp_path / "m")
+    assert loaded.config.mea_head_norm_init == "measured"
+    assert loaded.model.layers[-1].self_attn.head_norm.weight[0].item() == pytest.approx(measured[-1])
+    plain = MEAForCausalLM(make_config("tiny", "mea"))
+    assert measure_head_norm_init(plain, ids) is None
+    assert all(torch.equal(l.self_attn.head_norm.weight, torch.ones(plain.config.head_dim)) for l in plain.model.layers)
+    for bad in ("meassured", 0.0, -1.0):
+        with pytest.raises(ValueError, match="positive number or 'measured'"):
+            make_config("tiny", "mea", mea_head_norm_init=bad)
+    with pytest.raises(ValueError, match="mea_head_norm=True"):
+        make_config("tiny", "baseline", mea_head_norm_init="measured")
+
+
+def test_training_starts_a_measured_norm_from_its_first_batch(tmp_path, monkeypatch):
+    from mea.data import corpus_dir
+    from mea.eval.mqar import train_mqar
+    from mea.train import TrainConfig, train
+
+    small = dict(pairs=2, queries=2, num_keys=8, num_values=8, steps=2, batch=8, eval_size=16, lr=1e-6)
+    run = train_mqar("mea", mea_head_norm_init="measured", **small)
+    assert len(run["head_norm_measured_init"]) == 2 and all(0 < x < 0.5 for x in run["head_norm_measured_init"])
+    assert train_mqar("mea", **small)["head_norm_measured_init"] is None
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text((corpus_dir() / "macbeth_gut.txt").read_text(encoding="utf-8")[:40_000])
+    monkeypatch.setenv("MEA_CACHE", str(tmp_path / "cache"))
+    cfg = TrainConfig(preset="tiny", variant="mea-gn-measured", data=[str(tmp_path / "text")], seq_len=32,
+                      batch_size=4, steps=1, warmup_steps=1, lr=1e-6, eval_every=1, eval_windows=2, save_every=1)
+    train(cfg, tmp_path / "run", progress=False)
+    model = MEAForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    assert all(l.self_attn.head_norm.weight.max().item() < 0.5 for l in model.model.layers)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import MEAForCausalLM, make_config
+from ..models.head_norm_init import head_output_rms, measure_head_norm_init
 from ..precision import resolve_device
 
 
@@ -57,7 +58,10 @@ def train_mqar(variant: str, *, seed: int = 0, pairs: int = 4, queries: int = 4,
     spec = dict(pairs=pairs, queries=queries, num_keys=num_keys, num_values=num_values)
     eval_ids, eval_answer = (x.to(dev) for x in mqar_batch(eval_size, generator=torch.Generator().manual_seed(
         10_000 + seed), **spec))  # a fixed set
-    rms_at_init = head_output_rms(model, eval_ids)
+    # a batch of its own for a measured GroupNorm init: the training stream is untouched
+    first = mqar_batch(batch, generator=torch.Generator().manual_seed(20_000 + seed), **spec)[0]
+    measured = measure_head_norm_init(model, first[:, :-1].to(dev))  # None unless the config asks for it
+    rms_at_init = head_output_rms(model, eval_ids[:, :-1])
     blends = [layer.self_attn.head_norm_blend for layer in model.model.layers] if norm_warmup else []
     for a in blends:
         a.requires_grad_(False)
@@ -85,28 +89,8 @@ def train_mqar(variant: str, *, seed: int = 0, pairs: int = 4, queries: int = 4,
                for name in ("head_gain", "head_norm_blend") if getattr(attention[0], name, None) is not None}
     return {"variant": variant, "seed": seed, "accuracy": accuracy, "final_train_loss": loss.item(), **spec,
             "steps": steps, "kv_cache_bytes_per_token": cfg.kv_cache_bytes_per_token(), "learned": learned,
-            "head_output_rms": {"init": rms_at_init, "end": head_output_rms(model, eval_ids)}}
-
-
-def head_output_rms(model: MEAForCausalLM, ids: torch.Tensor) -> list[float] | None:
-    """Per layer, the median over tokens and heads of the RMS of each head's raw attention output (GroupNorm's
-    input) on `ids`; None for a model without GroupNorm."""
-    norms = [layer.self_attn.head_norm for layer in model.model.layers]
-    if any(n is None for n in norms):
-        return None
-    got = []
-    hooks = [n.register_forward_pre_hook(lambda _, args: got.append(args[0].pow(2).mean(-1).sqrt().median().item()))
-             for n in norms]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(input_ids=ids[:, :-1])
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    return got
+            "head_output_rms": {"init": rms_at_init, "end": head_output_rms(model, eval_ids[:, :-1])},
+            "head_norm_measured_init": measured}
 
 
 def mqar_sweep(variants: list[str], seeds: list[int], *, log=None, **kwargs) -> dict:

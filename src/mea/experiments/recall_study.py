@@ -45,6 +45,7 @@ ARMS: dict[str, tuple[str, dict]] = {
     "mea+eps1": ("mea", {"mea_head_norm_eps": 1.0}),
     "mea+eps10": ("mea", {"mea_head_norm_eps": 10.0}),
     "mea+w0.1": ("mea", {"mea_head_norm_init": 0.1}),
+    "mea+wmeasured": ("mea", {"mea_head_norm_init": "measured"}),
     "mea-no-groupnorm": ("mea-no-groupnorm", {}),
 }
 DESCRIPTIONS = {
@@ -58,6 +59,7 @@ DESCRIPTIONS = {
     "mea+eps1": "MEA, the norm's eps 1: about the raw output (nearly no normalisation)",
     "mea+eps10": "MEA, the norm's eps 10: about 0.32x the raw output, nearly linear",
     "mea+w0.1": "MEA, the norm's weight 0.1 at init: full normalisation at about the raw output's scale",
+    "mea+wmeasured": "MEA, the norm's weight at init set to each layer's raw output RMS on a first batch",
     "mea-no-groupnorm": "HLC without GroupNorm",
 }
 

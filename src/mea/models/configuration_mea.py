@@ -9,6 +9,7 @@ from ..ops import HLC_INITS, check_mixing
 from ..ops.kvquant import DEFAULT_GROUP_SIZE, DEFAULT_RESIDUAL, KVQuant
 from ..ops.rope import SUPPORTED_ROPE_TYPES
 
+MEASURED = "measured"  # mea_head_norm_init: set from the data at the start of training (models.head_norm_init)
 
 class MEAConfig(PreTrainedConfig):
     model_type = "mea"
@@ -42,7 +43,7 @@ class MEAConfig(PreTrainedConfig):
     mea_head_norm_eps: float = 1e-5  # as the Differential Transformer's subln
     # variations of GroupNorm (need mea_head_norm=True; not with differential attention):
     mea_head_norm_weight: bool = True  # the norm's learnable per-feature scale (False: plain RMS normalisation)
-    mea_head_norm_init: float = 1.0  # the per-feature weight's initial value: the scale of the norm's output at init
+    mea_head_norm_init: float | str = 1.0  # the per-feature weight's initial value (the scale of the norm's output at init), or "measured": the raw head outputs' RMS on the first training batch (models.head_norm_init)
     mea_head_gain: bool = False  # a learnable gain per head after the norm (init 1): heads keep a magnitude each
     mea_head_norm_blend: bool = False  # (1 - a_i) o_i + a_i norm(o_i), a learnable a_i per head from 0: the norm's strength is learned
     mea_num_component_heads: int | list | None = None  # h' (per layer if a list); None: h' = h
@@ -94,6 +95,10 @@ class MEAConfig(PreTrainedConfig):
         variations = [f for f in ("mea_head_gain", "mea_head_norm_blend") if getattr(self, f)]
         variations += [] if self.mea_head_norm_weight else ["mea_head_norm_weight=False"]
         variations += [] if self.mea_head_norm_init == 1.0 else ["mea_head_norm_init"]
+        if isinstance(self.mea_head_norm_init, str) and self.mea_head_norm_init != MEASURED or \
+                not isinstance(self.mea_head_norm_init, str) and not self.mea_head_norm_init > 0:
+            raise ValueError(f"mea_head_norm_init must be a positive number or {MEASURED!r}, got "
+                             f"{self.mea_head_norm_init!r}")
         if variations and (not self.mea_head_norm or self.mea_differential):
             raise ValueError(f"{', '.join(variations)} vary GroupNorm: they need mea_head_norm=True and "
                              "mea_differential=False")
@@ -155,6 +160,10 @@ class MEAConfig(PreTrainedConfig):
         if self.mea_value_latent_dim is None:
             raise ValueError("mea_value_mixing='latent' needs mea_value_latent_dim (the latent width R per layer)")
         return self._per_layer("mea_value_latent_dim", [])
+
+    def head_norm_start(self) -> float:
+        """GroupNorm's weight when the model is built: mea_head_norm_init, or 1 until a "measured" one is set."""
+        return 1.0 if self.mea_head_norm_init == MEASURED else float(self.mea_head_norm_init)
 
     def kv_quant(self) -> KVQuant | None:
         """How the cache stores keys and values: quantized (`mea_kv_*`), or None for the model's dtype."""

@@ -71,7 +71,7 @@ def decoder_layer(config: MEAConfig, i: int) -> MEADecoderLayer:
             head_norm=config.mea_head_norm,
             head_norm_eps=config.mea_head_norm_eps,
             head_norm_weight=config.mea_head_norm_weight,
-            head_norm_init=config.mea_head_norm_init,
+            head_norm_init=config.head_norm_start(),
             head_gain=config.mea_head_gain,
             head_norm_blend=config.mea_head_norm_blend,
             hlc_init=config.mea_hlc_init,

@@ -52,6 +52,8 @@ VARIANTS: dict[str, dict] = {
     # MEA with GroupNorm's weight initialised at 0.1, about the raw head outputs' RMS in the small presets, instead
     # of 1 (docs/findings.md: the default's 8-14x larger start costs recall and most of MEA's loss gap)
     "mea-gn0.1": dict(mea_hlc=True, mea_head_norm=True, mea_head_norm_init=0.1),
+    # the same rule for any model: the weight set to the raw head outputs' RMS on the first training batch
+    "mea-gn-measured": dict(mea_hlc=True, mea_head_norm=True, mea_head_norm_init="measured"),
 }
 PAPER_VARIANTS = ("baseline", "groupnorm", "diff", "mea-no-groupnorm", "mea")  # one architecture each
 

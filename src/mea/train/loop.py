@@ -30,6 +30,8 @@ from ..atomic import disk_full_as_value_error, write_json_atomic, write_text_ato
 from ..checkpoint import save_atomic
 from ..machine import machine_header
 from ..models import MEAForCausalLM
+from ..models.configuration_mea import MEASURED
+from ..models.head_norm_init import measure_head_norm_init
 from .config import TrainConfig
 from .data import prepare_data, train_batch, val_windows
 from .distributed import Dist, barrier, full_state, load_full_state, mean_over_processes, setup, teardown, wrap
@@ -70,6 +72,9 @@ def _train(cfg, run: Path, d: Dist, *, resume: bool, overwrite: bool, progress: 
     torch.manual_seed(cfg.seed)
     model = MEAForCausalLM(mcfg).to(d.device)
     model.config.use_cache = False
+    if mcfg.mea_head_norm_init == MEASURED:  # on the first training batch, alike on every process (resume loads over it)
+        first, _ = train_batch(data.train, seed=cfg.seed, step=0, rows=cfg.batch_size, seq_len=cfg.seq_len)
+        measure_head_norm_init(model, first.to(d.device))
     model = wrap(model, d, fsdp=cfg.fsdp)
     opt, sched = make_optimizer(model, cfg)
     forward = torch.compile(model) if cfg.compile else model

@@ -3,6 +3,8 @@ scaling study's runs at the same size, data, schedule and token count (its first
 
     for size in micro mini; do for s in 0 1; do mea train --config out/scaling/configs/${size}__mea__s$s.json \
         --set mea_head_norm_init=0.1 --out out/norm-init/${size}__mea-w0.1__s$s --until 489; done; done
+    for s in 0 1; do mea train --config out/scaling/configs/micro__mea__s$s.json \
+        --set mea_head_norm_init=measured --out out/norm-init/micro__mea-wmeasured__s$s --until 489; done
     mkdir -p results/norm-init && for r in out/norm-init/*/; do mkdir -p results/norm-init/$(basename $r) && \
         cp $r/metrics.jsonl $r/run.json results/norm-init/$(basename $r)/; done
     .venv/bin/python scripts/norm_init_table.py   # -> results/norm-init/report.md
@@ -44,7 +46,8 @@ def main() -> None:
                       if "val_loss" in line]
             loss = next((p["val_loss"] for p in points if p["tokens"] == at), None)
             if loss is not None:
-                losses.setdefault(f"mea, GroupNorm weight {init:g} at init", []).append(loss)
+                label = "measured (the raw head outputs' RMS)" if init == "measured" else f"{init:g}"
+                losses.setdefault(f"mea, GroupNorm weight {label} at init", []).append(loss)
         lines += ["", f"**{size}** ({params[size]:,} parameters), at {at:,} tokens", "",
                   "| variant | loss per seed | mean | gap to the baseline (p) | vs MEA (p) |", "|---|---|---|---|---|"]
         for name, vals in losses.items():

@@ -276,6 +276,14 @@ def test_plan_builds_probe_allocated_models_beside_the_default(tmp_path):
                                                                      "rope-pair-latent-0.67-probe-both-fit")
     family = {s.name: s.family for s in systems}
     assert family["mea-rope-pair-latent-0.67-probe-both-rec-s0"] == "MEA rope-pair-latent, both probe (recovered)"
+    # a recipe of other recovery flags gets models of its own name
+    steps, systems = plan("src", tmp_path, heads=3, levels=[0.67], methods=["svd"], quant=[], presses=[],
+                          recover_tokens=(4096, 8192), peers_python=None, recover_args="--train all",
+                          recover_name="rec-all")
+    built = {target.name: cmd[cmd.index("-m") + 2:] for target, cmd in steps}
+    assert list(built)[2:] == ["svd-0.67-rec-all-s0", "svd-0.67-rec-all8k-s0"]
+    assert built["svd-0.67-rec-all-s0"][-3:] == ["--train", "all", "--no-eval"]
+    assert {s.name: s.family for s in systems}["mea-svd-0.67-rec-all8k-s0"] == "MEA svd (recovered by rec-all, 8192 tokens)"
 
 
 def test_target_checks_compare_with_the_original():

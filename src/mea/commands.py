@@ -351,22 +351,24 @@ def cmd_study_compression(out: str, **options) -> dict:
 
 
 def cmd_study_frontier(out: str, src: str = "smollm2", levels: list[float] | None = None,
-                       methods: list[str] | None = None, quant: list[str] | None = None, presses: list[str] | None = None,
-                       recover_tokens: list[int] | None = None, recover_seeds: list[int] | None = None, recover_args: str = "",
+                       methods: list[str] | None = None, quant: list[str] | None = None,
+                       presses: list[str] | None = None, recover_tokens: list[int] | None = None,
+                       recover_seeds: list[int] | None = None, recover_args: str = "", recover_name: str | None = None,
                        kv_bits: list[int] | None = None, probe_objectives: list[str] | None = None,
-                       only: list[str] | None = None, quick: bool = False, sizes: str = "", measures: list[str] | None = None,
-                       report_only: bool = False, device: str | None = None, dtype: str = STUDY_DTYPE) -> dict:
+                       only: list[str] | None = None, quick: bool = False, sizes: str = "",
+                       measures: list[str] | None = None, report_only: bool = False, device: str | None = None,
+                       dtype: str = STUDY_DTYPE) -> dict:
     """Every KV-compression option on the same held-out measures; None means the study's default list."""
     from .experiments import frontier as f
 
     return f.run_frontier(out, src=src, levels=f.LEVELS if levels is None else levels,
                           methods=f.METHODS if methods is None else methods, quant=f.QUANT if quant is None else quant,
                           presses=f.PRESSES if presses is None else presses, recover_tokens=tuple(recover_tokens or ()),
-                          recover_seeds=recover_seeds or (0,), recover_args=recover_args or "", kv_bits=kv_bits or (),
-                          probe_objectives=tuple(probe_objectives or ()), only=only or (),
-                          quick=quick, sizes=f.Sizes.from_json(sizes) if sizes else None,
-                          measures=measures or f.MEASURES, report_only=report_only, device=device,
-                          dtype=dtype, log=log)
+                          recover_seeds=recover_seeds or (0,), recover_args=recover_args or "",
+                          recover_name=recover_name or "rec", kv_bits=kv_bits or (),
+                          probe_objectives=tuple(probe_objectives or ()), only=only or (), quick=quick,
+                          sizes=f.Sizes.from_json(sizes) if sizes else None, measures=measures or f.MEASURES,
+                          report_only=report_only, device=device, dtype=dtype, log=log)
 
 
 def cmd_demo(**options) -> dict:

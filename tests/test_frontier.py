@@ -242,7 +242,7 @@ def test_plan_recovers_each_seed_from_the_fitted_model(tmp_path):
 
     steps, systems = plan("src", tmp_path, heads=3, levels=[0.5], methods=["svd"], quant=["hqq-4"], presses=[],
                           recover_tokens=(4096, 8192), peers_python=None, recover_seeds=(0, 1),
-                          recover_args="--lr 3e-4", kv_bits=[4])
+                          recover_recipes=[("rec", "--lr 3e-4")], kv_bits=[4])
     built = {target.name: cmd[cmd.index("-m") + 2:] for target, cmd in steps}
     # the first budget keeps the plain name; a further one is a longer run named by its size
     assert list(built) == ["svd-0.5-free", "svd-0.5-fit", "svd-0.5-rec-s0", "svd-0.5-rec-s1", "svd-0.5-rec8k-s0",
@@ -260,7 +260,7 @@ def test_plan_recovers_each_seed_from_the_fitted_model(tmp_path):
 
 
 def test_plan_builds_probe_allocated_models_beside_the_default(tmp_path):
-    from mea.experiments.frontier import plan
+    from mea.experiments.frontier import plan, recipes
 
     steps, systems = plan("src", tmp_path, heads=3, levels=[0.67], methods=["rope-pair-latent"], quant=[], presses=[],
                           recover_tokens=(4096,), peers_python=None, probe_objectives=("both",))
@@ -278,12 +278,15 @@ def test_plan_builds_probe_allocated_models_beside_the_default(tmp_path):
     assert family["mea-rope-pair-latent-0.67-probe-both-rec-s0"] == "MEA rope-pair-latent, both probe (recovered)"
     # a recipe of other recovery flags gets models of its own name
     steps, systems = plan("src", tmp_path, heads=3, levels=[0.67], methods=["svd"], quant=[], presses=[],
-                          recover_tokens=(4096, 8192), peers_python=None, recover_args="--train all",
-                          recover_name="rec-all")
+                          recover_tokens=(4096, 8192), peers_python=None,
+                          recover_recipes=recipes(["rec", "rec-all"], ["--lr 3e-4", "--train all"]))
     built = {target.name: cmd[cmd.index("-m") + 2:] for target, cmd in steps}
-    assert list(built)[2:] == ["svd-0.67-rec-all-s0", "svd-0.67-rec-all8k-s0"]
+    assert list(built)[2:] == ["svd-0.67-rec-s0", "svd-0.67-rec8k-s0", "svd-0.67-rec-all-s0", "svd-0.67-rec-all8k-s0"]
+    assert built["svd-0.67-rec-s0"][-3:] == ["--lr", "3e-4", "--no-eval"]
     assert built["svd-0.67-rec-all-s0"][-3:] == ["--train", "all", "--no-eval"]
     assert {s.name: s.family for s in systems}["mea-svd-0.67-rec-all8k-s0"] == "MEA svd (recovered by rec-all, 8192 tokens)"
+    with pytest.raises(ValueError, match="one distinct name per"):
+        recipes(["a"], ["--x", "--y"])
 
 
 def test_target_checks_compare_with_the_original():

@@ -227,9 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--recover-tokens", type=int, nargs="+", help="also measure MEA after recovery on N tokens; "
                    "further budgets are longer runs of the same recipe, named recNk (default: no recovery)")
     e.add_argument("--recover-seeds", type=int, nargs="+", help="one recovery per seed (default 0)")
-    e.add_argument("--recover-args", help='further `mea recover` flags, e.g. "--lr 3e-4 --retrieval-frac 0.5"')
-    e.add_argument("--recover-name", help="the recovered models' name part (default rec): a recipe with other "
-                   "--recover-args needs a name of its own, e.g. rec-all for --train all")
+    e.add_argument("--recover-args", nargs="+", help='further `mea recover` flags, e.g. "--lr 3e-4 '
+                   '--retrieval-frac 0.5"; several recipes, one string each, with --recover-name')
+    e.add_argument("--recover-name", nargs="+", help="each recipe's name in its models' names (default rec): "
+                   "recovered models are found by name, so a recipe of other flags needs its own, e.g. rec-all")
     e.add_argument("--kv-bits", type=int, nargs="*", help="also measure the original and each MEA model with our "
                    "quantized cache at these bits (default none)")
     e.add_argument("--probe-objectives", nargs="*", choices=PROBE_OBJECTIVES, help="also build each method and level "

@@ -70,16 +70,27 @@ def rec_tag(tokens: int, first: int, name: str = "rec") -> str:
     return name if tokens == first else f"{name}{tokens // 1024}k"
 
 
+def recipes(names: list[str] | None, args: list[str] | None) -> tuple[tuple[str, str], ...]:
+    """The recovery recipes of --recover-name / --recover-args: one name per flag string (one unnamed string is
+    the recipe `rec`)."""
+    names, args = list(names or ["rec"]), list(args or [""])
+    if len(names) != len(args) or len(set(names)) != len(names):
+        raise ValueError(f"--recover-name needs one distinct name per --recover-args string, got names {names} for "
+                         f"{len(args)} string(s)")
+    return tuple(zip(names, args))
+
+
 def plan(src: str, out: Path, *, heads: int, levels, methods, quant, presses, recover_tokens=(),
-         peers_python: str | None, recover_seeds=(0,), recover_args: str = "", recover_name: str = "rec", kv_bits=(),
-         probe_objectives=(), device: str | None = None, dtype: str = STUDY_DTYPE) -> tuple[list[tuple[Path, list[str]]], list[System]]:
-    """(model-building steps as (output, command)), (systems to measure). `recover_args`: further
-    `mea recover` flags, e.g. "--lr 3e-4 --retrieval-frac 0.5", and `recover_name` the recovered models' name
-    part (give a recipe of other flags a name of its own: models are found by name); `recover_tokens`: the recovery budgets (the
-    first is the main one, see `rec_tag`); `kv_bits`: also measure the original and
-    every MEA model with our quantized cache at these bits (`mea-kvB` in `mea.eval.peers`); `probe_objectives`:
-    also build every method and level with the sizes of its layers chosen by the probe of each objective
-    (`mea compress --allocate probe --probe-objective O`, models METHOD-LEVEL-probe-O-...)."""
+         peers_python: str | None, recover_seeds=(0,), recover_recipes=(("rec", ""),), kv_bits=(),
+         probe_objectives=(), device: str | None = None,
+         dtype: str = STUDY_DTYPE) -> tuple[list[tuple[Path, list[str]]], list[System]]:
+    """(model-building steps as (output, command)), (systems to measure). `recover_recipes`: (name, further
+    `mea recover` flags) pairs, e.g. ("rec", "--lr 3e-4 --retrieval-frac 0.5"): each recipe's models are
+    named by its name part (see `rec_tag`); `recover_tokens`: the recovery budgets (the first is the main one);
+    `kv_bits`: also measure the original and every MEA model with our quantized cache at these bits (`mea-kvB` in
+    `mea.eval.peers`); `probe_objectives`: also build every method and level with the sizes of its layers chosen
+    by the probe of each objective (`mea compress --allocate probe --probe-objective O`, models
+    METHOD-LEVEL-probe-O-...)."""
     mea = [sys.executable, "-m", "mea"]
     on = ["--device", device] if device else []  # compress and recover place themselves; compress computes in dtype
     steps, systems = [], [System("original", "original", src, "default", sys.executable)]
@@ -102,15 +113,15 @@ def plan(src: str, out: Path, *, heads: int, levels, methods, quant, presses, re
                                       sys.executable, level))
                 systems.append(System(f"mea-{name}-fit", f"MEA {method}{kind} (layer-wise fit)", str(fit), "default",
                                       sys.executable, level))
-                for tokens in recover_tokens:
-                    tag = rec_tag(tokens, recover_tokens[0], recover_name)
+                for (recipe, recipe_args), tokens in ((r, t) for r in recover_recipes for t in recover_tokens):
+                    tag = rec_tag(tokens, recover_tokens[0], recipe)
+                    family = "recovered" + ("" if recipe == "rec" else f" by {recipe}") + \
+                        ("" if tag == recipe else f", {tokens} tokens")
                     for seed in recover_seeds:
                         rec = out / "models" / f"{name}-{tag}-s{seed}"
                         steps.append((rec, mea + ["recover", str(fit), str(rec), "--teacher", src, "--tokens",
-                                                  str(tokens), "--seed", str(seed), *on, *shlex.split(recover_args),
+                                                  str(tokens), "--seed", str(seed), *on, *shlex.split(recipe_args),
                                                   "--no-eval"]))
-                        family = "recovered" + ("" if recover_name == "rec" else f" by {recover_name}") + \
-                            ("" if tag == recover_name else f", {tokens} tokens")
                         systems.append(System(f"mea-{name}-{tag}-s{seed}", f"MEA {method}{kind} ({family})",
                                               str(rec), "default", sys.executable, level))
     systems += [System(f"{s.name}+int{bits}", f"{s.family} + int{bits} cache", s.model, f"mea-kv{bits}", s.python)
@@ -137,8 +148,7 @@ def _run(cmd: list[str], log_path: Path, log) -> None:
 
 
 def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, methods=METHODS, quant=QUANT,
-                 presses=PRESSES, recover_tokens=(), recover_seeds=(0,), recover_args: str = "", recover_name: str = "rec",
-                 kv_bits=(),
+                 presses=PRESSES, recover_tokens=(), recover_seeds=(0,), recover_recipes=(("rec", ""),), kv_bits=(),
                  probe_objectives=(), only=(), quick: bool = False, sizes: Sizes | None = None,
                  measures=MEASURES, peers_python: str = PEERS_PYTHON, heads: int | None = None, report_only: bool = False,
                  device: str | None = None, dtype: str = STUDY_DTYPE, log=print) -> dict:
@@ -162,7 +172,7 @@ def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, method
         heads = load(src, placement(device, dtype)[1]).model.config.num_key_value_heads if methods and not report_only else 1
     steps, systems = plan(src, out, heads=heads, levels=levels, methods=methods, quant=quant, presses=presses,
                           recover_tokens=recover_tokens, peers_python=peers, recover_seeds=recover_seeds,
-                          recover_args=recover_args, recover_name=recover_name, kv_bits=kv_bits,
+                          recover_recipes=recover_recipes, kv_bits=kv_bits,
                           probe_objectives=probe_objectives,
                           device=device, dtype=dtype)
     (out / "systems").mkdir(parents=True, exist_ok=True)

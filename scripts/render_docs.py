@@ -151,7 +151,9 @@ mea study recall results/recall-scale --arms baseline mea mea-no-groupnorm mea+e
 mea study recall results/recall-lr --arms baseline mea mea+eps1 --lr 3e-3 --high-lr 3e-4 --seeds 0 1 2 3
 mea study recall results/recall-long --arms baseline mea --steps 3200 --high-lr 3e-3 --seeds 0 1
 mea study recall results/recall-w --arms baseline mea mea+w0.1 --high-lr 3e-3 --seeds 0 1 2 3 4 5 6 7
-.venv/bin/python scripts/norm_init_table.py      # GroupNorm's weight at 0.1 in language modelling (its docstring)
+mea study recall results/recall-measured --arms baseline mea mea+w0.1 mea+wmeasured --high-lr 3e-3 \
+    --seeds 0 1 2 3 4 5 6 7                       # the same with a measured init (recall-w's runs copied in first)
+.venv/bin/python scripts/norm_init_table.py      # GroupNorm's initial weight in language modelling (its docstring)
 python3 scripts/render_docs.py scaling            # this page
 ```
 """
@@ -168,7 +170,8 @@ FOLLOW_UPS = [  # (section, report) of the later studies of GroupNorm, shown onc
     ("The norm's scale, apart from its normalisation", "results/recall-scale/report.md"),
     ("Other learning rates", "results/recall-lr/report.md"),
     ("Four times the training steps", "results/recall-long/report.md"),
-    ("The norm at the raw output's scale, eight seeds", "results/recall-w/report.md"),
+    ("The norm at the raw output's scale, 0.1 or measured from the data, eight seeds",
+     "results/recall-measured/report.md"),
     ("The same initial weight in language modelling", "results/norm-init/report.md"),
 ]
 

@@ -75,6 +75,20 @@ def test_plan_rates_rounds_and_shared_validation_points(tmp_path, monkeypatch):
         ss.make_plan("cpu", sizes=["huge"], lrs={v: 1e-3 for v in ss.VARIANTS})
 
 
+def test_a_study_may_gain_variants_and_nothing_else(tmp_path):
+    plan = {"sizes": {"micro": 100}, "lrs": {"baseline": 3e-3, "mea": 1e-2}, "seeds": [0, 1]}
+    ss.fix_plan(tmp_path, plan, command="c", growing="lrs")
+    grown = {**plan, "lrs": {**plan["lrs"], "mea-gn-measured": 1e-2}}
+    ss.fix_plan(tmp_path, grown, command="c", growing="lrs")  # a variant added: allowed, and saved
+    assert json.loads((tmp_path / "study.json").read_text()) == grown
+    for other in ({**grown, "seeds": [0]}, {**grown, "lrs": {**grown["lrs"], "mea": 3e-3}},  # changed, not grown
+                  {**grown, "lrs": {"baseline": 3e-3}}):  # shrunk
+        with pytest.raises(ValueError, match="another plan .*adding to its lrs is allowed"):
+            ss.fix_plan(tmp_path, other, command="c", growing="lrs")
+    with pytest.raises(ValueError, match="another plan"):
+        ss.fix_plan(tmp_path, plan, command="c")  # without growing, only the same plan
+
+
 @pytest.fixture
 def text(tmp_path, monkeypatch):
     monkeypatch.setenv("MEA_CACHE", str(tmp_path / "cache"))

@@ -32,14 +32,21 @@ class Task:
     until: int | None = None  # stop the run after this step (paused), None: train it to the end
 
 
-def fix_plan(out: Path, plan: dict, *, command: str) -> None:
-    """Write the plan to OUT/study.json, or check that it equals the one already there."""
+def fix_plan(out: Path, plan: dict, *, command: str, growing: str | None = None) -> None:
+    """Write the plan to OUT/study.json, or check that it equals the one already there. `growing`: a key of the
+    plan whose mapping may gain entries (a study extended, e.g. by a variant: the runs already made are kept),
+    the other keys and the saved entries unchanged."""
     plan_path = out / "study.json"
+    plan = json.loads(json.dumps(plan))
     if plan_path.is_file():
         saved = json.loads(plan_path.read_text())
-        if saved != json.loads(json.dumps(plan)):
-            raise ValueError(f"{out} holds a study with another plan ({plan_path}); rerun `{command}` with the same "
-                             "options to continue, or choose a new output directory")
+        grown = growing is not None and {k: v for k, v in plan.items() if k != growing} == \
+            {k: v for k, v in saved.items() if k != growing} and \
+            all(plan[growing].get(k) == v for k, v in saved.get(growing, {}).items())
+        if saved != plan and not grown:
+            extend = f" (adding to its {growing} is allowed)" if growing else ""
+            raise ValueError(f"{out} holds a study with another plan ({plan_path}){extend}; rerun `{command}` with the "
+                             "same options to continue, or choose a new output directory")
     write_json_atomic(plan_path, plan)
 
 

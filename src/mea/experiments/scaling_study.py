@@ -163,7 +163,7 @@ def run_scaling(out: str | Path, plan: ScalingPlan, *, jobs: int = 1, log=print)
     out = Path(out)
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
-    fix_plan(out, asdict(plan), command="mea study scaling")
+    fix_plan(out, asdict(plan), command="mea study scaling", growing="lrs")  # variants may be added
     tasks = run_tasks_of(plan)
     failed = []
     for r in [*plan.rounds, None]:  # a report after every size of every round

@@ -204,3 +204,5 @@ def test_training_starts_a_measured_norm_from_its_first_batch(tmp_path, monkeypa
     train(cfg, tmp_path / "run", progress=False)
     model = MEAForCausalLM.from_pretrained(tmp_path / "run" / "model")
     assert all(l.self_attn.head_norm.weight.max().item() < 0.5 for l in model.model.layers)
+    measured = json.loads((tmp_path / "run" / "run.json").read_text())["head_norm_measured_init"]
+    assert len(measured) == len(model.model.layers) and all(0 < m < 0.5 for m in measured)

@@ -72,9 +72,10 @@ def _train(cfg, run: Path, d: Dist, *, resume: bool, overwrite: bool, progress: 
     torch.manual_seed(cfg.seed)
     model = MEAForCausalLM(mcfg).to(d.device)
     model.config.use_cache = False
-    if mcfg.mea_head_norm_init == MEASURED:  # on the first training batch, alike on every process (resume loads over it)
+    measured = None
+    if mcfg.mea_head_norm_init == MEASURED:  # from the first batch, alike on every process and run again on resume
         first, _ = train_batch(data.train, seed=cfg.seed, step=0, rows=cfg.batch_size, seq_len=cfg.seq_len)
-        measure_head_norm_init(model, first.to(d.device))
+        measured = measure_head_norm_init(model, first.to(d.device))
     model = wrap(model, d, fsdp=cfg.fsdp)
     opt, sched = make_optimizer(model, cfg)
     forward = torch.compile(model) if cfg.compile else model
@@ -103,7 +104,8 @@ def _train(cfg, run: Path, d: Dist, *, resume: bool, overwrite: bool, progress: 
             "environment": {**machine_header(d.device), **precision.describe(d.device, dtype), "world_size": d.world,
                             "compile": cfg.compile, "parallel": "fsdp2" if cfg.fsdp and d.world > 1 else
                             ("ddp" if d.world > 1 else "single")},
-            "resumed_from_step": start or None})
+            "resumed_from_step": start or None,
+            **({"head_norm_measured_init": measured} if measured is not None else {})})
         _status(run, "running", start)
 
     rows = cfg.batch_size // d.world

@@ -14,6 +14,9 @@ A second table puts the learning-rate study's short runs side by side (the same 
 
     mea study lr out/lr-gn-init --variants mea-gn0.1 --lrs 0.01 0.1 0.3 --seeds 0 1 2
     mkdir -p results/lr-gn-init && cp out/lr-gn-init/{report.md,summary.json,study.json,*.png} results/lr-gn-init/
+    mea study lr out/lr-gn-measured --variants mea-gn-measured --lrs 0.01 0.1 0.3 --seeds 0 1 2   # the same for
+    mkdir -p results/lr-gn-measured && cp out/lr-gn-measured/{report.md,summary.json,study.json,*.png} \
+        results/lr-gn-measured/                                                           # the measured init
 """
 
 import json
@@ -60,22 +63,27 @@ def main() -> None:
     print("\n".join(lines))
 
 
+NEW_LR_STUDIES = {"mea-gn0.1": "results/lr-gn-init", "mea-gn-measured": "results/lr-gn-measured"}
+
+
 def lr_study_lines() -> list[str]:
-    """Final validation loss per variant and rate in the quick learning-rate study and the new variant's runs at
+    """Final validation loss per variant and rate in the quick learning-rate study and the new variants' runs at
     the same preset, each against the baseline at its best rate."""
-    tables = [json.loads(p.read_text()) for p in (Path("results/lr-study-quick/summary.json"),
-                                                  Path("results/lr-gn-init/summary.json")) if p.exists()]
-    if len(tables) < 2:
+    quick = Path("results/lr-study-quick/summary.json")
+    new = {v: Path(d) / "summary.json" for v, d in NEW_LR_STUDIES.items() if (Path(d) / "summary.json").exists()}
+    if not quick.exists() or not new:
         return []
-    rows = [r for t in tables for r in t["table"] if r["variant"] in ("baseline", "mea", "mea-gn0.1")]
+    tables = [json.loads(quick.read_text())] + [json.loads(p.read_text()) for p in new.values()]
+    variants = ["baseline", "mea", *new]
+    rows = [r for t in tables for r in t["table"] if r["variant"] in variants]
     best = tables[0]["best_lr"]["baseline"]
     base = next(r["losses"] for r in rows if r["variant"] == "baseline" and r["lr"] == best)
-    lrs = sorted({r["lr"] for r in rows if r["variant"] == "mea-gn0.1"})
+    lrs = sorted({r["lr"] for r in rows if r["variant"] in new})
     lines = ["", "**The learning-rate study's short runs** (`--preset quick`: mini, 150 steps of 16 x 128 tokens, "
-             f"3 seeds; results/lr-study-quick/ and results/lr-gn-init/): final validation loss; against the "
-             f"baseline at its best rate ({best:g}, {sum(base) / len(base):.3f}).", "",
-             "| variant | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
-    for v in ("baseline", "mea", "mea-gn0.1"):
+             f"3 seeds; results/lr-study-quick/ and {', '.join(d + '/' for v, d in NEW_LR_STUDIES.items() if v in new)}):"
+             f" final validation loss; against the baseline at its best rate ({best:g}, {sum(base) / len(base):.3f}).",
+             "", "| variant | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
+    for v in variants:
         cells = []
         for lr in lrs:
             r = next((r for r in rows if r["variant"] == v and r["lr"] == lr), None)

@@ -107,3 +107,12 @@ def test_corrupt_run_files_are_errors_naming_the_file(tmp_path):
     (run / "status.json").unlink()
     table = {(c["variant"], c["lr"]): c for c in write_report(tmp_path)["table"]}
     assert table[("mea", 0.01)]["losses"] == [2.90]
+
+
+def test_run_names_keep_rates_apart_and_old_names_unchanged():
+    from mea.experiments.lr_layout import lr_tag
+
+    assert [lr_tag(x) for x in (1e-3, 3e-4, 0.01, 0.3)] == ["1e-03", "3e-04", "1e-02", "3e-01"]  # as before
+    assert lr_tag(0.15) == "1.5e-01" and lr_tag(0.1) == "1e-01"  # once both were 1e-01
+    assert run_name("mea", 0.15, 0) != run_name("mea", 0.1, 0)
+    assert float(lr_tag(1 / 3)) == 1 / 3

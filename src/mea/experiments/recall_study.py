@@ -26,6 +26,7 @@ import numpy as np
 
 from ..atomic import write_json_atomic, write_text_atomic
 from .launcher import fix_plan
+from .lr_layout import lr_tag
 from .run_files import read_json
 from .stats import p_text, welch
 
@@ -84,7 +85,7 @@ class RecallPlan:
 
 
 def run_name(arm: str, lr: float, seed: int) -> str:
-    return f"{arm}__lr{lr:.0e}__s{seed}"
+    return f"{arm}__lr{lr_tag(lr)}__s{seed}"
 
 
 def run_recall_study(out: str | Path, plan: RecallPlan, *, log=print) -> dict:

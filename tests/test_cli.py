@@ -28,7 +28,8 @@ def test_info_prints_versions_and_registry(capsys):
     data = json.loads(out)
     assert code == 0 and data["versions"]["mea"] == mea.__version__
     assert {"tiny", "smollm2-135m", "llama3.2-1b"} <= set(data["registry"]["presets"])
-    assert set(data["registry"]["variants"]) == {"baseline", "groupnorm", "diff", "mea-no-groupnorm", "mea", "mea-gn0.1"}
+    assert set(data["registry"]["variants"]) == {"baseline", "groupnorm", "diff", "mea-no-groupnorm", "mea", "mea-gn0.1",
+                                                "mea-gn-measured"}
 
 
 def test_info_reports_kv_bytes_of_a_checkpoint(capsys, tmp_path):

@@ -58,7 +58,7 @@ serve-check: setup serve-env
 frontier: peers
 	$(MEA) study frontier out/frontier
 	$(MEA) study frontier out/frontier --methods rope-pair-latent --levels 0.67 0.5 --recover-tokens 98304 \
-		--recover-seeds 0 1 --recover-args "--lr 3e-4 --retrieval-frac 0.5"
+		--recover-seeds 0 1 --recover-args "--lr 3e-4 --retrieval-frac 0.5" --probe-objectives both
 
 run: setup
 	$(MEA) compress smollm2 out/smollm2-kept67 --method rope-pair-latent --kv-budget 0.6666666666666666 --overwrite

@@ -233,9 +233,10 @@ PPL_CUT = 20  # perplexity axes stop at this multiple of the original's (the tra
 
 def _plot(path: Path, rows: list[dict]) -> None:
     plt = pyplot()
-    fig, (*axes, key) = plt.subplots(1, len(PLOTTED) + 1, figsize=(4 * len(PLOTTED) + 3, 3.6),
-                                     gridspec_kw={"width_ratios": [4] * len(PLOTTED) + [3]})
     families = list(dict.fromkeys(r["family"] for r in rows))
+    height = max(3.6, 0.15 * len(families) + 0.8)  # the key lists every family at 7 points a line
+    fig, (*axes, key) = plt.subplots(1, len(PLOTTED) + 1, figsize=(4 * len(PLOTTED) + 3, height),
+                                     gridspec_kw={"width_ratios": [4] * len(PLOTTED) + [3]})
     colours = plt.get_cmap("tab20")
     original = {r["name"]: r for r in rows}.get("original")
     for ax, (measure, title) in zip(axes, PLOTTED):

@@ -63,7 +63,10 @@ def level_args(level: float, heads: int, method: str = "whitened") -> list[str]:
     return ["--kv-budget", str(level)]
 
 
-def rec_tag(tokens: int, first: int, name: str = "rec") -> str:
+MAIN_RECIPE = ("rec", "")  # (name, further `mea recover` flags) of the recovery when no recipe is named
+
+
+def rec_tag(tokens: int, first: int, name: str = MAIN_RECIPE[0]) -> str:
     """The recovered models' name part: `name` (`rec` unless the recipe has a name of its own) for the study's
     main budget (`first`), `{name}Nk` (N = tokens / 1024) for every further budget, so that adding a budget
     renames nothing already measured."""
@@ -73,7 +76,7 @@ def rec_tag(tokens: int, first: int, name: str = "rec") -> str:
 def recipes(names: list[str] | None, args: list[str] | None) -> tuple[tuple[str, str], ...]:
     """The recovery recipes of --recover-name / --recover-args: one name per flag string (one unnamed string is
     the recipe `rec`)."""
-    names, args = list(names or ["rec"]), list(args or [""])
+    names, args = list(names or [MAIN_RECIPE[0]]), list(args or [MAIN_RECIPE[1]])
     if len(names) != len(args) or len(set(names)) != len(names):
         raise ValueError(f"--recover-name needs one distinct name per --recover-args string, got names {names} for "
                          f"{len(args)} string(s)")
@@ -81,7 +84,7 @@ def recipes(names: list[str] | None, args: list[str] | None) -> tuple[tuple[str,
 
 
 def plan(src: str, out: Path, *, heads: int, levels, methods, quant, presses, recover_tokens=(),
-         peers_python: str | None, recover_seeds=(0,), recover_recipes=(("rec", ""),), kv_bits=(),
+         peers_python: str | None, recover_seeds=(0,), recover_recipes=(MAIN_RECIPE,), kv_bits=(),
          probe_objectives=(), device: str | None = None,
          dtype: str = STUDY_DTYPE) -> tuple[list[tuple[Path, list[str]]], list[System]]:
     """(model-building steps as (output, command)), (systems to measure). `recover_recipes`: (name, further
@@ -115,7 +118,7 @@ def plan(src: str, out: Path, *, heads: int, levels, methods, quant, presses, re
                                       sys.executable, level))
                 for (recipe, recipe_args), tokens in ((r, t) for r in recover_recipes for t in recover_tokens):
                     tag = rec_tag(tokens, recover_tokens[0], recipe)
-                    family = "recovered" + ("" if recipe == "rec" else f" by {recipe}") + \
+                    family = "recovered" + ("" if recipe == MAIN_RECIPE[0] else f" by {recipe}") + \
                         ("" if tag == recipe else f", {tokens} tokens")
                     for seed in recover_seeds:
                         rec = out / "models" / f"{name}-{tag}-s{seed}"
@@ -148,7 +151,7 @@ def _run(cmd: list[str], log_path: Path, log) -> None:
 
 
 def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, methods=METHODS, quant=QUANT,
-                 presses=PRESSES, recover_tokens=(), recover_seeds=(0,), recover_recipes=(("rec", ""),), kv_bits=(),
+                 presses=PRESSES, recover_tokens=(), recover_seeds=(0,), recover_recipes=(MAIN_RECIPE,), kv_bits=(),
                  probe_objectives=(), only=(), quick: bool = False, sizes: Sizes | None = None,
                  measures=MEASURES, peers_python: str = PEERS_PYTHON, heads: int | None = None, report_only: bool = False,
                  device: str | None = None, dtype: str = STUDY_DTYPE, log=print) -> dict:

@@ -41,11 +41,16 @@ def test_convert_compress_load_generate(capsys, tmp_path, tiny_llama_dir):
     assert provenance["method"] == "whitened" and provenance["plan"] == [2, 2, 2]
     out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 7)
-    # half the layers with the data-free SVD, from the MEA checkpoint
+    # half the layers with the data-free SVD, from the MEA checkpoint, scored on both held-out texts
     code, res, err = run(capsys, "compress", tmp_path / "mea", tmp_path / "c2", "--method", "svd",
-                         "--virtual-heads", "1", "--layers", "1", "--recover", "none", "--no-eval")
+                         "--virtual-heads", "1", "--layers", "1", "--recover", "none",
+                         "--eval-windows", "2", "--eval-window", "32")
     assert code == 0, err
     assert res["plan"] == [3, 1, 3]
+    for key in ("perplexity", "perplexity_modern"):  # Hamlet and the modern text, each for both models
+        assert res[key]["tokens"] == 2 * 31
+        assert res[key]["compressed"] > 1 and res[key]["original"] > 1
+    assert res["perplexity"]["original"] != res["perplexity_modern"]["original"]
 
 
 def test_kv_budget_probe_and_recover(capsys, tmp_path, tiny_llama_dir):

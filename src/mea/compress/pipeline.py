@@ -182,9 +182,14 @@ def compress_model(teacher, tok, opts: CompressOptions) -> tuple:
     return student, plan, factor_report, fit_report, windows
 
 
-def heldout_windows(tok, opts: CompressOptions):
-    """The held-out text the compression report scores."""
-    return token_windows(tok, heldout_text(), window=opts.eval_window, count=opts.eval_windows, what="held-out text")
+# the compression report's perplexities: report key -> held-out domain (Hamlet, and modern text outside the plays)
+EVAL_DOMAINS = {"perplexity": "shakespeare", "perplexity_modern": "modern"}
+
+
+def heldout_windows(tok, opts: CompressOptions, domain: str = "shakespeare"):
+    """A held-out text the compression report scores."""
+    return token_windows(tok, heldout_text(domain), window=opts.eval_window, count=opts.eval_windows,
+                         what=f"held-out {domain} text")
 
 
 IN_MEMORY_COPIES = 3  # the in-memory path holds the source model, its MEA copy and the compressed student
@@ -241,11 +246,12 @@ def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = Fal
         "compressed": generate_and_measure(student, tok, SAMPLE_PROMPT),
     }
     if opts.evaluate:
-        held = heldout_windows(tok, opts)
-        log("perplexity on the held-out text ...")
-        report["perplexity"] = {"compressed": perplexity(student, held)["ppl"], "tokens": held[:, 1:].numel()}
-        if opts.evaluate_original:
-            report["perplexity"]["original"] = perplexity(source.model, held)["ppl"]
+        for key, domain in EVAL_DOMAINS.items():
+            held = heldout_windows(tok, opts, domain)
+            log(f"perplexity on the held-out {domain} text ...")
+            report[key] = {"compressed": perplexity(student, held)["ppl"], "tokens": held[:, 1:].numel()}
+            if opts.evaluate_original:
+                report[key]["original"] = perplexity(source.model, held)["ppl"]
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     return report
 

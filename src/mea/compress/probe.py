@@ -96,7 +96,7 @@ def probe_layers(model, probe: ProbeLoss, moments, key_moments=None, *, levels: 
                 delta[layer][m] = probe.loss(model) - base
         finally:
             block.self_attn = original
-        log(f"layer {layer:2d}: " + ", ".join(f"{unit}={m}: +{d:.4f}" for m, d in delta[layer].items()))
+        log(f"layer {layer:2d}: " + ", ".join(f"{unit}={m}: {d:+.4f}" for m, d in delta[layer].items()))
     return {"base_loss": base, "levels": levels, "unit": unit, "method": method, "objective": probe.objective,
             "tokens": probe.tokens, "delta_loss": delta}
 

@@ -3,8 +3,9 @@ actually holds. Each step is a subprocess skipped when its output exists, so the
 
     OUT/models/METHOD-LEVEL-free     mea compress SRC ... --method METHOD --recover none   (training-free)
     OUT/models/METHOD-LEVEL-fit      mea compress SRC ... --method METHOD   (+ the default layer-wise fit: what
-                                     `mea compress` and `make run` give)
-    OUT/models/METHOD-LEVEL-probe-O-*   the same with --allocate probe --probe-objective O (with --probe-objectives)
+                                     `mea compress` gives)
+    OUT/models/METHOD-LEVEL-probe-O-*   the same with --allocate probe --probe-objective O (with --probe-objectives;
+                                     `make run` is rope-pair-latent-0.67-probe-text-fit)
     OUT/models/METHOD-LEVEL-rec-sS   mea recover OUT/models/METHOD-LEVEL-fit ... --tokens N --seed S [RECOVER_ARGS]
                                      (with --recover-tokens, one per seed; a further budget M is named
                                      METHOD-LEVEL-rec{M/1024}k-sS, a longer run of the same recipe)

@@ -199,3 +199,45 @@ def test_qk_norm_objective_lowers_the_key_error_the_attention_sees(qk_norm_model
         old = fm.factor_attention(attn, m, sigma=moments[i], key_stats=(moments[i], None), key_weighting=key_weighting)[0]
         with torch.no_grad():
             assert _seen_key_error(attn, new, inputs[i]) < _seen_key_error(attn, old, inputs[i]), (i, m)
+
+
+def test_probe_resumes_from_its_progress_file(tmp_path):
+    """A probe killed after its first layer keeps that layer's measurements and measures only the rest when
+    rerun; the result equals an uninterrupted probe's. Another model or option set starts afresh."""
+    from mea.compress.probe import ProbeLoss, probe_layers
+
+    torch.manual_seed(0)
+    model = randomize_mea(mea.MEAForCausalLM(tiny_config())).eval()
+    ids = torch.randint(0, 97, (2, 32))
+    calls = []
+
+    def loss(m, fail_at=None):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt  # the probe killed midway
+        with torch.no_grad():
+            return m(input_ids=ids, labels=ids).loss.item()
+
+    levels, quiet = [1, 2], (lambda *_: None)
+    full = probe_layers(model, ProbeLoss("text", loss, 62), None, levels=levels, method="svd", log=quiet)
+    progress, fingerprint = tmp_path / "probe.json", {"source": "tiny"}
+    calls.clear()
+    dying = ProbeLoss("text", lambda m: loss(m, fail_at=2 + len(levels)), 62)  # base, layer 0, then killed
+    with pytest.raises(KeyboardInterrupt):
+        probe_layers(model, dying, None, levels=levels, method="svd", progress=progress, fingerprint=fingerprint,
+                     log=quiet)
+    calls.clear()
+    resumed = probe_layers(model, ProbeLoss("text", loss, 62), None, levels=levels, method="svd", progress=progress,
+                           fingerprint=fingerprint, log=quiet)
+    assert len(calls) == 1 + len(levels)  # the base loss and layer 1 only
+    assert resumed["delta_loss"] == full["delta_loss"]
+    calls.clear()
+    probe_layers(model, ProbeLoss("text", loss, 62), None, levels=levels, method="svd", progress=progress,
+                 fingerprint={"source": "another"}, log=quiet)
+    assert len(calls) == 1 + 2 * len(levels)  # nothing reused
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(2)  # another model: its uncompressed loss differs
+    calls.clear()
+    probe_layers(model, ProbeLoss("text", loss, 62), None, levels=levels, method="svd", progress=progress,
+                 fingerprint={"source": "another"}, log=quiet)
+    assert len(calls) == 1 + 2 * len(levels)

@@ -58,6 +58,7 @@ def test_kv_budget_probe_and_recover(capsys, tmp_path, tiny_llama_dir):
     assert code == 0, err
     table = json.loads((tmp_path / "probe" / "probe.json").read_text())
     assert set(table["delta_loss"]) == {"0", "1", "2"} and (tmp_path / "probe" / "probe.md").exists()
+    assert not (tmp_path / "probe" / "probe-progress.json").exists()
     code, res, err = run(capsys, "compress", tiny_llama_dir, tmp_path / "b", "--kv-budget", "0.5",
                          "--sensitivity", tmp_path / "probe" / "probe.json", *SMALL)
     assert code == 0, err
@@ -99,6 +100,7 @@ def test_width_probe_allocates_a_value_latent_budget_across_layers(capsys, tmp_p
     assert sum(widths) <= 0.5 * 3 * 2 * heads * head_dim
     assert all(1 <= k <= heads and 1 <= r <= heads * head_dim for k, r in res["plan"])
     assert res["kv_fraction"] == pytest.approx(sum(widths) / (3 * 2 * heads * head_dim))
+    assert not (tmp_path / "w.probe-progress.json").exists()  # the probe's progress goes once the model is written
     code, _, err = run(capsys, "compress", tiny_llama_dir, tmp_path / "s", "--kv-budget", "0.5", "--method",
                        "rope-pair-latent", "--allocate", "probe", "--sensitivity", tmp_path / "none.json", *SMALL)
     assert code == 2 and "--sensitivity" in err

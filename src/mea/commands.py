@@ -172,14 +172,17 @@ def cmd_probe(src: str, out: str, levels: list[int] | None = None, method: str =
     if method_of(method).weighted:
         calib = calibration_windows(source.tokenizer, window=512, count=16)
         moments, keys = input_moments(model, calib), key_moments(model, calib)
+    out_dir = Path(out)
+    progress = out_dir / "probe-progress.json"  # a killed probe resumes from here
     result = probe_layers(model, probe_loss(source.tokenizer, objective, windows=windows, window=window), moments, keys,
-                          levels=levels, method=method, log=log)
+                          levels=levels, method=method, progress=progress,
+                          fingerprint={"source": str(src), "dtype": placed.get("precision")}, log=log)
     result["source"] = source.description
     result["placement"] = placed
-    out_dir = Path(out)
     write_json_atomic(out_dir / "probe.json", result)
     write_text_atomic(out_dir / "probe.md", probe_markdown(result))
     plot_probe(result, out_dir / "probe.png")
+    progress.unlink(missing_ok=True)
     delta = result["delta_loss"]
     return {"out": str(out_dir), "base_loss": result["base_loss"],
             "most_sensitive": sorted(delta, key=lambda l: -delta[l][levels[0]])[:5],

@@ -117,6 +117,12 @@ def allocation(opts: CompressOptions) -> str:
     return "errors" if method_of(opts.method).value_mixing == "latent" else "probe"
 
 
+def probe_progress_path(out: str | Path) -> Path:
+    """Beside the output directory: the probe's measurements so far, until the output is written."""
+    out = Path(out)
+    return out.with_name(out.name + ".probe-progress.json")
+
+
 def heads_plan(cfg, opts: CompressOptions) -> list[int]:
     """The plan of --virtual-heads: h' on the chosen layers, h elsewhere."""
     h, num_layers = cfg.num_key_value_heads, cfg.num_hidden_layers
@@ -126,7 +132,8 @@ def heads_plan(cfg, opts: CompressOptions) -> list[int]:
     return uniform_plan(num_layers, h, opts.virtual_heads, layers)
 
 
-def make_plan(model, opts: CompressOptions, tokenizer, moments, keys) -> list:
+def make_plan(model, opts: CompressOptions, tokenizer, moments, keys, probe_state: dict | None = None) -> list:
+    """The per-layer plan; `probe_state`: `probe_layers`' progress file and fingerprint (a killed probe resumes)."""
     cfg = model.config
     h, num_layers = cfg.num_key_value_heads, cfg.num_hidden_layers
     if opts.virtual_heads is not None:
@@ -141,11 +148,13 @@ def make_plan(model, opts: CompressOptions, tokenizer, moments, keys) -> list:
     log(f"measuring per-layer sensitivity (quick {opts.probe_objective} probe; `mea probe` writes a fuller one)...")
     probe = quick_probe_loss(tokenizer, opts.probe_objective)
     if not latent:
-        sens = probe_layers(model, probe, moments, keys, levels=list(range(1, h)), method=opts.method, log=log)
+        sens = probe_layers(model, probe, moments, keys, levels=list(range(1, h)), method=opts.method, log=log,
+                            **(probe_state or {}))
         return budget_plan(sens["delta_loss"], num_layers, h, opts.kv_budget)
     splits = probe_width_splits(curves, h, cfg.head_dim, opts.kv_budget, value_latent=True)  # layers may differ
     widths = sorted({w for row in splits.values() for w in row}, reverse=True)
-    sens = probe_layers(model, probe, moments, keys, levels=widths, method=opts.method, splits=splits, log=log)
+    sens = probe_layers(model, probe, moments, keys, levels=widths, method=opts.method, splits=splits, log=log,
+                        **(probe_state or {}))
     return width_budget_plan(sens["delta_loss"], splits, h, cfg.head_dim, opts.kv_budget, value_latent=True)
 
 
@@ -157,7 +166,7 @@ def calibration_set(tok, opts: CompressOptions):
     return calibration_windows(tok, window=opts.calib_window, count=opts.calib_windows)
 
 
-def compress_model(teacher, tok, opts: CompressOptions) -> tuple:
+def compress_model(teacher, tok, opts: CompressOptions, probe_state: dict | None = None) -> tuple:
     """The compression steps on a loaded MEA teacher: calibration, plan, factorisation and the optional
     layer-wise fit. Returns (student, plan, factor report, fit report, calibration windows)."""
     if teacher.config.use_qk_norm and method_of(opts.method).key_mixing != "head":
@@ -170,7 +179,7 @@ def compress_model(teacher, tok, opts: CompressOptions) -> tuple:
         log(f"calibrating on {windows.numel()} tokens ...")
         moments = input_moments(teacher, windows)
         keys = key_moments(teacher, windows) if weighted else None
-    plan = make_plan(teacher, opts, tok, moments, keys)
+    plan = make_plan(teacher, opts, tok, moments, keys, probe_state)
     log(f"plan per layer: {plan}")
     student, factor_report = factor_model(teacher, plan, method=opts.method, moments=moments, key_moments=keys,
                                           key_weighting=opts.key_weighting, value_weighting=opts.value_weighting)
@@ -226,7 +235,11 @@ def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = Fal
     if source.tokenizer is None:
         raise ValueError(f"{src} has no tokenizer files; compression needs one for calibration text")
     tok = source.tokenizer
-    student, plan, factor_report, fit_report, windows = compress_model(teacher, tok, opts)
+    progress = probe_progress_path(out)  # a killed compression's probe measurements, reused when it is rerun
+    fingerprint = {"source": str(src), "dtype": precision.name(dtype), "calib": opts.calib,
+                   "calib_windows": opts.calib_windows, "calib_window": opts.calib_window}
+    student, plan, factor_report, fit_report, windows = compress_model(
+        teacher, tok, opts, {"progress": progress, "fingerprint": fingerprint})
     if opts.kv_bits is not None:
         set_kv_quant(student, opts.kv_bits)
     provenance = {
@@ -239,6 +252,7 @@ def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = Fal
     save_atomic(student, out, tokenizer=tok, copy_from=source.path, overwrite=overwrite,
                 extra_json={"mea_provenance.json": {**provenance, "factor_report": factor_report,
                                                     "layerwise_fit": fit_report}})
+    progress.unlink(missing_ok=True)
     log(f"wrote {out}")
     report = {"out": out, **{k: provenance[k] for k in ("source", "method", "plan", "kv_fraction", "placement")}}
     report["generated"] = {  # the sample answer and the KV bytes per token held for it, in the placement's dtype

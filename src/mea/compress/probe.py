@@ -4,11 +4,15 @@ next-token loss on text or the loss of planted answers that must be retrieved fr
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+from ..atomic import write_json_atomic
 from ..data import probe_windows
 from ..data.retrieval import retrieval_sequence
 from ..eval import perplexity
@@ -71,31 +75,61 @@ def quick_probe_loss(tokenizer, objective: str = "text") -> ProbeLoss:
     return probe_loss(tokenizer, objective, windows=windows, window=window)
 
 
+BASE_LOSS_TOLERANCE = 1e-4  # nats: a progress file whose uncompressed loss differs by more is another model or probe
+
+
+def load_progress(path: Path | None, fingerprint: dict, base: float, log=print) -> dict:
+    """The measurements a killed probe left in `path` ({layer: {level: (target, delta)}}), when they were taken
+    with the same `fingerprint` and the same uncompressed loss; else none."""
+    if path is None or not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved.get("fingerprint") != fingerprint or not math.isclose(saved.get("base_loss", math.nan), base,
+                                                                    abs_tol=BASE_LOSS_TOLERANCE):
+        log(f"{path} holds another probe's measurements (other model, options or data): starting afresh")
+        return {}
+    done = {int(layer): {int(m): tuple(v) for m, v in row.items()} for layer, row in saved["delta_loss"].items()}
+    log(f"resuming the probe from {path}: {sum(map(len, done.values()))} measurements kept")
+    return done
+
+
 def probe_layers(model, probe: ProbeLoss, moments, key_moments=None, *, levels: list[int],
                  method: str = "whitened", splits: dict[int, dict[int, tuple[int, int]]] | None = None,
-                 log=print) -> dict:
+                 progress: Path | None = None, fingerprint: dict | None = None, log=print) -> dict:
     """delta_loss[layer][level] = the probe's loss with only that layer compressed, minus the uncompressed loss
     (nats per token). A level is h' virtual heads, or with `splits` a cached width in floats per token, the layer
     then compressed to splits[layer][width] = (h'_K, value size) (`plan.probe_width_splits`; widths a layer
-    cannot take are skipped). moments / key_moments: from `calibrate` (see `factor_model`)."""
+    cannot take are skipped). moments / key_moments: from `calibrate` (see `factor_model`). `progress`: a file
+    the measurements are written to after every layer, from which a killed probe resumes (a measurement is kept
+    only for the same `fingerprint`, uncompressed loss and compression target)."""
     cfg = model.config
     unit = "h'" if splits is None else "width"
     base = probe.loss(model)
+    fingerprint = {**(fingerprint or {}), "method": method, "objective": probe.objective, "tokens": probe.tokens}
+    done = load_progress(progress, fingerprint, base, log)
     delta: dict[int, dict[int, float]] = {}
+    saved: dict[int, dict[int, tuple]] = {}
     for layer in range(cfg.num_hidden_layers):
-        delta[layer] = {}
+        delta[layer], saved[layer] = {}, {}
         block = model.model.layers[layer]
         original = block.self_attn
         targets = {m: m for m in levels} if splits is None else {m: splits[layer][m] for m in levels
                                                                   if m in splits[layer]}
         try:
             for m, target in targets.items():  # swap in the compressed attention of this one layer, measure, restore
-                block.self_attn, _ = factor_attention(original, target, method=method,
-                                                      sigma=moments[layer] if moments is not None else None,
-                                                      key_stats=key_moments[layer] if key_moments else None)
-                delta[layer][m] = probe.loss(model) - base
+                kept = done.get(layer, {}).get(m)
+                if kept is not None and json.loads(json.dumps(target)) == kept[0]:
+                    delta[layer][m] = kept[1]
+                else:
+                    block.self_attn, _ = factor_attention(original, target, method=method,
+                                                          sigma=moments[layer] if moments is not None else None,
+                                                          key_stats=key_moments[layer] if key_moments else None)
+                    delta[layer][m] = probe.loss(model) - base
+                saved[layer][m] = (target, delta[layer][m])
         finally:
             block.self_attn = original
+        if progress is not None:
+            write_json_atomic(progress, {"fingerprint": fingerprint, "base_loss": base, "delta_loss": saved})
         log(f"layer {layer:2d}: " + ", ".join(f"{unit}={m}: {d:+.4f}" for m, d in delta[layer].items()))
     return {"base_loss": base, "levels": levels, "unit": unit, "method": method, "objective": probe.objective,
             "tokens": probe.tokens, "delta_loss": delta}

@@ -241,3 +241,35 @@ def test_probe_resumes_from_its_progress_file(tmp_path):
     probe_layers(model, ProbeLoss("text", loss, 62), None, levels=levels, method="svd", progress=progress,
                  fingerprint={"source": "another"}, log=quiet)
     assert len(calls) == 1 + 2 * len(levels)
+
+
+def test_probe_replays_each_layers_input_and_measures_what_the_full_model_does():
+    """Each layer's probe pass starts from its recorded input (layers before it run only in the uncompressed
+    pass) and gives the loss change of the whole model with that layer compressed."""
+    from mea.compress.factor_model import factor_attention
+    from mea.compress.probe import ProbeLoss, probe_layers
+
+    torch.manual_seed(1)
+    model = randomize_mea(mea.MEAForCausalLM(tiny_config())).eval()
+    windows = [torch.randint(0, 97, (2, 32)), torch.randint(0, 97, (1, 48))]  # two sequence batches per loss
+
+    def loss(m):
+        with torch.no_grad():
+            return sum(m(input_ids=ids, labels=ids).loss.item() for ids in windows)
+
+    runs = [0] * model.config.num_hidden_layers
+    hooks = [layer.register_forward_pre_hook(lambda mod, args, i=i: runs.__setitem__(i, runs[i] + 1))
+             for i, layer in enumerate(model.model.layers)]
+    result = probe_layers(model, ProbeLoss("text", loss, 110), None, levels=[1, 2], method="svd", log=lambda *_: None)
+    for h in hooks:
+        h.remove()
+    assert runs == [2 * (1 + 2), 2 * (1 + 2 + 2)]  # layer 0: base + its own 2 levels; layer 1 also layer 0's
+    base = loss(model)
+    for layer, block in enumerate(model.model.layers):
+        original = block.self_attn
+        for m in (1, 2):
+            block.self_attn, _ = factor_attention(original, m, method="svd")
+            naive = loss(model) - base
+            block.self_attn = original
+            assert result["delta_loss"][layer][m] == pytest.approx(naive, abs=1e-6)
+            assert abs(naive) > 1e-4  # the layer's compression changes the loss: the check can fail

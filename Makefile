@@ -61,8 +61,7 @@ frontier: peers
 		--recover-seeds 0 1 --recover-args "--lr 3e-4 --retrieval-frac 0.5" --probe-objectives both
 
 run: setup
-	$(MEA) compress smollm2 out/smollm2-kept67 --method rope-pair-latent --kv-budget 0.6666666666666666 \
-		--allocate probe --overwrite
+	$(MEA) compress smollm2 out/smollm2-kept67 --method rope-pair-latent --kv-budget 0.6666666666666666 --overwrite
 
 test: setup
 	$(PY) -m pytest -q

@@ -84,15 +84,16 @@ def test_retrieval_probe_allocates_a_budget(capsys, tmp_path, tiny_llama_dir):
     assert code == 0, err
     assert sum(res["plan"]) <= 0.5 * 9 and min(res["plan"]) >= 1
     code, res, err = run(capsys, "compress", tiny_llama_dir, tmp_path / "c", "--kv-budget", "0.5", "--method",
-                         "rope-pair-latent", "--probe-objective", "retrieval", *SMALL)
-    assert code == 2 and "--allocate probe" in err
+                         "rope-pair-latent", "--allocate", "errors", "--probe-objective", "retrieval", *SMALL)
+    assert code == 2 and "drop --allocate errors" in err
 
 
 def test_width_probe_allocates_a_value_latent_budget_across_layers(capsys, tmp_path, tiny_llama_dir):
-    """rope-pair-latent with --allocate probe: each layer at a probed width (or whole), h'_K and R per layer,
-    the cache within the budget, and the model it writes loads and holds exactly the planned bytes."""
+    """rope-pair-latent with the probe (the default allocation): each layer at a probed width (or whole), h'_K
+    and R per layer, the cache within the budget, and the model it writes loads and holds exactly the planned
+    bytes."""
     code, res, err = run(capsys, "compress", tiny_llama_dir, tmp_path / "w", "--kv-budget", "0.5", "--method",
-                         "rope-pair-latent", "--allocate", "probe", "--probe-objective", "both", *SMALL)
+                         "rope-pair-latent", "--probe-objective", "both", *SMALL)
     assert code == 0, err
     config = AutoModelForCausalLM.from_pretrained(tmp_path / "w").config
     head_dim, heads = config.head_dim, config.num_key_value_heads
@@ -201,7 +202,7 @@ def test_bad_inputs_give_clear_errors_and_no_output(capsys, tmp_path, tiny_llama
 def test_finer_method_with_a_budget_that_is_not_whole_heads(capsys, tmp_path, tiny_llama_dir):
     """rope-pair keys + a value latent at KV kept 0.4 (2.4 of 6 heads' worth per layer), with the layer-wise fit."""
     code, res, err = run(capsys, "compress", tiny_llama_dir, tmp_path / "f", "--method", "rope-pair-latent",
-                         "--kv-budget", "0.4", *SMALL)
+                         "--kv-budget", "0.4", "--allocate", "errors", *SMALL)
     assert code == 0, err
     assert all(k * 16 + r == 40 for k, r in res["plan"])  # round(0.4 * 2 * 3 * 16 / 8) * 8 floats per layer
     assert res["kv_fraction"] == pytest.approx(40 / 96)

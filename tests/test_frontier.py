@@ -234,7 +234,8 @@ def test_study_processes_claim_systems_and_take_over_dead_claims(tmp_path):
     assert level_args(0.67, 3) == ["--virtual-heads", "2"] and level_args(0.5, 3) == ["--kv-budget", "0.5"]
     with pytest.raises(ValueError, match="KV levels"):
         level_args(1.5, 3)
-    assert level_args(0.67, 3, "rope-pair-latent") == ["--kv-budget", "0.67"]  # latent widths need no whole heads
+    # latent widths need no whole heads; every layer the same budget (the probe's sizes are models of their own)
+    assert level_args(0.67, 3, "rope-pair-latent") == ["--kv-budget", "0.67", "--allocate", "errors"]
 
 
 def test_plan_recovers_each_seed_from_the_fitted_model(tmp_path):
@@ -271,7 +272,8 @@ def test_plan_builds_probe_allocated_models_beside_the_default(tmp_path):
     fit = built["rope-pair-latent-0.67-probe-both-fit"]
     assert fit[fit.index("--kv-budget") + 1] == "0.67" and fit[fit.index("--allocate") + 1] == "probe"
     assert fit[fit.index("--probe-objective") + 1] == "both"
-    assert "--allocate" not in built["rope-pair-latent-0.67-fit"]
+    uniform = built["rope-pair-latent-0.67-fit"]
+    assert uniform[uniform.index("--allocate") + 1] == "errors"
     assert built["rope-pair-latent-0.67-probe-both-rec-s0"][1] == str(tmp_path / "models" /
                                                                      "rope-pair-latent-0.67-probe-both-fit")
     family = {s.name: s.family for s in systems}

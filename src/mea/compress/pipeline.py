@@ -36,6 +36,9 @@ SAMPLE_PROMPT = "What is the capital of France? Answer in one sentence."
 RECOVER_MODES = ("layerwise", "none")
 
 
+ALLOCATIONS = ("probe", "errors")  # how --kv-budget is spread (see CompressOptions.allocate)
+
+
 @dataclass
 class CompressOptions:
     method: str = field(  # svd: the paper's data-free SVD; whitened: activation-aware head mixing; rope-pair(-latent): finer mixing
@@ -45,8 +48,8 @@ class CompressOptions:
     preset: str = field(  # layers compressed when --layers is not given
         default="full", metadata={"choices": LAYER_PRESETS})
     kv_budget: float | None = None  # fraction of the original KV bytes kept; h' per layer from sensitivity
-    allocate: str = field(  # how --kv-budget is spread: probe (per-layer sizes by measured loss), errors (every layer the budget, split by its error curves), auto (probe for head-level methods, errors for value latents)
-        default="auto", metadata={"choices": ("auto", "probe", "errors")})
+    allocate: str = field(  # how --kv-budget is spread: probe (per-layer sizes by the measured loss of compressing each layer alone), errors (every layer the budget, split by its error curves: no probe pass)
+        default="probe", metadata={"choices": ALLOCATIONS})
     sensitivity: str | None = None  # a `mea probe` probe.json for --kv-budget (else a quick probe runs)
     probe_objective: str = field(  # the quick probe's loss: next-token (text), planted answers (retrieval), or both
         default="text", metadata={"choices": PROBE_OBJECTIVES})
@@ -97,24 +100,13 @@ def validate(opts: CompressOptions) -> None:
         raise ValueError(f"--allocate must be one of {', '.join(ALLOCATIONS)}, got {opts.allocate!r}")
     if opts.probe_objective not in PROBE_OBJECTIVES:
         raise ValueError(f"--probe-objective must be one of {', '.join(PROBE_OBJECTIVES)}, got {opts.probe_objective!r}")
-    if (opts.sensitivity or opts.probe_objective != "text") and allocation(opts) == "errors":
-        raise ValueError("--sensitivity and --probe-objective steer the probe's allocation; with --allocate errors (the "
-                         "default for value-latent methods) each layer's budget is split by its own error curves: drop "
-                         "them, or add --allocate probe")
+    if (opts.sensitivity or opts.probe_objective != "text") and opts.allocate == "errors":
+        raise ValueError("--sensitivity and --probe-objective steer the probe's allocation; with --allocate errors each "
+                         "layer's budget is split by its own error curves: drop them, or drop --allocate errors")
     if opts.sensitivity and method_of(opts.method).value_mixing == "latent":
         raise ValueError("--sensitivity reads a `mea probe` table of whole heads; a value-latent method's probe "
                          "measures cached widths, which `mea compress --allocate probe` runs itself: drop --sensitivity")
 
-
-ALLOCATIONS = ("auto", "probe", "errors")
-
-
-def allocation(opts: CompressOptions) -> str:
-    """How --kv-budget is spent. auto: the probe for head-level methods; for value latents every layer the
-    budget split by its error curves (the probe of widths costs a probe pass per layer and width)."""
-    if opts.allocate != "auto":
-        return opts.allocate
-    return "errors" if method_of(opts.method).value_mixing == "latent" else "probe"
 
 
 def probe_progress_path(out: str | Path) -> Path:
@@ -140,8 +132,8 @@ def make_plan(model, opts: CompressOptions, tokenizer, moments, keys, probe_stat
         return heads_plan(cfg, opts)
     latent = method_of(opts.method).value_mixing == "latent"
     curves = ([error_curves(layer.self_attn, moments[i], opts.method) for i, layer in enumerate(model.model.layers)]
-              if allocation(opts) == "errors" or latent else None)
-    if allocation(opts) == "errors":  # the same share of every layer, split between keys and values by error
+              if opts.allocate == "errors" or latent else None)
+    if opts.allocate == "errors":  # the same share of every layer, split between keys and values by error
         return width_plan(curves, h, cfg.head_dim, opts.kv_budget, value_latent=latent)
     if opts.sensitivity:
         return budget_plan(load_sensitivity(opts.sensitivity), num_layers, h, opts.kv_budget)

@@ -2,10 +2,10 @@
 actually holds. Each step is a subprocess skipped when its output exists, so the study resumes:
 
     OUT/models/METHOD-LEVEL-free     mea compress SRC ... --method METHOD --recover none   (training-free)
-    OUT/models/METHOD-LEVEL-fit      mea compress SRC ... --method METHOD   (+ the default layer-wise fit: what
-                                     `mea compress` gives)
+    OUT/models/METHOD-LEVEL-fit      mea compress SRC ... --method METHOD   (+ the default layer-wise fit; value
+                                     latents with every layer at LEVEL: --allocate errors)
     OUT/models/METHOD-LEVEL-probe-O-*   the same with --allocate probe --probe-objective O (with --probe-objectives;
-                                     `make run` is rope-pair-latent-0.67-probe-text-fit)
+                                     `make run` is rope-pair-latent-0.67-probe-text-fit, the default allocation)
     OUT/models/METHOD-LEVEL-rec-sS   mea recover OUT/models/METHOD-LEVEL-fit ... --tokens N --seed S [RECOVER_ARGS]
                                      (with --recover-tokens, one per seed; a further budget M is named
                                      METHOD-LEVEL-rec{M/1024}k-sS, a longer run of the same recipe)
@@ -52,14 +52,17 @@ class System:
 
 def level_args(level: float, heads: int, method: str = "whitened") -> list[str]:
     """`mea compress` arguments for keeping `level` of the KV cache: for a method with a value latent, a KV
-    budget (its widths need not be whole heads); otherwise a uniform h' when level x h is (within 0.05) a
-    whole number of heads, else a KV budget allocated by the sensitivity probe."""
+    budget given to every layer alike (its widths need not be whole heads; the probe's sizes are the
+    --probe-objectives models); otherwise a uniform h' when level x h is (within 0.05) a whole number of heads,
+    else a KV budget allocated by the sensitivity probe."""
     from ..compress.methods import method_of
 
     if not 0 < level <= 1:
         raise ValueError(f"KV levels must be in (0, 1], got {level}")
     k = level * heads
-    if method_of(method).value_mixing != "latent" and abs(k - round(k)) < 0.05 and round(k) >= 1:
+    if method_of(method).value_mixing == "latent":
+        return ["--kv-budget", str(level), "--allocate", "errors"]
+    if abs(k - round(k)) < 0.05 and round(k) >= 1:
         return ["--virtual-heads", str(round(k))]
     return ["--kv-budget", str(level)]
 

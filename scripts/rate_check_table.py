@@ -10,21 +10,23 @@ A shorter budget spaces the validation points differently, so each run's loss is
 by interpolating linearly in log tokens between its two nearest points (they are 7% apart in tokens).
 """
 
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from mea.atomic import write_json_atomic, write_text_atomic
+from mea.experiments.run_files import read_json, read_jsonl
 
 OUT = Path("results/rate-check")
 
 
 def curve(run: Path) -> tuple[np.ndarray, np.ndarray, float]:
     """(tokens, validation loss) of a run, and its peak learning rate."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"val_loss"' in line]
-    lr = json.loads((run / "run.json").read_text())["config"]["lr"]
+    fix = f"rerun the run {run} (or remove it)"
+    records, _ = read_jsonl(run / "metrics.jsonl", fix=fix)  # a line cut short by a running writer is skipped
+    rows = [r for r in records if "val_loss" in r]
+    lr = read_json(run / "run.json", fix=fix)["config"]["lr"]
     return np.array([r["tokens"] for r in rows], float), np.array([r["val_loss"] for r in rows]), lr
 
 

@@ -95,6 +95,7 @@ def test_width_probe_allocates_a_value_latent_budget_across_layers(capsys, tmp_p
     code, res, err = run(capsys, "compress", tiny_llama_dir, tmp_path / "w", "--kv-budget", "0.5", "--method",
                          "rope-pair-latent", "--probe-objective", "both", *SMALL)
     assert code == 0, err
+    assert "measuring per-layer sensitivity" in err
     config = AutoModelForCausalLM.from_pretrained(tmp_path / "w").config
     head_dim, heads = config.head_dim, config.num_key_value_heads
     widths = [k * head_dim + r for k, r in res["plan"]]
@@ -102,6 +103,20 @@ def test_width_probe_allocates_a_value_latent_budget_across_layers(capsys, tmp_p
     assert all(1 <= k <= heads and 1 <= r <= heads * head_dim for k, r in res["plan"])
     assert res["kv_fraction"] == pytest.approx(sum(widths) / (3 * 2 * heads * head_dim))
     assert not (tmp_path / "w.probe-progress.json").exists()  # the probe's progress goes once the model is written
+    # its measurements stay beside the model: the same budget from them is the same plan, another budget needs no probe
+    table = tmp_path / "w" / "probe.json"
+    assert json.loads(table.read_text())["unit"] == "width"
+    latent = ["--method", "rope-pair-latent", "--sensitivity", table, *SMALL]
+    code, again, err = run(capsys, "compress", tiny_llama_dir, tmp_path / "again", "--kv-budget", "0.5", *latent)
+    assert code == 0, err
+    assert again["plan"] == res["plan"] and not (tmp_path / "again" / "probe.json").exists()
+    code, smaller, err = run(capsys, "compress", tiny_llama_dir, tmp_path / "smaller", "--kv-budget", "0.4", *latent)
+    assert code == 0, err
+    assert sum(k * head_dim + r for k, r in smaller["plan"]) <= 0.4 * 3 * 2 * heads * head_dim
+    assert "measuring per-layer sensitivity" not in err
+    code, _, err = run(capsys, "compress", tiny_llama_dir, tmp_path / "heads", "--kv-budget", "0.5",
+                       "--sensitivity", table, *SMALL)  # a width table cannot size whole heads
+    assert code == 2 and "whole heads" in err
     code, _, err = run(capsys, "compress", tiny_llama_dir, tmp_path / "s", "--kv-budget", "0.5", "--method",
                        "rope-pair-latent", "--allocate", "probe", "--sensitivity", tmp_path / "none.json", *SMALL)
     assert code == 2 and "--sensitivity" in err

@@ -36,6 +36,8 @@ SAMPLE_PROMPT = "What is the capital of France? Answer in one sentence."
 RECOVER_MODES = ("layerwise", "none")
 
 
+PROBE_FILE = "probe.json"  # the probe's measurements, beside the model it sized
+
 ALLOCATIONS = ("probe", "errors")  # how --kv-budget is spread (see CompressOptions.allocate)
 
 
@@ -50,7 +52,7 @@ class CompressOptions:
     kv_budget: float | None = None  # fraction of the original KV bytes kept; h' per layer from sensitivity
     allocate: str = field(  # how --kv-budget is spread: probe (per-layer sizes by the measured loss of compressing each layer alone), errors (every layer the budget, split by its error curves: no probe pass)
         default="probe", metadata={"choices": ALLOCATIONS})
-    sensitivity: str | None = None  # a `mea probe` probe.json for --kv-budget (else a quick probe runs)
+    sensitivity: str | None = None  # a probe table for --kv-budget: `mea probe`'s probe.json (whole heads), or the probe.json an earlier `mea compress --allocate probe` wrote beside its model (value-latent widths); else a quick probe runs
     probe_objective: str = field(  # the quick probe's loss: next-token (text), planted answers (retrieval), or both
         default="text", metadata={"choices": PROBE_OBJECTIVES})
     calib: list[str] = field(default_factory=list)  # calibration text files / folders / .jsonl (none: embedded)
@@ -103,9 +105,6 @@ def validate(opts: CompressOptions) -> None:
     if (opts.sensitivity or opts.probe_objective != "text") and opts.allocate == "errors":
         raise ValueError("--sensitivity and --probe-objective steer the probe's allocation; with --allocate errors each "
                          "layer's budget is split by its own error curves: drop them, or drop --allocate errors")
-    if opts.sensitivity and method_of(opts.method).value_mixing == "latent":
-        raise ValueError("--sensitivity reads a `mea probe` table of whole heads; a value-latent method's probe "
-                         "measures cached widths, which `mea compress --allocate probe` runs itself: drop --sensitivity")
 
 
 
@@ -124,30 +123,35 @@ def heads_plan(cfg, opts: CompressOptions) -> list[int]:
     return uniform_plan(num_layers, h, opts.virtual_heads, layers)
 
 
-def make_plan(model, opts: CompressOptions, tokenizer, moments, keys, probe_state: dict | None = None) -> list:
-    """The per-layer plan; `probe_state`: `probe_layers`' progress file and fingerprint (a killed probe resumes)."""
+def make_plan(model, opts: CompressOptions, tokenizer, moments, keys, probe_state: dict | None = None) -> tuple:
+    """(the per-layer plan, the probe's measurements when a probe ran, else None); `probe_state`: `probe_layers`'
+    progress file and fingerprint (a killed probe resumes)."""
     cfg = model.config
     h, num_layers = cfg.num_key_value_heads, cfg.num_hidden_layers
     if opts.virtual_heads is not None:
-        return heads_plan(cfg, opts)
+        return heads_plan(cfg, opts), None
     latent = method_of(opts.method).value_mixing == "latent"
     curves = ([error_curves(layer.self_attn, moments[i], opts.method) for i, layer in enumerate(model.model.layers)]
-              if opts.allocate == "errors" or latent else None)
+              if opts.allocate == "errors" or (latent and not opts.sensitivity) else None)
     if opts.allocate == "errors":  # the same share of every layer, split between keys and values by error
-        return width_plan(curves, h, cfg.head_dim, opts.kv_budget, value_latent=latent)
+        return width_plan(curves, h, cfg.head_dim, opts.kv_budget, value_latent=latent), None
     if opts.sensitivity:
-        return budget_plan(load_sensitivity(opts.sensitivity), num_layers, h, opts.kv_budget)
+        table = load_sensitivity(opts.sensitivity, num_layers, widths=latent)
+        if not latent:
+            return budget_plan(table["delta_loss"], num_layers, h, opts.kv_budget), None
+        return width_budget_plan(table["delta_loss"], table["splits"], h, cfg.head_dim, opts.kv_budget,
+                                 value_latent=True), None
     log(f"measuring per-layer sensitivity (quick {opts.probe_objective} probe; `mea probe` writes a fuller one)...")
     probe = quick_probe_loss(tokenizer, opts.probe_objective)
     if not latent:
         sens = probe_layers(model, probe, moments, keys, levels=list(range(1, h)), method=opts.method, log=log,
                             **(probe_state or {}))
-        return budget_plan(sens["delta_loss"], num_layers, h, opts.kv_budget)
+        return budget_plan(sens["delta_loss"], num_layers, h, opts.kv_budget), sens
     splits = probe_width_splits(curves, h, cfg.head_dim, opts.kv_budget, value_latent=True)  # layers may differ
     widths = sorted({w for row in splits.values() for w in row}, reverse=True)
     sens = probe_layers(model, probe, moments, keys, levels=widths, method=opts.method, splits=splits, log=log,
                         **(probe_state or {}))
-    return width_budget_plan(sens["delta_loss"], splits, h, cfg.head_dim, opts.kv_budget, value_latent=True)
+    return width_budget_plan(sens["delta_loss"], splits, h, cfg.head_dim, opts.kv_budget, value_latent=True), sens
 
 
 def calibration_set(tok, opts: CompressOptions):
@@ -158,9 +162,22 @@ def calibration_set(tok, opts: CompressOptions):
     return calibration_windows(tok, window=opts.calib_window, count=opts.calib_windows)
 
 
-def compress_model(teacher, tok, opts: CompressOptions, probe_state: dict | None = None) -> tuple:
+@dataclass
+class Compressed:
+    """What `compress_model` made: the student, its per-layer plan, the factorisation's and the layer-wise fit's
+    reports, the calibration windows, and the probe's measurements when a probe chose the plan."""
+
+    student: torch.nn.Module
+    plan: list
+    factor_report: list
+    fit_report: list | None
+    windows: torch.Tensor
+    probe: dict | None = None
+
+
+def compress_model(teacher, tok, opts: CompressOptions, probe_state: dict | None = None) -> Compressed:
     """The compression steps on a loaded MEA teacher: calibration, plan, factorisation and the optional
-    layer-wise fit. Returns (student, plan, factor report, fit report, calibration windows)."""
+    layer-wise fit."""
     if teacher.config.use_qk_norm and method_of(opts.method).key_mixing != "head":
         raise ValueError(f"--method {opts.method} mixes keys per RoPE pair, which QK-norm's per-feature scale does not "
                          "commute with; for this model (QK-norm) use --method whitened or svd")
@@ -171,7 +188,7 @@ def compress_model(teacher, tok, opts: CompressOptions, probe_state: dict | None
         log(f"calibrating on {windows.numel()} tokens ...")
         moments = input_moments(teacher, windows)
         keys = key_moments(teacher, windows) if weighted else None
-    plan = make_plan(teacher, opts, tok, moments, keys, probe_state)
+    plan, probe = make_plan(teacher, opts, tok, moments, keys, probe_state)
     log(f"plan per layer: {plan}")
     student, factor_report = factor_model(teacher, plan, method=opts.method, moments=moments, key_moments=keys,
                                           key_weighting=opts.key_weighting, value_weighting=opts.value_weighting)
@@ -180,7 +197,7 @@ def compress_model(teacher, tok, opts: CompressOptions, probe_state: dict | None
         log("layer-wise recovery (fitting each compressed attention to the original's outputs) ...")
         fit_report = layerwise_fit(student, teacher, windows, steps=opts.fit_steps,
                                    train_query_output=opts.fit_query_output, mode=opts.fit_mode, log=log)
-    return student, plan, factor_report, fit_report, windows
+    return Compressed(student, plan, factor_report, fit_report, windows, probe)
 
 
 # the compression report's perplexities: report key -> held-out domain (Hamlet, and modern text outside the plays)
@@ -230,8 +247,8 @@ def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = Fal
     progress = probe_progress_path(out)  # a killed compression's probe measurements, reused when it is rerun
     fingerprint = {"source": str(src), "dtype": precision.name(dtype), "calib": opts.calib,
                    "calib_windows": opts.calib_windows, "calib_window": opts.calib_window}
-    student, plan, factor_report, fit_report, windows = compress_model(
-        teacher, tok, opts, {"progress": progress, "fingerprint": fingerprint})
+    made = compress_model(teacher, tok, opts, {"progress": progress, "fingerprint": fingerprint})
+    student, plan, windows = made.student, made.plan, made.windows
     if opts.kv_bits is not None:
         set_kv_quant(student, opts.kv_bits)
     provenance = {
@@ -241,9 +258,11 @@ def compress(src: str, out: str, opts: CompressOptions, *, overwrite: bool = Fal
         "calibration_tokens": windows.numel(), "command": " ".join(sys.argv),
         "placement": precision.describe(device, dtype),
     }
-    save_atomic(student, out, tokenizer=tok, copy_from=source.path, overwrite=overwrite,
-                extra_json={"mea_provenance.json": {**provenance, "factor_report": factor_report,
-                                                    "layerwise_fit": fit_report}})
+    extra = {"mea_provenance.json": {**provenance, "factor_report": made.factor_report,
+                                     "layerwise_fit": made.fit_report}}
+    if made.probe is not None:  # kept: `--sensitivity OUT/probe.json` allocates another budget without a probe pass
+        extra[PROBE_FILE] = {**made.probe, "source": source.description, "placement": provenance["placement"]}
+    save_atomic(student, out, tokenizer=tok, copy_from=source.path, overwrite=overwrite, extra_json=extra)
     progress.unlink(missing_ok=True)
     log(f"wrote {out}")
     report = {"out": out, **{k: provenance[k] for k in ("source", "method", "plan", "kv_fraction", "placement")}}

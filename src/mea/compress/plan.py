@@ -72,12 +72,33 @@ def budget_plan(sensitivity: dict[int, dict[int, float]], num_layers: int, num_h
     return [options[l][c][0] for l, c in enumerate(greedy_descent(options, budget * num_layers * num_heads))]
 
 
-def load_sensitivity(path: str | Path) -> dict[int, dict[int, float]]:
-    data = json.loads(Path(path).read_text())
+def load_sensitivity(path: str | Path, num_layers: int, *, widths: bool = False) -> dict:
+    """A probe table for --sensitivity: {"delta_loss": {layer: {level: loss increase}}} and, for a width table
+    (`widths`: a value-latent method's, which `mea compress --allocate probe` writes beside its model),
+    {"splits": {layer: {width: (h'_K, value size)}}}; otherwise whole heads (`mea probe`)."""
+    def bad(why: str) -> ValueError:
+        made_by = "`mea compress --allocate probe` of a value-latent method" if widths else "`mea probe`"
+        return ValueError(f"{path} is not a probe table this compression can use ({why}); give the probe.json "
+                          f"written by {made_by}, or drop --sensitivity to run a probe")
+
     try:
-        return {int(l): {int(m): float(v) for m, v in row.items()} for l, row in data["delta_loss"].items()}
-    except (KeyError, AttributeError, ValueError) as e:
-        raise ValueError(f"{path} is not a probe result (written by `mea probe`): {e}") from e
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise bad(str(e)) from None
+    unit = data.get("unit", "h'") if isinstance(data, dict) else None
+    if unit != ("width" if widths else "h'"):
+        raise bad(f"its levels are {unit!r}, the method needs {'cached widths' if widths else 'whole heads'}")
+    try:
+        table = {"delta_loss": {int(l): {int(m): float(v) for m, v in row.items()}
+                                for l, row in data["delta_loss"].items()}}
+        if widths:
+            table["splits"] = {int(l): {int(w): tuple(int(x) for x in kv) for w, kv in row.items()}
+                               for l, row in data["splits"].items()}
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+        raise bad(f"malformed: {e!r}") from None
+    if sorted(table["delta_loss"]) != list(range(num_layers)):
+        raise bad(f"it covers layers {sorted(table['delta_loss'])}, the model has {num_layers}")
+    return table
 
 
 LATENT_STEP = 8  # value latent widths are multiples of this (vector-friendly)

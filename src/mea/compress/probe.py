@@ -192,8 +192,9 @@ def probe_layers(model, probe: ProbeLoss, moments, key_moments=None, *, levels: 
         if progress is not None:
             write_json_atomic(progress, {"fingerprint": fingerprint, "base_loss": base, "delta_loss": saved})
         log(f"layer {layer:2d}: " + ", ".join(f"{unit}={m}: {d:+.4f}" for m, d in delta[layer].items()))
-    return {"base_loss": base, "levels": levels, "unit": unit, "method": method, "objective": probe.objective,
-            "tokens": probe.tokens, "delta_loss": delta}
+    result = {"base_loss": base, "levels": levels, "unit": unit, "method": method, "objective": probe.objective,
+              "tokens": probe.tokens, "delta_loss": delta}
+    return result if splits is None else {**result, "splits": splits}
 
 
 def probe_markdown(result: dict) -> str:

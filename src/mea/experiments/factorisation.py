@@ -78,7 +78,8 @@ def run_factorisation_study(out: str | Path, *, src: str = "smollm2", methods=ME
             opts = CompressOptions(method=method, recover="none", evaluate=False,
                                    **target_options(method, fraction, h))
             log(f"{method} at KV kept {fraction:.2f} ...")
-            student, plan, factor_report, _, _ = compress_model(teacher, tok, opts)
+            made = compress_model(teacher, tok, opts)
+            student, plan, factor_report = made.student, made.plan, made.factor_report
             errors = layer_errors(teacher, student, moments)
             ppl = perplexity(student, held)["ppl"]
             write_json_atomic(path, {

@@ -68,6 +68,22 @@ def test_plan_rates_rounds_and_shared_validation_points(tmp_path, monkeypatch):
     assert gaps.max() < 2.5 * gaps[len(gaps) // 2]  # log-spaced
     with pytest.raises(ValueError, match="VARIANT=LR"):
         ss.parse_lrs(["mea:1e-2"])
+    # one size's own rate: that size's runs only; a study in progress names the runs begun at the old rate
+    sized = ss.make_plan("cpu", lrs=ss.parse_lrs(["mea=2e-2", "midi:mea=3e-3"]))
+    assert sized.variants == list(plan.lrs) and sized.lrs["midi:mea"] == 0.003
+    assert [ss.run_config(sized, size, "mea", 0).lr for size in ("micro", "mini", "midi")] == [0.02, 0.02, 0.003]
+    assert ss.run_config(sized, "midi", "groupnorm", 0).lr == 0.01
+    begun = tmp_path / "study" / "runs" / ss.run_name("midi", "mea", 1)
+    begun.mkdir(parents=True)
+    (begun / "run.json").write_text(json.dumps({"config": {"lr": 0.02}}))
+    ss.check_rates(tmp_path / "study", ss.run_tasks_of(plan))  # the same rate: continues
+    with pytest.raises(ValueError, match=r"midi__mea__s1 \(lr 0.02\).*move them out"):
+        ss.check_rates(tmp_path / "study", ss.run_tasks_of(sized))
+    for bad, why in ((["huge:mea=1e-3"], "sizes not in the study"), (["midi:transformer=1e-3"], "variants not in")):
+        with pytest.raises(ValueError, match=why):
+            ss.make_plan("cpu", lrs=ss.parse_lrs(bad))
+    with pytest.raises(ValueError, match="SIZE:VARIANT=LR"):
+        ss.parse_lrs(["a:b:c=1e-3"])
     summary.unlink()
     with pytest.raises(ValueError, match="--lrs"):
         ss.make_plan("cpu")

@@ -185,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--preset", help="cpu (3 sizes up to 3.2M parameters, 2 seeds) or gpu (8.6M and 32M, 3 seeds)")
     e.add_argument("--jobs", type=int, help="runs at a time (each gets cores/jobs threads)")
     e.add_argument("--variants", nargs="+", help="(default: baseline groupnorm mea-no-groupnorm mea)")
-    e.add_argument("--lrs", nargs="+", metavar="VARIANT=LR", help="peak rates (default: each variant's best in "
-                   "results/lr-study-quick/summary.json)")
+    e.add_argument("--lrs", nargs="+", metavar="[SIZE:]VARIANT=LR", help="peak rates (default: each variant's best "
+                   "in results/lr-study-quick/summary.json); SIZE:VARIANT=LR sets one size's rate")
     e.add_argument("--seeds", type=int, nargs="+", help="(default: the preset's)")
     e.add_argument("--sizes", nargs="+", help="model presets (default: the preset's)")
     e.add_argument("--tokens", type=int, help="one token budget for every size (default: the preset's)")

@@ -14,7 +14,7 @@ from ..atomic import write_json_atomic, write_text_atomic
 from ..plotting import pyplot, save_figure
 from .run_files import read_json, read_jsonl
 from .scaling_fit import fit_with_intervals, gap_trend, mean_curve, size_trend
-from .scaling_layout import run_name
+from .scaling_layout import rate_of, run_name, study_variants
 from .stats import p_text, welch
 
 ALPHA = 0.05
@@ -36,7 +36,7 @@ def load_runs(out: Path) -> tuple[dict, list[dict]]:
     tps = plan["train"]["seq_len"] * plan["train"]["batch_size"]
     runs = []
     for size, budget in plan["sizes"].items():
-        for v in plan["lrs"]:
+        for v in study_variants(plan["lrs"]):
             for s in plan["seeds"]:
                 run = out / "runs" / run_name(size, v, s)
                 fix = f"delete {run} and rerun the study to redo that run"
@@ -61,7 +61,7 @@ def _median(xs):
 
 def summarize(plan: dict, runs: list[dict]) -> dict:
     warm_tokens = FIT_FROM_WARMUPS * plan["train"]["warmup_steps"] * plan["train"]["seq_len"] * plan["train"]["batch_size"]
-    sizes, variants = list(plan["sizes"]), list(plan["lrs"])
+    sizes, variants = list(plan["sizes"]), study_variants(plan["lrs"])
 
     def curves(size, v, start=warm_tokens):  # the seeds' validation curves from `start`; diverged runs left out
         cs = [[(t, x) for t, x in r["val_curve"] if t >= start] for r in runs
@@ -75,7 +75,7 @@ def summarize(plan: dict, runs: list[dict]) -> dict:
             cs, whole = curves(size, v), curves(size, v, 0)
             at = _shared_last(whole)
             fit = fit_with_intervals(cs) if cs and len(mean_curve(cs)[0]) >= 4 else None
-            cells.append({"size": size, "variant": v, "lr": plan["lrs"][v], "seeds": len(rs),
+            cells.append({"size": size, "variant": v, "lr": rate_of(plan["lrs"], size, v), "seeds": len(rs),
                           "diverged": sum(r["state"] == "diverged" for r in rs),
                           "done": sum(r["state"] in ("finished", "diverged") for r in rs),
                           "tokens": max(r["tokens"] for r in rs), "budget": plan["sizes"][size],

@@ -26,7 +26,7 @@ from pathlib import Path
 from ..train.config import TrainConfig
 from .launcher import Task, fix_plan, run_tasks
 from .run_files import read_json
-from .scaling_layout import run_name
+from .scaling_layout import rate_of, run_name, study_variants
 from .scaling_report import write_report
 
 VARIANTS = ["baseline", "groupnorm", "mea-no-groupnorm", "mea"]
@@ -37,7 +37,7 @@ DATA = ["domain:shakespeare", "domain:modern"]
 @dataclass
 class ScalingPlan:
     sizes: dict  # model preset -> token budget of each of its runs
-    lrs: dict  # variant -> peak learning rate
+    lrs: dict  # variant -> peak learning rate; "size:variant" -> that size's rate where it differs
     seeds: list
     rounds: list  # token counts every run pauses at, in order, before its final budget
     train: dict  # TrainConfig fields shared by every run (sequence length, batch, warm-up, evaluation)
@@ -46,7 +46,7 @@ class ScalingPlan:
 
     @property
     def variants(self) -> list[str]:
-        return list(self.lrs)
+        return study_variants(self.lrs)
 
     @property
     def tokens_per_step(self) -> int:
@@ -84,7 +84,7 @@ def best_lrs(variants: list[str], path: Path | None = None) -> dict:
 
 
 def parse_lrs(items: list[str]) -> dict:
-    """["mea=1e-2", ...] -> {"mea": 0.01, ...}"""
+    """["mea=1e-2", "midi:mea=3e-3", ...] -> {"mea": 0.01, "midi:mea": 0.003, ...} (SIZE:VARIANT: one size's rate)"""
     out = {}
     for item in items:
         name, sep, value = item.partition("=")
@@ -92,29 +92,35 @@ def parse_lrs(items: list[str]) -> dict:
             out[name] = float(value)
         except ValueError:
             sep = ""
-        if not sep or not name:
-            raise ValueError(f"--lrs expects VARIANT=LR (e.g. mea=1e-2), got {item!r}")
+        if not sep or not name or name.count(":") > 1 or name.startswith(":") or name.endswith(":"):
+            raise ValueError(f"--lrs expects VARIANT=LR or SIZE:VARIANT=LR (e.g. mea=1e-2 midi:mea=3e-3), got {item!r}")
     return out
 
 
 def make_plan(study: str, *, variants=None, lrs: dict | None = None, seeds=None, sizes=None, tokens=None,
               rounds=None, data=None) -> ScalingPlan:
     """The preset `study` with overrides: `sizes` presets (each with the preset's largest budget unless
-    listed there), `tokens` one budget for every size, `lrs` rates that replace the study's."""
+    listed there), `tokens` one budget for every size, `lrs` rates that replace the study's (SIZE:VARIANT
+    keys: one size's rate)."""
     if study not in STUDIES:
         raise ValueError(f"unknown scaling study preset {study!r}; choose one of {', '.join(STUDIES)}")
     base = STUDIES[study]
     variants = list(variants or VARIANTS)
-    missing = [v for v in variants if v not in (lrs or {})]
-    rates = {**(best_lrs(missing) if missing else {}), **(lrs or {})}
-    unknown = sorted(set(rates) - set(variants))
+    lrs = dict(lrs or {})
+    missing = [v for v in variants if v not in lrs]
+    rates = {**(best_lrs(missing) if missing else {}), **lrs}
+    unknown = sorted({k.partition(":")[2] or k for k in rates} - set(variants))
     if unknown:
         raise ValueError(f"--lrs names variants not in the study: {unknown}; add them to --variants")
     budget = max(base.sizes.values())
     chosen = {s: base.sizes.get(s, budget) for s in (sizes or base.sizes)}
     if tokens is not None:
         chosen = {s: int(tokens) for s in chosen}
-    plan = ScalingPlan(sizes=chosen, lrs={v: rates[v] for v in variants},
+    other_sizes = sorted({k.partition(":")[0] for k in rates if ":" in k} - set(chosen))
+    if other_sizes:
+        raise ValueError(f"--lrs names sizes not in the study: {other_sizes}; add them to --sizes")
+    per_size = {k: rates[k] for k in sorted(rates) if ":" in k}
+    plan = ScalingPlan(sizes=chosen, lrs={**{v: rates[v] for v in variants}, **per_size},
                        seeds=list(seeds if seeds is not None else base.seeds),
                        rounds=sorted(rounds if rounds is not None else base.rounds), train=dict(base.train),
                        eval_points=base.eval_points, data=list(data or base.data))
@@ -139,7 +145,7 @@ def eval_steps(plan: ScalingPlan) -> list[int]:
 
 def run_config(plan: ScalingPlan, size: str, variant: str, seed: int) -> TrainConfig:
     steps = steps_for(plan, plan.sizes[size])
-    return TrainConfig(preset=size, variant=variant, lr=plan.lrs[variant], seed=seed, data=list(plan.data),
+    return TrainConfig(preset=size, variant=variant, lr=rate_of(plan.lrs, size, variant), seed=seed, data=list(plan.data),
                        steps=steps, min_lr_ratio=1.0, eval_every=steps, eval_spread=True,
                        eval_steps=[s for s in eval_steps(plan) if s < steps], **plan.train)
 
@@ -158,13 +164,28 @@ def run_tasks_of(plan: ScalingPlan) -> list[Task]:
     return tasks
 
 
+def check_rates(out: Path, tasks: list[Task]) -> None:
+    """A per-size rate added to a study in progress must not continue a run begun at another rate: name them."""
+    begun = {}
+    for t in tasks:
+        saved = read_json(out / "runs" / t.name / "run.json", fix=f"delete {out / 'runs' / t.name} to redo that run")
+        if saved and saved.get("config", {}).get("lr") != t.config.lr:
+            begun[t.name] = saved["config"]["lr"]
+    if begun:
+        runs = ", ".join(f"{n} (lr {lr:g})" for n, lr in sorted(begun.items()))
+        raise ValueError(f"runs in {out} began at another learning rate than the plan's: {runs}; move them out of "
+                         f"{out / 'runs'} (to keep them elsewhere) to train them again at the plan's rate, or rerun "
+                         "without the rate that changed")
+
+
 def run_scaling(out: str | Path, plan: ScalingPlan, *, jobs: int = 1, log=print) -> dict:
     """Run (or continue) every round of `plan` under `out`, then write the report."""
     out = Path(out)
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
-    fix_plan(out, asdict(plan), command="mea study scaling", growing="lrs")  # variants may be added
+    fix_plan(out, asdict(plan), command="mea study scaling", growing="lrs")  # variants and per-size rates may be added
     tasks = run_tasks_of(plan)
+    check_rates(out, tasks)
     failed = []
     for r in [*plan.rounds, None]:  # a report after every size of every round
         until = None if r is None else steps_for(plan, r)

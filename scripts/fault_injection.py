@@ -104,9 +104,12 @@ def train_command() -> Command:
 def compress_command() -> Command:
     def compare(out):
         prov = json.loads((out / "mea_provenance.json").read_text())
-        return {**_tensors(out / "model.safetensors"), "plan": prov["plan"], "fit": prov["layerwise_fit"]}
+        probe = json.loads((out / "probe.json").read_text())  # a resumed probe measures what an unbroken one does
+        return {**_tensors(out / "model.safetensors"), "plan": prov["plan"], "fit": prov["layerwise_fit"],
+                "probe": {k: probe[k] for k in ("base_loss", "delta_loss")}}
 
-    return Command("compress", lambda out, fx: ["compress", fx["llama"], out, "--virtual-heads", "2",
+    # the KV budget sized by the probe (the default allocation): its progress file is part of what must resume
+    return Command("compress", lambda out, fx: ["compress", fx["llama"], out, "--kv-budget", "0.67",
                                                 "--calib-windows", "4", "--calib-window", "64", "--fit-steps", "3",
                                                 "--no-eval", "--overwrite"],
                    lambda err, out, t0: "calibrating" in err, compare)
@@ -272,6 +275,7 @@ def damaged_files(out: Path) -> list[str]:
 def leftovers(trial: Path) -> list[str]:
     left = [str(p.relative_to(trial)) for p in temporaries(trial)]
     left += [str(p.relative_to(trial)) for p in trial.glob("*.state")]
+    left += [str(p.relative_to(trial)) for p in trial.glob("*.probe-progress.json")]
     return left
 
 

@@ -123,7 +123,8 @@ def pretraining() -> str:
 SCALING_ABOUT = """\
 `mea study scaling OUT` trains the paper's variants (baseline, +GroupNorm, MEA without GroupNorm, MEA) at
 several model sizes, each at its best learning rate from the learning-rate study
-(results/lr-study-quick/summary.json; `--lrs VARIANT=LR` overrides), 2+ seeds, and fits the paper's
+(results/lr-study-quick/summary.json; `--lrs VARIANT=LR` overrides it, `--lrs SIZE:VARIANT=LR` for one
+size; a study in progress may gain such rates, and names the runs it began at another rate), 2+ seeds, and fits the paper's
 L(D) = (D_c / D)^alpha + L_0 to each variant's validation loss against training tokens D.
 
 - Schedule: linear warm-up, then a constant learning rate, so every intermediate validation loss is that of

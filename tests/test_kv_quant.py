@@ -218,7 +218,10 @@ def _pair(bits, **kw):
 
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("kw", [{}, {"mea_num_component_heads": 1}, {"mea_num_component_heads": 2, "use_qk_norm": True},
-                                {"use_qk_norm": True}])
+                                {"use_qk_norm": True},
+                                # value latents 12 and 6 wide, which groups of 8 do not divide (groups of 4 and 2)
+                                {"mea_value_mixing": "latent", "mea_value_latent_dim": [12, 6],
+                                 "mea_num_key_components": [2, 1]}])
 def test_cached_decoding_close_to_float_cache(monkeypatch, bits, kw):
     """Batch 3, left padding, 40 tokens read one at a time after a 12-token prefill: the logits stay within
     LOGIT_TOLERANCE of the float cache's; the prefill is exact."""
@@ -264,6 +267,18 @@ def test_setting_saved_and_loaded(tmp_path):
     assert (loaded.config.mea_kv_bits, loaded.config.mea_kv_group_size, loaded.config.mea_kv_residual) == (4, 8, 4)
     out = loaded.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, return_dict_in_generate=True)
     assert out.cache.layers[0].store is not None
+
+
+def test_value_groups_of_widths_the_group_size_does_not_divide():
+    quant = KVQuant(bits=4, group_size=64, residual=0)
+    assert [quant.value_group(w) for w in (128, 64, 32, 96, 136)] == [64, 64, 32, 32, 8]
+    quant.check_features(32, "a latent", latent=True)  # a narrow value latent quantizes in groups of 32
+    with pytest.raises(ValueError, match="must divide head_dim"):
+        quant.check_features(32, "head_dim")  # head-wide values keep the group they were given
+    with pytest.raises(ValueError, match="must divide a latent"):
+        quant.check_features(33, "a latent", latent=True)  # no even group
+    # bytes per token follow the groups: 32 value features in one group of 32, 64 keys' features per 64 tokens
+    assert quant.bytes_per_token(64, 32) == 32 + 16 + 2 * 2 * (64 / 64 + 32 / 32)
 
 
 @pytest.mark.parametrize("fields,message", [

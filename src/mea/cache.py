@@ -101,7 +101,7 @@ def cache_layout(*, num_kv_heads: int, head_dim: int, key_components: int, value
     if kv_quant is not None:
         kv_quant.check_features(d, "head_dim")
         if value_latent_dim is not None:
-            kv_quant.check_features(value_latent_dim, "the value latent width")
+            kv_quant.check_features(value_latent_dim, "the value latent width", latent=True)
     if not hlc or (key_components >= h and math.prod(value_shape) >= h * d):
         return CacheLayout(absorbed=False, key_shape=(h, d), value_shape=(h, d), quant=kv_quant)
     return CacheLayout(absorbed=True, key_shape=(key_components, d), value_shape=value_shape,
@@ -137,7 +137,7 @@ class QuantizedStore:
         q = self.quant
         g = q.group_size
         if self.k_tail is None:
-            q.check_features(v.shape[3], "the cached value width per storage head")
+            q.check_features(v.shape[3], "the cached value width per storage head", latent=True)
             self.k_tail = k.new_empty((*k.shape[:2], q.residual + g, k.shape[3]))
             self.v_tail = v.new_empty((*v.shape[:2], q.residual + g, v.shape[3]))
         if self.k_codes is not None and needed <= self.k_codes.shape[2]:
@@ -149,7 +149,8 @@ class QuantizedStore:
         planes = (b, heads, ev // w * q.bits // 4, cap, w // 2)  # value codes as planes (`to_planes`)
         shapes = {"k_codes": ((b, heads, cap, q.code_bytes(ek)), u8), "k_scale": ((b, heads, cap // g, ek), f16),
                   "k_zero": ((b, heads, cap // g, ek), f16), "v_codes": (planes, u8),
-                  "v_scale": ((b, heads, cap, ev // g), f16), "v_zero": ((b, heads, cap, ev // g), f16)}
+                  "v_scale": ((b, heads, cap, ev // q.value_group(ev)), f16),
+                  "v_zero": ((b, heads, cap, ev // q.value_group(ev)), f16)}
         for name, (shape, kw) in shapes.items():
             new = torch.empty(shape, **kw)
             old = getattr(self, name)
@@ -180,7 +181,7 @@ class QuantizedStore:
         codes, scale, zero = quantize_keys(pending_k[:, :, :n], q.bits, g)
         self.k_codes[:, :, a : a + n], self.k_scale[:, :, a // g : (a + n) // g] = codes, scale
         self.k_zero[:, :, a // g : (a + n) // g] = zero
-        codes, scale, zero = quantize_values(pending_v[:, :, :n], q.bits, g)
+        codes, scale, zero = quantize_values(pending_v[:, :, :n], q.bits, q.value_group(v.shape[3]))
         self.v_codes[..., a : a + n, :], self.v_scale[:, :, a : a + n], self.v_zero[:, :, a : a + n] = codes, scale, zero
         self.k_tail[:, :, : total - n].copy_(pending_k[:, :, n:])
         self.v_tail[:, :, : total - n].copy_(pending_v[:, :, n:])
@@ -192,7 +193,8 @@ class QuantizedStore:
         keys = QuantizedTokens(self.k_codes[:, :, :n], self.k_scale[:, :, : n // g], self.k_zero[:, :, : n // g],
                                self.k_tail[:, :, : self.tail_len], q.bits, g, per_channel=True)
         values = QuantizedTokens(self.v_codes[..., :n, :], self.v_scale[:, :, :n], self.v_zero[:, :, :n],
-                                 self.v_tail[:, :, : self.tail_len], q.bits, g, per_channel=False)
+                                 self.v_tail[:, :, : self.tail_len], q.bits, q.value_group(self.v_tail.shape[3]),
+                                 per_channel=False)
         return keys, values
 
     def crop(self, length: int) -> None:

@@ -62,11 +62,20 @@ class KVQuant:
     def levels(self) -> int:
         return 2**self.bits - 1
 
-    def check_features(self, features: int, what: str) -> None:
-        """Values are grouped along their features: the group size must divide their width."""
-        if features % self.group_size:
-            raise ValueError(f"mea_kv_group_size={self.group_size} must divide {what} ({features}); "
-                             f"use a divisor such as {_divisor_near(features, self.group_size)}")
+    def value_group(self, features: int) -> int:
+        """Features per value scale for values `features` wide: the group size, or where it does not divide
+        the width (a value latent narrower than a group, e.g. 32 wide under groups of 64, or of another width)
+        their largest common divisor, so every layer of a model with mixed widths quantizes (a smaller group:
+        finer scales, more scale bytes)."""
+        return math.gcd(self.group_size, features)
+
+    def check_features(self, features: int, what: str, *, latent: bool = False) -> None:
+        """Values are grouped along their features: head-wide values by the group size, which must divide
+        head_dim; a value latent (`latent`) by `value_group` of its width, which must be even."""
+        if features % self.group_size == 0 or (latent and self.value_group(features) % 2 == 0):
+            return
+        raise ValueError(f"mea_kv_group_size={self.group_size} must divide {what} ({features}); "
+                         f"use a divisor such as {_divisor_near(features, self.group_size)}")
 
     def quantized_tokens(self, tokens: int) -> int:
         """Tokens held as codes when the cache has grown to `tokens` tokens: whole groups, the most recent
@@ -82,13 +91,14 @@ class KVQuant:
         full-precision rest at `float_bytes` per element."""
         q = self.quantized_tokens(tokens)
         quantized = (q * (self.code_bytes(key_features) + self.code_bytes(value_features))
-                     + 2 * SCALE_BYTES * (q // self.group_size * key_features + q * value_features // self.group_size))
+                     + 2 * SCALE_BYTES * (q // self.group_size * key_features
+                                          + q * value_features // self.value_group(value_features)))
         return quantized + (tokens - q) * (key_features + value_features) * float_bytes
 
     def scale_bytes_per_token(self, key_features: int, value_features: int) -> float:
         """Bytes of scales and zero points per quantized token: one pair per group of g tokens and key feature,
-        one per group of g value features."""
-        return 2 * SCALE_BYTES * (key_features + value_features) / self.group_size
+        one per `value_group` of value features."""
+        return 2 * SCALE_BYTES * (key_features / self.group_size + value_features / self.value_group(value_features))
 
     def bytes_per_token(self, key_features: int, value_features: int) -> float:
         """Bytes per quantized token (codes and scales), the long-context cost."""

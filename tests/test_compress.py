@@ -80,6 +80,10 @@ def test_plans():
     sens = {0: {1: 5.0, 2: 1.0}, 1: {1: 0.5, 2: 0.1}, 2: {1: 3.0, 2: 0.2}}
     plan = budget_plan(sens, 3, 3, 0.5)
     assert sum(plan) <= 4.5 and plan[1] == 1
+    assert budget_plan(sens, 3, 3, 0.7, floor=0.5) == [2, 2, 2]  # no layer under 2 of 3 heads (else [3, 1, 2])
+    assert budget_plan(sens, 3, 3, 0.7) == [3, 1, 2]
+    with pytest.raises(ValueError, match="probe-floor"):
+        budget_plan(sens, 3, 3, 0.5, floor=0.5)
     for bad, msg in ((0.0, r"\(0, 1\]"), (1.5, r"\(0, 1\]"), (0.2, "minimum")):
         with pytest.raises(ValueError, match=msg):
             budget_plan(sens, 3, 3, bad)
@@ -108,6 +112,11 @@ def test_width_budget_plan_gives_sensitive_layers_more_width():
     assert plan[0] == (3, 48) and plan[1] == plan[2] == (1, 16)  # 96 + 32 + 32 floats
     with pytest.raises(ValueError, match="below what the probed widths reach"):
         width_budget_plan(sens, splits, 3, 16, 0.2, value_latent=True)
+    # a floor of half the cache leaves layers 1 and 2 at 48 floats, so layer 0 gives up its width instead
+    floored = width_budget_plan(sens, splits, 3, 16, 0.5, value_latent=True, floor=0.5)
+    assert floored == [(2, 16), (2, 16), (2, 16)]
+    with pytest.raises(ValueError, match="lower --probe-floor"):
+        width_budget_plan(sens, splits, 3, 16, 0.4, value_latent=True, floor=0.5)
 
 
 def test_layerwise_fit_reduces_the_error_it_trains_on(calibrated):

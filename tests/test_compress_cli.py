@@ -86,6 +86,9 @@ def test_retrieval_probe_allocates_a_budget(capsys, tmp_path, tiny_llama_dir):
     code, res, err = run(capsys, "compress", tiny_llama_dir, tmp_path / "c", "--kv-budget", "0.5", "--method",
                          "rope-pair-latent", "--allocate", "errors", "--probe-objective", "retrieval", *SMALL)
     assert code == 2 and "drop --allocate errors" in err
+    code, res, err = run(capsys, "compress", tiny_llama_dir, tmp_path / "d", "--kv-budget", "0.5", "--allocate",
+                         "errors", "--probe-floor", "0.3", *SMALL)
+    assert code == 2 and "--probe-floor" in err
 
 
 def test_width_probe_allocates_a_value_latent_budget_across_layers(capsys, tmp_path, tiny_llama_dir):

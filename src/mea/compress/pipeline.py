@@ -55,6 +55,7 @@ class CompressOptions:
     sensitivity: str | None = None  # a probe table for --kv-budget: `mea probe`'s probe.json (whole heads), or the probe.json an earlier `mea compress --allocate probe` wrote beside its model (value-latent widths); else a quick probe runs
     probe_objective: str = field(  # the quick probe's loss: next-token (text), planted answers (retrieval), or both
         default="text", metadata={"choices": PROBE_OBJECTIVES})
+    probe_floor: float = 0.0  # the least share of its cache the probe's allocation leaves a layer (0: any width probed)
     calib: list[str] = field(default_factory=list)  # calibration text files / folders / .jsonl (none: embedded)
     calib_windows: int = 16  # calibration windows
     calib_window: int = 512  # tokens per calibration window
@@ -102,9 +103,12 @@ def validate(opts: CompressOptions) -> None:
         raise ValueError(f"--allocate must be one of {', '.join(ALLOCATIONS)}, got {opts.allocate!r}")
     if opts.probe_objective not in PROBE_OBJECTIVES:
         raise ValueError(f"--probe-objective must be one of {', '.join(PROBE_OBJECTIVES)}, got {opts.probe_objective!r}")
-    if (opts.sensitivity or opts.probe_objective != "text") and opts.allocate == "errors":
-        raise ValueError("--sensitivity and --probe-objective steer the probe's allocation; with --allocate errors each "
-                         "layer's budget is split by its own error curves: drop them, or drop --allocate errors")
+    if not 0 <= opts.probe_floor < 1:
+        raise ValueError(f"--probe-floor must be in [0, 1), got {opts.probe_floor}")
+    if (opts.sensitivity or opts.probe_objective != "text" or opts.probe_floor) and opts.allocate == "errors":
+        raise ValueError("--sensitivity, --probe-objective and --probe-floor steer the probe's allocation; with "
+                         "--allocate errors each layer's budget is split by its own error curves: drop them, or drop "
+                         "--allocate errors")
 
 
 
@@ -138,20 +142,21 @@ def make_plan(model, opts: CompressOptions, tokenizer, moments, keys, probe_stat
     if opts.sensitivity:
         table = load_sensitivity(opts.sensitivity, num_layers, widths=latent)
         if not latent:
-            return budget_plan(table["delta_loss"], num_layers, h, opts.kv_budget), None
+            return budget_plan(table["delta_loss"], num_layers, h, opts.kv_budget, opts.probe_floor), None
         return width_budget_plan(table["delta_loss"], table["splits"], h, cfg.head_dim, opts.kv_budget,
-                                 value_latent=True), None
+                                 value_latent=True, floor=opts.probe_floor), None
     log(f"measuring per-layer sensitivity (quick {opts.probe_objective} probe; `mea probe` writes a fuller one)...")
     probe = quick_probe_loss(tokenizer, opts.probe_objective)
     if not latent:
         sens = probe_layers(model, probe, moments, keys, levels=list(range(1, h)), method=opts.method, log=log,
                             **(probe_state or {}))
-        return budget_plan(sens["delta_loss"], num_layers, h, opts.kv_budget), sens
+        return budget_plan(sens["delta_loss"], num_layers, h, opts.kv_budget, opts.probe_floor), sens
     splits = probe_width_splits(curves, h, cfg.head_dim, opts.kv_budget, value_latent=True)  # layers may differ
     widths = sorted({w for row in splits.values() for w in row}, reverse=True)
     sens = probe_layers(model, probe, moments, keys, levels=widths, method=opts.method, splits=splits, log=log,
                         **(probe_state or {}))
-    return width_budget_plan(sens["delta_loss"], splits, h, cfg.head_dim, opts.kv_budget, value_latent=True), sens
+    return width_budget_plan(sens["delta_loss"], splits, h, cfg.head_dim, opts.kv_budget, value_latent=True,
+                             floor=opts.probe_floor), sens
 
 
 def calibration_set(tok, opts: CompressOptions):

@@ -4,6 +4,7 @@ allocated from measured per-layer sensitivity."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 LAYER_PRESETS = ("full", "half", "deep")
@@ -60,14 +61,17 @@ def greedy_descent(options: list[list[tuple[int, float]]], target: float) -> lis
     return choice
 
 
-def budget_plan(sensitivity: dict[int, dict[int, float]], num_layers: int, num_heads: int, budget: float) -> list[int]:
-    """Whole heads per layer under `budget` x the original KV bytes (`greedy_descent` from h heads everywhere).
-    sensitivity[layer][h'] = loss increase with that layer alone at h'."""
+def budget_plan(sensitivity: dict[int, dict[int, float]], num_layers: int, num_heads: int, budget: float,
+                floor: float = 0.0) -> list[int]:
+    """Whole heads per layer under `budget` x the original KV bytes (`greedy_descent` from h heads everywhere),
+    no layer below `floor` x h heads. sensitivity[layer][h'] = loss increase with that layer alone at h'."""
     if not 0 < budget <= 1:
         raise ValueError(f"--kv-budget must be in (0, 1], got {budget}")
-    if budget < 1 / num_heads - 1e-9:
-        raise ValueError(f"--kv-budget {budget} is below the minimum 1/h = {1 / num_heads:.3f} (one head per layer)")
-    options = [[(num_heads, 0.0)] + [(m, sensitivity[l][m]) for m in range(num_heads - 1, 0, -1)]
+    lowest = max(1, math.ceil(floor * num_heads - 1e-9))
+    if budget < lowest / num_heads - 1e-9:
+        raise ValueError(f"--kv-budget {budget} is below the minimum {lowest}/h = {lowest / num_heads:.3f} "
+                         f"({lowest} head(s) per layer{', from --probe-floor' if lowest > 1 else ''})")
+    options = [[(num_heads, 0.0)] + [(m, sensitivity[l][m]) for m in range(num_heads - 1, lowest - 1, -1)]
                for l in range(num_layers)]
     return [options[l][c][0] for l, c in enumerate(greedy_descent(options, budget * num_layers * num_heads))]
 
@@ -161,19 +165,21 @@ def probe_width_splits(curves: list[dict[str, list[float]]], num_heads: int, hea
 
 
 def width_budget_plan(sensitivity: dict[int, dict[int, float]], splits: dict[int, dict[int, tuple[int, int]]],
-                      num_heads: int, head_dim: int, budget: float, *, value_latent: bool) -> list[tuple[int, int]]:
+                      num_heads: int, head_dim: int, budget: float, *, value_latent: bool,
+                      floor: float = 0.0) -> list[tuple[int, int]]:
     """Per layer (h'_K, value size) under `budget` x the original KV bytes, layers allowed different widths:
-    `greedy_descent` from the uncompressed width everywhere through each layer's probed widths (`splits`),
-    sensitivity[layer][width] = loss increase with that layer alone at that width."""
+    `greedy_descent` from the uncompressed width everywhere through each layer's probed widths (`splits`) of at
+    least `floor` of its cache, sensitivity[layer][width] = loss increase with that layer alone at that width."""
     if not 0 < budget <= 1:
         raise ValueError(f"--kv-budget must be in (0, 1], got {budget}")
     full_width = 2 * num_heads * head_dim
     full = (num_heads, num_heads * head_dim if value_latent else num_heads)
-    options = [[(full_width, 0.0)] + [(w, sensitivity[l][w]) for w in sorted(splits[l], reverse=True)]
-               for l in range(len(splits))]
+    options = [[(full_width, 0.0)] + [(w, sensitivity[l][w]) for w in sorted(splits[l], reverse=True)
+                                      if w >= floor * full_width - 1e-9] for l in range(len(splits))]
     smallest = sum(o[-1][0] for o in options)
     if smallest > budget * len(options) * full_width + 1e-9:
         raise ValueError(f"--kv-budget {budget} is below what the probed widths reach "
-                         f"({smallest / (len(options) * full_width):.3f} of the cache); raise the budget")
+                         f"({smallest / (len(options) * full_width):.3f} of the cache); raise the budget"
+                         + (" or lower --probe-floor" if floor else ""))
     choice = greedy_descent(options, budget * len(options) * full_width)
     return [full if c == 0 else splits[l][options[l][c][0]] for l, c in enumerate(choice)]

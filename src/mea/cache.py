@@ -145,12 +145,11 @@ class QuantizedStore:
         cap = _capacity(max(needed, 1), self.capacity_hint, g)
         (b, heads, _, ek), ev = k.shape, v.shape[3]
         u8, f16 = dict(dtype=torch.uint8, device=k.device), dict(dtype=torch.float16, device=k.device)
-        w = value_plane_width(ev)
+        w, vg = value_plane_width(ev), q.value_group(ev)
         planes = (b, heads, ev // w * q.bits // 4, cap, w // 2)  # value codes as planes (`to_planes`)
         shapes = {"k_codes": ((b, heads, cap, q.code_bytes(ek)), u8), "k_scale": ((b, heads, cap // g, ek), f16),
                   "k_zero": ((b, heads, cap // g, ek), f16), "v_codes": (planes, u8),
-                  "v_scale": ((b, heads, cap, ev // q.value_group(ev)), f16),
-                  "v_zero": ((b, heads, cap, ev // q.value_group(ev)), f16)}
+                  "v_scale": ((b, heads, cap, ev // vg), f16), "v_zero": ((b, heads, cap, ev // vg), f16)}
         for name, (shape, kw) in shapes.items():
             new = torch.empty(shape, **kw)
             old = getattr(self, name)

@@ -61,36 +61,32 @@ def build_systems(preset: str, budgets, *, max_len: int, device, dtype, only: li
     the cache's rounding). Compressed models keep fewer component heads of the same shape (their outputs
     differ; their cost is what is measured); a compressed model and its quantized-cache twin share weights."""
     with torch.device(device):  # weights made where they run: a 1B model's random init on one CPU takes minutes
-        return _build_systems(preset, budgets, max_len=max_len, device=device, dtype=dtype, only=only,
-                              kv_bits=kv_bits)
-
-
-def _build_systems(preset: str, budgets, *, max_len: int, device, dtype, only, kv_bits) -> dict:
-    cfg = make_config(preset, "mea-no-groupnorm", max_position_embeddings=max_len)
-    full = MEAForCausalLM(cfg).eval()
-    specs = {name: spec for name, spec in system_specs(preset, budgets, kv_bits).items() if only is None or name in only}
-    folded = fold_hlc(full) if {LLAMA, "mea folded"} & set(specs) else None
-    systems, weights = {}, {}
-    for name, (heads, bits) in specs.items():
-        if name == LLAMA:
-            model = LlamaForCausalLM(LlamaConfig(**plain_config_fields(cfg), attn_implementation="sdpa")).eval()
-            model.load_state_dict(folded.state_dict(), strict=True)
-        elif name == "mea folded":
-            model = folded
-        elif heads is None and bits is None:
-            model = full
-        else:
-            model = MEAForCausalLM(make_config(preset, "mea-no-groupnorm", max_position_embeddings=max_len,
-                                               mea_num_component_heads=heads, mea_kv_bits=bits,
-                                               mea_kv_group_size=group_size_for(cfg.head_dim))).eval()
-            key = tuple(heads) if heads is not None else None
-            if key is None:
-                model.load_state_dict(full.state_dict())
-            elif key in weights:
-                model.load_state_dict(weights[key])
-            weights.setdefault(key, model.state_dict())
-        systems[name] = model.to(device, dtype)
-    return systems
+        cfg = make_config(preset, "mea-no-groupnorm", max_position_embeddings=max_len)
+        full = MEAForCausalLM(cfg).eval()
+        specs = {name: spec for name, spec in system_specs(preset, budgets, kv_bits).items()
+                 if only is None or name in only}
+        folded = fold_hlc(full) if {LLAMA, "mea folded"} & set(specs) else None
+        systems, weights = {}, {}
+        for name, (heads, bits) in specs.items():
+            if name == LLAMA:
+                model = LlamaForCausalLM(LlamaConfig(**plain_config_fields(cfg), attn_implementation="sdpa")).eval()
+                model.load_state_dict(folded.state_dict(), strict=True)
+            elif name == "mea folded":
+                model = folded
+            elif heads is None and bits is None:
+                model = full
+            else:
+                model = MEAForCausalLM(make_config(preset, "mea-no-groupnorm", max_position_embeddings=max_len,
+                                                   mea_num_component_heads=heads, mea_kv_bits=bits,
+                                                   mea_kv_group_size=group_size_for(cfg.head_dim))).eval()
+                key = tuple(heads) if heads is not None else None
+                if key is None:
+                    model.load_state_dict(full.state_dict())
+                elif key in weights:
+                    model.load_state_dict(weights[key])
+                weights.setdefault(key, model.state_dict())
+            systems[name] = model.to(device, dtype)
+        return systems
 
 
 def fill_cache(model, batch: int, context: int, capacity: int):

@@ -167,10 +167,10 @@ def run_tasks_of(plan: ScalingPlan) -> list[Task]:
 def check_rates(out: Path, tasks: list[Task]) -> None:
     """A per-size rate added to a study in progress must not continue a run begun at another rate: name them."""
     begun = {}
-    for t in tasks:
-        saved = read_json(out / "runs" / t.name / "run.json", fix=f"delete {out / 'runs' / t.name} to redo that run")
-        if saved and saved.get("config", {}).get("lr") != t.config.lr:
-            begun[t.name] = saved["config"]["lr"]
+    for name, lr in {t.name: t.config.lr for t in tasks}.items():  # a run's rounds share one config
+        saved = read_json(out / "runs" / name / "run.json", fix=f"delete {out / 'runs' / name} to redo that run")
+        if saved and saved.get("config", {}).get("lr") != lr:
+            begun[name] = saved["config"]["lr"]
     if begun:
         runs = ", ".join(f"{n} (lr {lr:g})" for n, lr in sorted(begun.items()))
         raise ValueError(f"runs in {out} began at another learning rate than the plan's: {runs}; move them out of "

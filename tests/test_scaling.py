@@ -46,6 +46,11 @@ def test_gap_trend_and_its_verdict():
     assert tr["slope_ci"][1] < 0 and tr["first"]["gap"] > tr["last"]["gap"] > 0
     sentence = trend_sentence({"size": "micro", "variant": "mea", "trend": tr})
     assert "the gap shrinks" in sentence and "would close near" in sentence
+    ahead = [[(t, 2 * x - y) for (t, x), (_, y) in zip(a, b)] for a, b in zip(base, other)]
+    lead = gap_trend(ahead, base, reps=200)  # the mirror image: 0.3 nats ahead, the lead shrinking
+    assert lead["slope_ci"][0] > 0 and lead["last"]["gap"] < 0
+    sentence = trend_sentence({"size": "micro", "variant": "mea", "trend": lead})
+    assert "its lead shrinks" in sentence and "would vanish near" in sentence and "gap" not in sentence.split(":")[1]
     flat = gap_trend([[(t, x + 0.2) for t, x in c] for c in _curves(math.log(3e5), 0.4, 3.0, seed=2)], base, reps=200)
     assert "holds" in trend_sentence({"size": "micro", "variant": "mea", "trend": flat})
 

@@ -134,26 +134,30 @@ def _gap_by_size(v: str, gaps: list[dict], params: dict) -> dict:
 
 
 def trend_sentence(g: dict) -> str:
-    """Whether a gap shrinks, holds or grows with tokens, and how fast (a plain sentence)."""
+    """Whether a gap shrinks, holds or grows with tokens, and how fast (a plain sentence). A variant ahead of the
+    baseline (negative gap) is said to hold a lead, so a shrinking lead does not read as a closing deficit."""
     tr = g["trend"]
     if tr is None:
         return f"{g['variant']} - baseline at {g['size']}: not enough shared points yet."
     s, ci = tr["slope_per_decade"], tr["slope_ci"]
+    behind, was_behind = tr["last"]["gap"] > 0, tr["first"]["gap"] > 0
     span = (f"from {tr['first']['gap']:+.3f} nats at {_tok(tr['first']['tokens'])} tokens to "
             f"{tr['last']['gap']:+.3f} at {_tok(tr['last']['tokens'])}")
     rate = f"{s:+.3f} nats per tenfold tokens" + (f" (95% CI {ci[0]:+.3f} to {ci[1]:+.3f})" if ci else
                                                    " (one seed a side: no interval)")
+    what = "the gap" if behind else "its lead"
     if ci is None:
         word = "has no tested trend yet"
     elif ci[0] <= 0 <= ci[1]:
         word = "holds (no significant trend)"
     else:
-        narrowing = (s < 0) == (tr["last"]["gap"] > 0)  # moving toward zero
-        word = "shrinks" if narrowing else "grows"
-    out = f"{g['variant']} - baseline at {g['size']}: the gap {word}, {span}; {rate}"
+        word = "shrinks" if (s < 0) == behind else "grows"  # shrinks: moving toward zero
+    turned = "" if behind == was_behind else (" (it was ahead at first)" if behind else " (it was behind at first)")
+    out = f"{g['variant']} - baseline at {g['size']}: {what} {word}{turned}, {span}; {rate}"
     if word == "shrinks" and s != 0:
         decades = abs(tr["last"]["gap"] / s)
-        out += f"; at that rate it would close near {_tok(tr['last']['tokens'] * 10 ** decades)} tokens"
+        out += (f"; at that rate it would {'close' if behind else 'vanish'} near "
+                f"{_tok(tr['last']['tokens'] * 10 ** decades)} tokens")
     return out + "."
 
 

@@ -196,6 +196,16 @@ def test_frontier_end_to_end_on_a_tiny_model(tiny, tmp_path, monkeypatch):
     run_frontier(out, src=str(src), levels=[0.5], methods=["svd"], quant=["quanto-4"], presses=[], sizes=sizes,
                  log=lambda m: None)  # resumes: nothing re-run
     assert (out / "systems" / "original.lambada.json").stat().st_mtime_ns == before
+    # a model made elsewhere joins the frontier, held to the targets of the KV fraction it keeps
+    mine = {"mine-s0": str(out / "models" / "svd-0.5-fit")}
+    run_frontier(out, src=str(src), levels=[0.5], methods=["svd"], quant=[], presses=[], sizes=sizes, models=mine,
+                 only=["mea-mine-*"], log=lambda m: None)
+    rows = {r["name"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    assert rows["mea-mine-s0"]["family"] == "MEA mine" and rows["mea-mine-s0"]["level"] == 0.5
+    assert rows["mea-mine-s0"]["targets"]["ppl_modern"]["target"] == 1.15
+    with pytest.raises(ValueError, match="no config.json"):
+        run_frontier(out, src=str(src), levels=[0.5], methods=["svd"], quant=[], presses=[], sizes=sizes,
+                     models={"gone": str(tmp_path / "nowhere")}, only=["mea-gone"], log=lambda m: None)
 
 
 def test_planted_text_never_overlaps_calibration_or_recovery_text():
@@ -289,6 +299,22 @@ def test_plan_builds_probe_allocated_models_beside_the_default(tmp_path):
     assert {s.name: s.family for s in systems}["mea-svd-0.67-rec-all8k-s0"] == "MEA svd (recovered by rec-all, 8192 tokens)"
     with pytest.raises(ValueError, match="one distinct name per"):
         recipes(["a"], ["--x", "--y"])
+
+
+def test_models_made_elsewhere_are_systems_of_their_own(tmp_path):
+    from mea.experiments.frontier import parse_models, plan
+
+    models = parse_models(["floor-0.5-rec-s0=out/a", "floor-0.5-rec-s1=out/b"])
+    steps, systems = plan("src", tmp_path, heads=3, levels=[], methods=[], quant=[], presses=[], peers_python=None,
+                          kv_bits=(4,), models=models)
+    assert steps == []  # the study builds none of them
+    by_name = {s.name: s for s in systems}
+    assert by_name["mea-floor-0.5-rec-s1"].model == "out/b" and by_name["mea-floor-0.5-rec-s1"].level == "bytes"
+    assert {by_name[f"mea-floor-0.5-rec-s{i}"].family for i in (0, 1)} == {"MEA floor-0.5-rec"}  # one plot line
+    assert by_name["mea-floor-0.5-rec-s0+int4"].cache == "mea-kv4"
+    for bad in (["noequals"], ["=dir"], ["a=x", "a=y"]):
+        with pytest.raises(ValueError, match="distinct NAME=DIR"):
+            parse_models(bad)
 
 
 def test_target_checks_compare_with_the_original():

@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--probe-objectives", nargs="*", choices=PROBE_OBJECTIVES, help="also build each method and level "
                    "with its layers' sizes chosen by the probe of these objectives (`mea compress --allocate probe "
                    "--probe-objective O`; default none)")
+    e.add_argument("--models", nargs="+", metavar="NAME=DIR", help="also measure these MEA checkpoints made elsewhere "
+                   "(e.g. `mea compress --sensitivity TABLE --probe-floor F`) as systems mea-NAME, held to the targets "
+                   "of the KV fraction they keep")
     e.add_argument("--measures", nargs="+", help="subset of bytes ppl_modern ppl_shakespeare lambada needle multikey chat")
     e.add_argument("--only", nargs="+", help="measure only the systems matching these patterns, e.g. 'mea-*-rec-s0'")
     e.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")

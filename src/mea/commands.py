@@ -359,7 +359,7 @@ def cmd_study_frontier(out: str, src: str = "smollm2", levels: list[float] | Non
                        recover_seeds: list[int] | None = None, recover_args: list[str] | None = None,
                        recover_name: list[str] | None = None,
                        kv_bits: list[int] | None = None, probe_objectives: list[str] | None = None,
-                       only: list[str] | None = None, quick: bool = False, sizes: str = "",
+                       models: list[str] | None = None, only: list[str] | None = None, quick: bool = False, sizes: str = "",
                        measures: list[str] | None = None, report_only: bool = False, device: str | None = None,
                        dtype: str = STUDY_DTYPE) -> dict:
     """Every KV-compression option on the same held-out measures; None means the study's default list."""
@@ -370,7 +370,8 @@ def cmd_study_frontier(out: str, src: str = "smollm2", levels: list[float] | Non
                           presses=f.PRESSES if presses is None else presses, recover_tokens=tuple(recover_tokens or ()),
                           recover_seeds=recover_seeds or (0,), recover_recipes=f.recipes(recover_name, recover_args),
                           kv_bits=kv_bits or (),
-                          probe_objectives=tuple(probe_objectives or ()), only=only or (), quick=quick,
+                          probe_objectives=tuple(probe_objectives or ()), models=f.parse_models(models),
+                          only=only or (), quick=quick,
                           sizes=f.Sizes.from_json(sizes) if sizes else None, measures=measures or f.MEASURES,
                           report_only=report_only, device=device, dtype=dtype, log=log)
 

@@ -9,6 +9,8 @@ actually holds. Each step is a subprocess skipped when its output exists, so the
     OUT/models/METHOD-LEVEL-rec-sS   mea recover OUT/models/METHOD-LEVEL-fit ... --tokens N --seed S [RECOVER_ARGS]
                                      (with --recover-tokens, one per seed; a further budget M is named
                                      METHOD-LEVEL-rec{M/1024}k-sS, a longer run of the same recipe)
+    (--models NAME=DIR)              MEA checkpoints made elsewhere (e.g. `mea compress --sensitivity TABLE
+                                     --probe-floor F`), measured as system mea-NAME; not built by the study
     OUT/systems/NAME.MEASURE.json  `frontier_measure.measure_system` (in this process; the kvpress systems
                                    in .venv-peers: python -m mea.experiments.frontier_measure ...)
     OUT/report.md, summary.json, frontier.png
@@ -25,12 +27,14 @@ import contextlib
 import fnmatch
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .frontier_report import BY_BYTES
 from .frontier_measure import MEASURES, QUICK, STUDY_DTYPE, Sizes, measure_system
 
 LEVELS = (0.67, 0.5, 0.33)
@@ -47,7 +51,20 @@ class System:
     model: str  # what frontier_measure loads
     cache: str  # the cache system name (mea.eval.peers)
     python: str
-    level: float | None = None  # the KV fraction an MEA system was compressed to (its targets depend on it)
+    # the KV fraction an MEA system was compressed to (its targets depend on it); BY_BYTES: the fraction its float
+    # cache measures (a model made elsewhere, --models)
+    level: float | str | None = None
+
+
+def parse_models(specs) -> dict[str, str]:
+    """--models NAME=DIR ...: {NAME: DIR}, names distinct."""
+    models = {}
+    for spec in specs or ():
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path or name in models:
+            raise ValueError(f"--models takes distinct NAME=DIR pairs (an MEA checkpoint folder each), got {spec!r}")
+        models[name] = path
+    return models
 
 
 def level_args(level: float, heads: int, method: str = "whitened") -> list[str]:
@@ -89,7 +106,7 @@ def recipes(names: list[str] | None, args: list[str] | None) -> tuple[tuple[str,
 
 def plan(src: str, out: Path, *, heads: int, levels, methods, quant, presses, recover_tokens=(),
          peers_python: str | None, recover_seeds=(0,), recover_recipes=(MAIN_RECIPE,), kv_bits=(),
-         probe_objectives=(), device: str | None = None,
+         probe_objectives=(), models: dict[str, str] | None = None, device: str | None = None,
          dtype: str = STUDY_DTYPE) -> tuple[list[tuple[Path, list[str]]], list[System]]:
     """(model-building steps as (output, command)), (systems to measure). `recover_recipes`: (name, further
     `mea recover` flags) pairs, e.g. ("rec", "--lr 3e-4 --retrieval-frac 0.5"): each recipe's models are
@@ -97,7 +114,8 @@ def plan(src: str, out: Path, *, heads: int, levels, methods, quant, presses, re
     `kv_bits`: also measure the original and every MEA model with our quantized cache at these bits (`mea-kvB` in
     `mea.eval.peers`); `probe_objectives`: also build every method and level with the sizes of its layers chosen
     by the probe of each objective (`mea compress --allocate probe --probe-objective O`, models
-    METHOD-LEVEL-probe-O-...)."""
+    METHOD-LEVEL-probe-O-...); `models`: {NAME: DIR} of MEA checkpoints made elsewhere, measured as mea-NAME (one
+    plot line per NAME without its -sS seed part), their targets those of the KV fraction they hold."""
     mea = [sys.executable, "-m", "mea"]
     on = ["--device", device] if device else []  # compress and recover place themselves; compress computes in dtype
     steps, systems = [], [System("original", "original", src, "default", sys.executable)]
@@ -131,6 +149,9 @@ def plan(src: str, out: Path, *, heads: int, levels, methods, quant, presses, re
                                                   "--no-eval"]))
                         systems.append(System(f"mea-{name}-{tag}-s{seed}", f"MEA {method}{kind} ({family})",
                                               str(rec), "default", sys.executable, level))
+    for name, path in (models or {}).items():
+        family = f"MEA {re.sub(r'-s[0-9]+$', '', name)}"
+        systems.append(System(f"mea-{name}", family, path, "default", sys.executable, BY_BYTES))
     systems += [System(f"{s.name}+int{bits}", f"{s.family} + int{bits} cache", s.model, f"mea-kv{bits}", s.python)
                 for bits in kv_bits for s in list(systems) if s.cache == "default"]
     return steps, systems
@@ -156,7 +177,7 @@ def _run(cmd: list[str], log_path: Path, log) -> None:
 
 def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, methods=METHODS, quant=QUANT,
                  presses=PRESSES, recover_tokens=(), recover_seeds=(0,), recover_recipes=(MAIN_RECIPE,), kv_bits=(),
-                 probe_objectives=(), only=(), quick: bool = False, sizes: Sizes | None = None,
+                 probe_objectives=(), models: dict[str, str] | None = None, only=(), quick: bool = False, sizes: Sizes | None = None,
                  measures=MEASURES, peers_python: str = PEERS_PYTHON, heads: int | None = None, report_only: bool = False,
                  device: str | None = None, dtype: str = STUDY_DTYPE, log=print) -> dict:
     """Build the MEA models, measure every system (each measure skipped when its file exists), write the
@@ -180,7 +201,7 @@ def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, method
     steps, systems = plan(src, out, heads=heads, levels=levels, methods=methods, quant=quant, presses=presses,
                           recover_tokens=recover_tokens, peers_python=peers, recover_seeds=recover_seeds,
                           recover_recipes=recover_recipes, kv_bits=kv_bits,
-                          probe_objectives=probe_objectives,
+                          probe_objectives=probe_objectives, models=models,
                           device=device, dtype=dtype)
     (out / "systems").mkdir(parents=True, exist_ok=True)
     if report_only:
@@ -189,6 +210,10 @@ def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, method
     chosen = [s for s in systems if not only or any(fnmatch.fnmatch(s.name, p) for p in only)]
     if only:
         steps = needed_steps(steps, {s.model for s in chosen})
+    for s in chosen:
+        if s.level == BY_BYTES and not (Path(s.model) / "config.json").is_file():
+            raise ValueError(f"--models {s.name[len('mea-'):]}={s.model}: no config.json there; give the folder of an "
+                             "MEA checkpoint (written by `mea compress` or `mea recover`)")
     for target, cmd in steps:
         if target.exists():
             continue

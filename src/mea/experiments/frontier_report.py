@@ -12,6 +12,7 @@ PROPORTIONS = ("lambada", "needle", "multikey")  # measures reported with a 95% 
 # The quality targets of an MEA system at a KV level: (perplexity ratio at most, LAMBADA ratio at least, share of
 # the original's needle cells still found at least); a cell is found when most of its trials retrieve the needle.
 TARGETS = {0.67: (1.05, 0.9, 1.0), 0.5: (1.15, 0.8, 0.9)}
+BY_BYTES, LEVEL_DIGITS = "bytes", 2  # a system's level given as the KV fraction its float cache holds, so rounded
 PLOTTED = (("ppl_modern", "perplexity, modern held-out"), ("ppl_shakespeare", "perplexity, Hamlet"),
            ("lambada", "LAMBADA accuracy"), ("needle", "needle retrieval"), ("multikey", "multi-key retrieval"))
 
@@ -35,6 +36,8 @@ def load_rows(out: Path, systems: list[dict]) -> list[dict]:
         per_token = r["measures"].get("bytes", {}).get("kv_bytes_per_token")
         r["kv_bytes_per_token"] = per_token
         r["kv_fraction"] = per_token / base if per_token is not None and base else None
+        if r.get("level") == BY_BYTES:
+            r["level"] = None if r["kv_fraction"] is None else round(r["kv_fraction"], LEVEL_DIGITS)
         if original is not None and r is not original:
             r["targets"] = target_checks(r, original)
     return rows

@@ -374,3 +374,26 @@ def test_stacked_mea_is_compared_with_2bit_caches_holding_no_fewer_bytes():
     lines = _stacked_vs_2bit([ours, big, quanto, row("quanto-4", "quanto (QuantizedCache)", 7200, 23.5, 0.27)])
     table = [line for line in lines if line.startswith("| mea-")]
     assert len(table) == 1 and "| quanto-2 |" in table[0] and table[0].endswith("| 1 of 2 measured |")
+    assert "Target" not in "\n".join(lines)  # no original: no 16-bit reference
+
+
+def test_stacked_target_needs_an_eighth_of_16_bits_and_every_measure():
+    from mea.experiments.frontier_report import PLOTTED, _stacked_vs_2bit, sixteen_bit_bytes
+
+    def row(name, family, nbytes, good, precision=None):
+        measures = {m: ({"ppl": 30.0 if good else 200.0} if m.startswith("ppl_") else
+                        {"value": 0.3 if good else 0.0, "ci95": [0.2, 0.4] if good else [0.0, 0.05]}) for m, _ in PLOTTED}
+        return {"name": name, "family": family, "kv_bytes_per_token": nbytes, "measures": measures,
+                "precision": precision}
+
+    original = row("original", "original", 46080, True, precision="fp32")
+    assert sixteen_bit_bytes([original]) == 23040  # an fp32 study's original, at 16 bits
+    two_bit = row("quanto-2", "quanto (QuantizedCache)", 4320, False)
+    eighth = row("mea-a+int4", "MEA a + int4 cache", 2880, True)  # exactly 1/8, better on all five
+    partial = row("mea-b+int4", "MEA b + int4 cache", 2000, True)
+    del partial["measures"]["lambada"]  # fewer measures never meet the target
+    over = row("mea-c+int4", "MEA c + int4 cache", 3240, True)  # better, but above 1/8
+    lines = _stacked_vs_2bit([original, two_bit, eighth, partial, over])
+    assert "| mea-a+int4 | 2880 | 0.125 |" in "\n".join(lines)
+    assert lines[-1] == ("Target: at 1/8 of a 16-bit cache or less (2880 bytes a token), better than every 2-bit cache "
+                         "on all 5 measures: met by mea-a+int4 (2 such system(s) measured).")

@@ -397,3 +397,13 @@ def test_stacked_target_needs_an_eighth_of_16_bits_and_every_measure():
     assert "| mea-a+int4 | 2880 | 0.125 |" in "\n".join(lines)
     assert lines[-1] == ("Target: at 1/8 of a 16-bit cache or less (2880 bytes a token), better than every 2-bit cache "
                          "on all 5 measures: met by mea-a+int4 (2 such system(s) measured).")
+
+
+def test_an_empty_chat_answer_is_named_not_left_blank():
+    from mea.experiments.frontier_report import EMPTY_ANSWER, _chat
+
+    def row(name, answer):
+        return {"name": name, "measures": {"chat": {"answers": [{"prompt": "Hi?", "answer": answer}]}}}
+
+    lines = _chat([row("original", "Hello | there"), row("mea-x", "")])
+    assert "| original | Hello \\| there |" in lines and f"| mea-x | {EMPTY_ANSWER} |" in lines

@@ -233,6 +233,9 @@ def _needle_cells(rows: list[dict]) -> list[str]:
     return lines
 
 
+EMPTY_ANSWER = "*(nothing: its first token ends the turn)*"
+
+
 def _chat(rows: list[dict]) -> list[str]:
     with_chat = [r for r in rows if "chat" in r["measures"]]
     if not with_chat:
@@ -242,7 +245,7 @@ def _chat(rows: list[dict]) -> list[str]:
         lines += [f"**{prompt}**", "", "| system | answer |", "|---|---|"]
         for r in with_chat:
             answer = r["measures"]["chat"]["answers"][i]["answer"].replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| {r['name']} | {answer} |")
+            lines.append(f"| {r['name']} | {answer or EMPTY_ANSWER} |")
         lines.append("")
     return lines
 

@@ -145,14 +145,15 @@ def trend_sentence(g: dict) -> str:
             f"{tr['last']['gap']:+.3f} at {_tok(tr['last']['tokens'])}")
     rate = f"{s:+.3f} nats per tenfold tokens" + (f" (95% CI {ci[0]:+.3f} to {ci[1]:+.3f})" if ci else
                                                    " (one seed a side: no interval)")
-    what = "the gap" if behind else "its lead"
+    what, turned = "the gap", ""
     if ci is None:
         word = "has no tested trend yet"
     elif ci[0] <= 0 <= ci[1]:
         word = "holds (no significant trend)"
-    else:
+    else:  # a significant trend: said of the deficit, or of the lead when the variant is ahead
         word = "shrinks" if (s < 0) == behind else "grows"  # shrinks: moving toward zero
-    turned = "" if behind == was_behind else (" (it was ahead at first)" if behind else " (it was behind at first)")
+        what = what if behind else "its lead"
+        turned = "" if behind == was_behind else (" (it was ahead at first)" if behind else " (it was behind at first)")
     out = f"{g['variant']} - baseline at {g['size']}: {what} {word}{turned}, {span}; {rate}"
     if word == "shrinks" and s != 0:
         decades = abs(tr["last"]["gap"] / s)

@@ -381,8 +381,8 @@ def test_stacked_target_needs_an_eighth_of_16_bits_and_every_measure():
     from mea.experiments.frontier_report import PLOTTED, _stacked_vs_2bit, sixteen_bit_bytes
 
     def row(name, family, nbytes, good, precision=None):
-        measures = {m: ({"ppl": 30.0 if good else 200.0} if m.startswith("ppl_") else
-                        {"value": 0.3 if good else 0.0, "ci95": [0.2, 0.4] if good else [0.0, 0.05]}) for m, _ in PLOTTED}
+        proportion = {"value": 0.3, "ci95": [0.2, 0.4]} if good else {"value": 0.0, "ci95": [0.0, 0.05]}
+        measures = {m: {"ppl": 30.0 if good else 200.0} if m.startswith("ppl_") else proportion for m, _ in PLOTTED}
         return {"name": name, "family": family, "kv_bytes_per_token": nbytes, "measures": measures,
                 "precision": precision}
 

@@ -359,7 +359,8 @@ def cmd_study_frontier(out: str, src: str = "smollm2", levels: list[float] | Non
                        recover_seeds: list[int] | None = None, recover_args: list[str] | None = None,
                        recover_name: list[str] | None = None,
                        kv_bits: list[int] | None = None, probe_objectives: list[str] | None = None,
-                       models: list[str] | None = None, only: list[str] | None = None, quick: bool = False, sizes: str = "",
+                       models: list[str] | None = None, only: list[str] | None = None, quick: bool = False,
+                       sizes: str = "",
                        measures: list[str] | None = None, report_only: bool = False, device: str | None = None,
                        dtype: str = STUDY_DTYPE) -> dict:
     """Every KV-compression option on the same held-out measures; None means the study's default list."""

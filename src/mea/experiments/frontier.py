@@ -177,7 +177,8 @@ def _run(cmd: list[str], log_path: Path, log) -> None:
 
 def run_frontier(out: str | Path, *, src: str = "smollm2", levels=LEVELS, methods=METHODS, quant=QUANT,
                  presses=PRESSES, recover_tokens=(), recover_seeds=(0,), recover_recipes=(MAIN_RECIPE,), kv_bits=(),
-                 probe_objectives=(), models: dict[str, str] | None = None, only=(), quick: bool = False, sizes: Sizes | None = None,
+                 probe_objectives=(), models: dict[str, str] | None = None, only=(), quick: bool = False,
+                 sizes: Sizes | None = None,
                  measures=MEASURES, peers_python: str = PEERS_PYTHON, heads: int | None = None, report_only: bool = False,
                  device: str | None = None, dtype: str = STUDY_DTYPE, log=print) -> dict:
     """Build the MEA models, measure every system (each measure skipped when its file exists), write the

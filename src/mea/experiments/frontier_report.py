@@ -190,7 +190,8 @@ def _stacked_vs_2bit(rows: list[dict]) -> list[str]:
     lines = ["", "## MEA with our quantized cache against 2-bit quantization, at no more bytes", "",
              "Each cell: ours vs theirs; `better` / `worse` for ours, `(overlap)` where the 95% intervals of a "
              "proportion overlap; `of 16-bit`: our bytes over the original's cache at 16 bits.", "",
-             "| ours | bytes | of 16-bit | 2-bit | bytes | " + " | ".join(t for _, t in PLOTTED) + " | ours better on |",
+             "| ours | bytes | of 16-bit | 2-bit | bytes | " + " | ".join(t for _, t in PLOTTED)
+             + " | ours better on |",
              "|---|---|---|---|---|" + "---|" * len(PLOTTED) + "---|"]
     small, wins = set(), {}
     for a, b in pairs:
@@ -210,9 +211,10 @@ def _stacked_vs_2bit(rows: list[dict]) -> list[str]:
                      + f" | {won} of {len(cmp)} measured |")
     if small:
         met = sorted(n for n in small if wins[n])
-        lines += ["", f"Target: at 1/{round(1 / STACKED_TARGET)} of a 16-bit cache or less ({base * STACKED_TARGET:.0f} "
-                  f"bytes a token), better than every 2-bit cache on all {len(PLOTTED)} measures: "
-                  + (f"met by {', '.join(met)}" if met else "met by none") + f" ({len(small)} such system(s) measured)."]
+        lines += ["", f"Target: at 1/{round(1 / STACKED_TARGET)} of a 16-bit cache or less "
+                  f"({base * STACKED_TARGET:.0f} bytes a token), better than every 2-bit cache on all {len(PLOTTED)} "
+                  "measures: " + (f"met by {', '.join(met)}" if met else "met by none")
+                  + f" ({len(small)} such system(s) measured)."]
     return lines
 
 

@@ -161,6 +161,16 @@ def test_tiny_scaling_study_end_to_end_with_a_killed_run(text, tmp_path):
     with pytest.raises(ValueError, match="another plan"):
         ss.run_scaling(out, plan)
     assert write_report(out)["runs"] == 2
+    # a folder published without runs/ re-reports the same from the runs.json the report wrote
+    published = tmp_path / "published"
+    published.mkdir()
+    for name in ("study.json", "runs.json"):
+        (published / name).write_text((out / name).read_text())
+    write_report(published)
+    assert (published / "report.md").read_text() == (out / "report.md").read_text()
+    (published / "runs.json").unlink()
+    with pytest.raises(ValueError, match="neither runs/ nor runs.json"):
+        write_report(published)
 
 
 def test_train_until_pauses_and_resume_continues_exactly(text, tmp_path):

@@ -1,7 +1,8 @@
 """Report of a scaling study (scaling_study.py): validation loss against tokens per variant and size, the
 paper's L(D) fit with bootstrap intervals, and the gap of each variant to the baseline against tokens and
 model size, with Welch's t-test over seeds and a plain verdict. Works on a study in progress: every
-comparison uses the token counts that all the runs involved have reached."""
+comparison uses the token counts that all the runs involved have reached. Each report also writes the runs'
+curves (runs.json), so a folder published without the runs' checkpoints re-reports alone."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from .stats import p_text, welch
 
 ALPHA = 0.05
 REFERENCE = "baseline"
+RUNS_FILE = "runs.json"  # each run's state and validation curve, written with every report
 FIT_FROM_WARMUPS = 2  # the L(D) fit and the gap trends use the points from 2 x the warm-up tokens on
 
 
@@ -32,7 +34,15 @@ def parameter_count(preset: str) -> int:
 
 
 def load_runs(out: Path) -> tuple[dict, list[dict]]:
+    """The plan and every run's state and validation curve: from OUT/runs/ while the study has it, else from the
+    OUT/runs.json its last report wrote (a published folder, copied without the checkpoints, re-reports)."""
     plan = json.loads((out / "study.json").read_text())
+    if not (out / "runs").is_dir():
+        saved = read_json(out / RUNS_FILE, fix="copy it from the study's folder, or rerun the study")
+        if saved is None:
+            raise ValueError(f"{out} has neither runs/ nor {RUNS_FILE}: run `mea study scaling {out}` first, or "
+                             f"copy {RUNS_FILE} from the study's folder")
+        return plan, saved["runs"]
     tps = plan["train"]["seq_len"] * plan["train"]["batch_size"]
     runs = []
     for size, budget in plan["sizes"].items():
@@ -314,6 +324,7 @@ def write_report(out: str | Path) -> dict:
     _plot_gap(out / "gap_vs_tokens.png", summary)
     write_text_atomic(out / "report.md", "# Scaling study\n\n" + render_markdown(plan, summary))
     write_json_atomic(out / "summary.json", {**summary, "plan": plan})
+    write_json_atomic(out / RUNS_FILE, {"runs": runs})
     return summary
 
 

@@ -120,9 +120,9 @@ def pretraining() -> str:
                 "`mea study lr --preset quick`", [("Final validation loss and the paper's claims", report)])
 
 
-SCALING_ABOUT = """\
-`mea study scaling OUT` trains the paper's variants (baseline, +GroupNorm, MEA without GroupNorm, MEA) at
-several model sizes, each at its best learning rate from the learning-rate study
+SCALING_ABOUT = r"""\
+`mea study scaling OUT` trains the paper's variants (baseline, +GroupNorm, MEA without GroupNorm, MEA; with
+`--variants`, also Differential attention `diff` and the measured-init `mea-gn-measured`) at several model sizes, each at its best learning rate from the learning-rate study
 (results/lr-study-quick/summary.json; `--lrs VARIANT=LR` overrides it, `--lrs SIZE:VARIANT=LR` for one
 size; a study in progress may gain such rates, and names the runs it began at another rate), 2+ seeds, and fits the paper's
 L(D) = (D_c / D)^alpha + L_0 to each variant's validation loss against training tokens D.
@@ -136,6 +136,8 @@ L(D) = (D_c / D)^alpha + L_0 to each variant's validation loss against training 
 - Rounds: every run is trained to each of the preset's token rounds in turn (paused and checkpointed), so a
   report at any moment compares all variants and seeds at the same D. Runs are separate `mea train --resume`
   processes; a killed study continues where it stopped; another plan in the same folder is an error.
+  Each report also writes every run's validation curve (`runs.json`), so a folder copied without the runs'
+  checkpoints (results/scaling-micro/) re-reports alone: `mea study report results/scaling-micro`.
 - Presets: `cpu` (micro 0.45M, mini 1.3M, midi 3.2M parameters, one 2k vocabulary; 20M, 20M, 10M tokens;
   2 seeds; about 35 core-hours) and `gpu` (small 8.6M and medium 32M, 200M tokens, 3 seeds).
 - Intervals: bootstrap over seeds and points (95%); gaps: Welch's t-test over seeds at each token count,
@@ -151,6 +153,11 @@ mkdir -p out/scaling-midi-lr1e-2/runs && mv out/scaling/runs/midi__{groupnorm,me
 mea study scaling out/scaling --preset cpu --jobs 1 --variants baseline groupnorm mea-no-groupnorm mea \
     mea-gn-measured --lrs mea-gn-measured=0.01 midi:groupnorm=0.003 midi:mea=0.003 midi:mea-gn-measured=0.003
 mkdir -p results/scaling && cp out/scaling/{report.md,summary.json,study.json,*.png} results/scaling/
+# the smallest size to 20M tokens with Differential attention (100 core-minutes at --jobs 2 on this machine)
+OMP_NUM_THREADS=1 mea study scaling out/scaling-micro --preset cpu --jobs 2 --sizes micro \
+    --variants baseline mea diff mea-gn-measured groupnorm --lrs mea-gn-measured=0.01
+mkdir -p results/scaling-micro && cp out/scaling-micro/{report.md,summary.json,study.json,runs.json,*.png} \
+    results/scaling-micro/
 mea study recall results/recall                   # MQAR: GroupNorm's variations (< 30 min on one core)
 mea study recall results/recall-warmup --arms baseline mea mea+blend mea+warmup --seeds 0 1 2 3
 mea study recall results/recall-scale --arms baseline mea mea-no-groupnorm mea+eps0.1 mea+eps1 mea+eps10 \
@@ -184,11 +191,13 @@ FOLLOW_UPS = [  # (section, report) of the later studies of GroupNorm, shown onc
 
 
 def scaling() -> str:
-    report = report_body(Path("results/scaling/report.md")).replace("](", "](../results/scaling/")
-    return page("Scaling curves and the recall failure", "results/scaling/, made by `mea study scaling` and "
+    report, micro = (report_body(Path(f"results/{d}/report.md")).replace("](", f"](../results/{d}/")
+                     for d in ("scaling", "scaling-micro"))
+    return page("Scaling curves and the recall failure", "results/scaling*/, made by `mea study scaling` and "
                 "copied from its folder; results/recall*/, made by `mea study recall`", [
         ("The study", SCALING_ABOUT),
         ("Scaling: results so far", report or "No results yet: the study has not reached its first round."),
+        *([("The smallest size to 20M tokens, with Differential attention", micro)] if micro.strip() else []),
         ("Why GroupNorm breaks associative recall", report_body(Path("results/recall/report.md")) or "No results yet."),
         ("A warm-up of the norm, and more seeds", report_body(Path("results/recall-warmup/report.md"))),
         *[(title, body) for title, path in FOLLOW_UPS if (body := report_body(Path(path)))],

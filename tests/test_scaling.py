@@ -53,6 +53,20 @@ def test_gap_trend_and_its_verdict():
     assert "its lead shrinks" in sentence and "would vanish near" in sentence and "gap" not in sentence.split(":")[1]
     flat = gap_trend([[(t, x + 0.2) for t, x in c] for c in _curves(math.log(3e5), 0.4, 3.0, seed=2)], base, reps=200)
     assert "holds" in trend_sentence({"size": "micro", "variant": "mea", "trend": flat})
+    # closing over the first half decade, then level at +0.1: it shrinks overall, but not over the last tenfold
+    stalls = [[(t, x + 0.1 + 0.2 * max(0.0, 1 - 2 * (math.log10(t) - math.log10(5e5)))) for t, x in c]
+              for c in _curves(math.log(3e5), 0.4, 3.0, seed=3)]
+    stall = gap_trend(stalls, base, reps=200)
+    assert stall["slope_ci"][1] < 0 and stall["recent"]["from_tokens"] >= 3e6
+    assert stall["recent"]["slope_ci"][0] <= 0 <= stall["recent"]["slope_ci"][1]
+    sentence = trend_sentence({"size": "micro", "variant": "mea", "trend": stall})
+    assert "the gap shrinks" in sentence and "no longer shrinks" in sentence and "would close" not in sentence
+    assert tr["recent"]["slope_per_decade"] == pytest.approx(-0.05, abs=0.015)  # a steady trend: the same rate
+    assert "at the last tenfold rate it would close near" in trend_sentence({"size": "micro", "variant": "mea",
+                                                                            "trend": tr})
+    short = gap_trend([c[:8] for c in other], [c[:8] for c in base], reps=50)  # under a decade: no recent rate
+    assert "recent" not in short and "at that rate" in trend_sentence({"size": "micro", "variant": "mea",
+                                                                        "trend": short})
 
 
 def test_plan_rates_rounds_and_shared_validation_points(tmp_path, monkeypatch):

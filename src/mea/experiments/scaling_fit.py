@@ -95,7 +95,9 @@ def gap_slope(tokens, gaps) -> float:
 
 def gap_trend(curves_a: list[list], curves_b: list[list], *, reps: int = BOOTSTRAP, seed: int = 0) -> dict | None:
     """How mean(a) - mean(b) changes with tokens: its slope per decade of tokens, with a bootstrap interval
-    over the seeds of each side; the gaps at the first and last shared points."""
+    over the seeds of each side; the same over the last decade alone (`recent`: where the shared points span
+    more than one decade, with 3+ points in the last), since a closing gap often slows; the gaps at the first
+    and last shared points."""
     if not curves_a or not curves_b:
         return None
     da, ya = mean_curve(curves_a)
@@ -103,18 +105,31 @@ def gap_trend(curves_a: list[list], curves_b: list[list], *, reps: int = BOOTSTR
     common = np.intersect1d(da, db)
     if common.size < 3:
         return None
-    gap = ya[np.isin(da, common)] - yb[np.isin(db, common)]
+    windows = {"all": np.ones(common.size, bool)}
+    last_decade = common >= common[-1] / 10
+    if common[0] < common[-1] / 10 and last_decade.sum() >= 3:
+        windows["recent"] = last_decade
+
+    def slopes_of(xa, za, xb, zb) -> dict:
+        gap = za[np.isin(xa, common)] - zb[np.isin(xb, common)]
+        return {k: gap_slope(common[w], gap[w]) for k, w in windows.items()}
+
     rng = np.random.default_rng(seed)
-    slopes = []
+    draws = []
     for _ in range(reps):
         pa = [curves_a[i] for i in rng.integers(0, len(curves_a), len(curves_a))]
         pb = [curves_b[i] for i in rng.integers(0, len(curves_b), len(curves_b))]
-        (xa, za), (xb, zb) = mean_curve(pa), mean_curve(pb)
-        slopes.append(gap_slope(common, za[np.isin(xa, common)] - zb[np.isin(xb, common)]))
+        draws.append(slopes_of(*mean_curve(pa), *mean_curve(pb)))
     resampled = len(curves_a) > 1 and len(curves_b) > 1
-    return {"slope_per_decade": gap_slope(common, gap), "slope_ci": interval(slopes) if resampled else None,
-            "first": {"tokens": int(common[0]), "gap": float(gap[0])},
-            "last": {"tokens": int(common[-1]), "gap": float(gap[-1])}, "points": int(common.size)}
+    point, gap = slopes_of(da, ya, db, yb), ya[np.isin(da, common)] - yb[np.isin(db, common)]
+    ci = {k: interval([d[k] for d in draws]) if resampled else None for k in windows}
+    out = {"slope_per_decade": point["all"], "slope_ci": ci["all"],
+           "first": {"tokens": int(common[0]), "gap": float(gap[0])},
+           "last": {"tokens": int(common[-1]), "gap": float(gap[-1])}, "points": int(common.size)}
+    if "recent" in windows:
+        out["recent"] = {"from_tokens": int(common[last_decade][0]), "slope_per_decade": point["recent"],
+                         "slope_ci": ci["recent"]}
+    return out
 
 
 def size_trend(params: list[float], seeds_a: list[list[float]], seeds_b: list[list[float]], *, reps: int = BOOTSTRAP,

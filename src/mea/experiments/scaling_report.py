@@ -165,10 +165,19 @@ def trend_sentence(g: dict) -> str:
         what = what if behind else "its lead"
         turned = "" if behind == was_behind else (" (it was ahead at first)" if behind else " (it was behind at first)")
     out = f"{g['variant']} - baseline at {g['size']}: {what} {word}{turned}, {span}; {rate}"
-    if word == "shrinks" and s != 0:
-        decades = abs(tr["last"]["gap"] / s)
-        out += (f"; at that rate it would {'close' if behind else 'vanish'} near "
-                f"{_tok(tr['last']['tokens'] * 10 ** decades)} tokens")
+    recent = tr.get("recent")
+    if recent:
+        r, rci = recent["slope_per_decade"], recent["slope_ci"]
+        out += (f", {r:+.3f} over the last tenfold (from {_tok(recent['from_tokens'])} tokens" +
+                (f", 95% CI {rci[0]:+.3f} to {rci[1]:+.3f})" if rci else ")"))
+    if word == "shrinks":  # the closing date at the latest rate: the last tenfold's where it is measured
+        s, ci = (recent["slope_per_decade"], recent["slope_ci"]) if recent else (s, ci)
+        if s != 0 and (s < 0) == behind and (ci is None or not ci[0] <= 0 <= ci[1]):
+            decades = abs(tr["last"]["gap"] / s)
+            out += (f"; at {'the last tenfold' if recent else 'that'} rate it would {'close' if behind else 'vanish'} "
+                    f"near {_tok(tr['last']['tokens'] * 10 ** decades)} tokens")
+        else:
+            out += "; over the last tenfold it no longer shrinks significantly"
     return out + "."
 
 
@@ -238,15 +247,16 @@ def render_markdown(plan: dict, summary: dict) -> str:
         if not gs:
             continue
         pts = _spaced([p["tokens"] for p in gs[0]["points"]], 8)
-        lines += [f"**{size}**", "", "| variant | " + " | ".join(_tok(t) for t in pts) + " | trend per tenfold tokens |",
-                  "|---|" + "---|" * (len(pts) + 1)]
+        lines += [f"**{size}**", "", "| variant | " + " | ".join(_tok(t) for t in pts) + " | trend per tenfold tokens |"
+                  " last tenfold |", "|---|" + "---|" * (len(pts) + 2)]
         for g in gs:
             by = {p["tokens"]: p for p in g["points"]}
             row = [f"{by[t]['gap']:+.3f}" + (f" (p {p_text(by[t]['p'])})" if by.get(t, {}).get("p") is not None else "")
                    if t in by else "—" for t in pts]
             tr = g["trend"]
-            trend = "—" if tr is None else f"{tr['slope_per_decade']:+.3f} {_ci(tr['slope_ci'], '{:+.3f}')}"
-            lines.append(f"| {g['variant']} | " + " | ".join(row) + f" | {trend} |")
+            trend, recent = ("—" if t is None else f"{t['slope_per_decade']:+.3f} {_ci(t['slope_ci'], '{:+.3f}')}"
+                             for t in (tr, tr and tr.get("recent")))
+            lines.append(f"| {g['variant']} | " + " | ".join(row) + f" | {trend} | {recent} |")
         lines.append("")
     lines += ["## Gap to the baseline against model size", ""]
     for b in summary["gap_by_size"]:

@@ -153,7 +153,7 @@ mkdir -p out/scaling-midi-lr1e-2/runs && mv out/scaling/runs/midi__{groupnorm,me
 mea study scaling out/scaling --preset cpu --jobs 1 --variants baseline groupnorm mea-no-groupnorm mea \
     mea-gn-measured --lrs mea-gn-measured=0.01 midi:groupnorm=0.003 midi:mea=0.003 midi:mea-gn-measured=0.003
 mkdir -p results/scaling && cp out/scaling/{report.md,summary.json,study.json,*.png} results/scaling/
-# the smallest size to 20M tokens with Differential attention (100 core-minutes at --jobs 2 on this machine)
+# the smallest size to 20M tokens with Differential attention (about 100 minutes at --jobs 2 on 2 cores)
 OMP_NUM_THREADS=1 mea study scaling out/scaling-micro --preset cpu --jobs 2 --sizes micro \
     --variants baseline mea diff mea-gn-measured groupnorm --lrs mea-gn-measured=0.01
 mkdir -p results/scaling-micro && cp out/scaling-micro/{report.md,summary.json,study.json,runs.json,*.png} \

@@ -158,6 +158,10 @@ OMP_NUM_THREADS=1 mea study scaling out/scaling-micro --preset cpu --jobs 2 --si
     --variants baseline mea diff mea-gn-measured groupnorm --lrs mea-gn-measured=0.01
 mkdir -p results/scaling-micro && cp out/scaling-micro/{report.md,summary.json,study.json,runs.json,*.png} \
     results/scaling-micro/
+# MEA at the baseline's rate, the baseline runs copied in (20 minutes at --jobs 2)
+mkdir -p out/scaling-micro-lr3e-3/runs && cp -r out/scaling-micro/runs/micro__baseline__s* out/scaling-micro-lr3e-3/runs/
+OMP_NUM_THREADS=1 mea study scaling out/scaling-micro-lr3e-3 --preset cpu --jobs 2 --sizes micro \
+    --variants baseline mea --lrs mea=0.003     # then copy its files to results/ as above
 mea study recall results/recall                   # MQAR: GroupNorm's variations (< 30 min on one core)
 mea study recall results/recall-warmup --arms baseline mea mea+blend mea+warmup --seeds 0 1 2 3
 mea study recall results/recall-scale --arms baseline mea mea-no-groupnorm mea+eps0.1 mea+eps1 mea+eps10 \
@@ -191,13 +195,15 @@ FOLLOW_UPS = [  # (section, report) of the later studies of GroupNorm, shown onc
 
 
 def scaling() -> str:
-    report, micro = (report_body(Path(f"results/{d}/report.md")).replace("](", f"](../results/{d}/")
-                     for d in ("scaling", "scaling-micro"))
+    report, micro, micro_rate = (report_body(Path(f"results/{d}/report.md")).replace("](", f"](../results/{d}/")
+                                 for d in ("scaling", "scaling-micro", "scaling-micro-lr3e-3"))
     return page("Scaling curves and the recall failure", "results/scaling*/, made by `mea study scaling` and "
                 "copied from its folder; results/recall*/, made by `mea study recall`", [
         ("The study", SCALING_ABOUT),
         ("Scaling: results so far", report or "No results yet: the study has not reached its first round."),
         *([("The smallest size to 20M tokens, with Differential attention", micro)] if micro.strip() else []),
+        *([("MEA at the baseline's rate (0.003) to 20M tokens, beside the same baseline runs", micro_rate)]
+          if micro_rate.strip() else []),
         ("Why GroupNorm breaks associative recall", report_body(Path("results/recall/report.md")) or "No results yet."),
         ("A warm-up of the norm, and more seeds", report_body(Path("results/recall-warmup/report.md"))),
         *[(title, body) for title, path in FOLLOW_UPS if (body := report_body(Path(path)))],

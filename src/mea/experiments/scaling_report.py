@@ -254,8 +254,8 @@ def render_markdown(plan: dict, summary: dict) -> str:
             row = [f"{by[t]['gap']:+.3f}" + (f" (p {p_text(by[t]['p'])})" if by.get(t, {}).get("p") is not None else "")
                    if t in by else "—" for t in pts]
             tr = g["trend"]
-            trend, recent = ("—" if t is None else f"{t['slope_per_decade']:+.3f} {_ci(t['slope_ci'], '{:+.3f}')}"
-                             for t in (tr, tr and tr.get("recent")))
+            trend, recent = ("—" if x is None else f"{x['slope_per_decade']:+.3f} {_ci(x['slope_ci'], '{:+.3f}')}"
+                             for x in (tr, tr and tr.get("recent")))
             lines.append(f"| {g['variant']} | " + " | ".join(row) + f" | {trend} | {recent} |")
         lines.append("")
     lines += ["## Gap to the baseline against model size", ""]

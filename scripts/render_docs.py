@@ -158,10 +158,10 @@ OMP_NUM_THREADS=1 mea study scaling out/scaling-micro --preset cpu --jobs 2 --si
     --variants baseline mea diff mea-gn-measured groupnorm --lrs mea-gn-measured=0.01
 mkdir -p results/scaling-micro && cp out/scaling-micro/{report.md,summary.json,study.json,runs.json,*.png} \
     results/scaling-micro/
-# MEA at the baseline's rate, the baseline runs copied in (20 minutes at --jobs 2)
+# MEA and the measured init at the baseline's rate, the baseline runs copied in (40 minutes at --jobs 2)
 mkdir -p out/scaling-micro-lr3e-3/runs && cp -r out/scaling-micro/runs/micro__baseline__s* out/scaling-micro-lr3e-3/runs/
 OMP_NUM_THREADS=1 mea study scaling out/scaling-micro-lr3e-3 --preset cpu --jobs 2 --sizes micro \
-    --variants baseline mea --lrs mea=0.003     # then copy its files to results/ as above
+    --variants baseline mea mea-gn-measured --lrs mea=0.003 mea-gn-measured=0.003   # then copy to results/
 mea study recall results/recall                   # MQAR: GroupNorm's variations (< 30 min on one core)
 mea study recall results/recall-warmup --arms baseline mea mea+blend mea+warmup --seeds 0 1 2 3
 mea study recall results/recall-scale --arms baseline mea mea-no-groupnorm mea+eps0.1 mea+eps1 mea+eps10 \
@@ -202,7 +202,8 @@ def scaling() -> str:
         ("The study", SCALING_ABOUT),
         ("Scaling: results so far", report or "No results yet: the study has not reached its first round."),
         *([("The smallest size to 20M tokens, with Differential attention", micro)] if micro.strip() else []),
-        *([("MEA at the baseline's rate (0.003) to 20M tokens, beside the same baseline runs", micro_rate)]
+        *([("MEA and the measured init at the baseline's rate (0.003) to 20M tokens, beside the same baseline runs",
+           micro_rate)]
           if micro_rate.strip() else []),
         ("Why GroupNorm breaks associative recall", report_body(Path("results/recall/report.md")) or "No results yet."),
         ("A warm-up of the norm, and more seeds", report_body(Path("results/recall-warmup/report.md"))),

@@ -180,6 +180,8 @@ python3 scripts/render_docs.py scaling            # this page
 def report_body(path: Path) -> str:
     """A study's report.md without its title line, its sections one level down (they sit inside a page's)."""
     text = read(path)
+    if not text:  # not run yet: empty, so that `or` and `if` see it
+        return ""
     body = text.split("\n", 1)[1] if text.startswith("# ") else text
     return "\n".join("#" + line if line.startswith("## ") else line for line in body.splitlines()) + "\n"
 
@@ -194,17 +196,25 @@ FOLLOW_UPS = [  # (section, report) of the later studies of GroupNorm, shown onc
 ]
 
 
+SCALING_FOLLOW_UPS = [  # (section, folder) of the later scaling studies, shown once they have run
+    ("The smallest size to 20M tokens, with Differential attention", "results/scaling-micro"),
+    ("MEA and the measured init at the baseline's rate (0.003) to 20M tokens, beside the same baseline runs",
+     "results/scaling-micro-lr3e-3"),
+]
+
+
+def linked_report(folder: str) -> str:
+    """report_body of FOLDER/report.md with its links (the plots) pointing into FOLDER from docs/."""
+    return report_body(Path(folder) / "report.md").replace("](", f"](../{folder}/")
+
+
 def scaling() -> str:
-    report, micro, micro_rate = (report_body(Path(f"results/{d}/report.md")).replace("](", f"](../results/{d}/")
-                                 for d in ("scaling", "scaling-micro", "scaling-micro-lr3e-3"))
     return page("Scaling curves and the recall failure", "results/scaling*/, made by `mea study scaling` and "
                 "copied from its folder; results/recall*/, made by `mea study recall`", [
         ("The study", SCALING_ABOUT),
-        ("Scaling: results so far", report or "No results yet: the study has not reached its first round."),
-        *([("The smallest size to 20M tokens, with Differential attention", micro)] if micro.strip() else []),
-        *([("MEA and the measured init at the baseline's rate (0.003) to 20M tokens, beside the same baseline runs",
-           micro_rate)]
-          if micro_rate.strip() else []),
+        ("Scaling: results so far",
+         linked_report("results/scaling") or "No results yet: the study has not reached its first round."),
+        *[(title, body) for title, folder in SCALING_FOLLOW_UPS if (body := linked_report(folder))],
         ("Why GroupNorm breaks associative recall", report_body(Path("results/recall/report.md")) or "No results yet."),
         ("A warm-up of the norm, and more seeds", report_body(Path("results/recall-warmup/report.md"))),
         *[(title, body) for title, path in FOLLOW_UPS if (body := report_body(Path(path)))],

@@ -110,8 +110,10 @@ def gap_trend(curves_a: list[list], curves_b: list[list], *, reps: int = BOOTSTR
     if common[0] < common[-1] / 10 and last_decade.sum() >= 3:
         windows["recent"] = last_decade
 
-    def slopes_of(xa, za, xb, zb) -> dict:
-        gap = za[np.isin(xa, common)] - zb[np.isin(xb, common)]
+    def gap_of(xa, za, xb, zb):  # mean(a) - mean(b) at the shared token counts
+        return za[np.isin(xa, common)] - zb[np.isin(xb, common)]
+
+    def slopes(gap) -> dict:
         return {k: gap_slope(common[w], gap[w]) for k, w in windows.items()}
 
     rng = np.random.default_rng(seed)
@@ -119,9 +121,10 @@ def gap_trend(curves_a: list[list], curves_b: list[list], *, reps: int = BOOTSTR
     for _ in range(reps):
         pa = [curves_a[i] for i in rng.integers(0, len(curves_a), len(curves_a))]
         pb = [curves_b[i] for i in rng.integers(0, len(curves_b), len(curves_b))]
-        draws.append(slopes_of(*mean_curve(pa), *mean_curve(pb)))
+        draws.append(slopes(gap_of(*mean_curve(pa), *mean_curve(pb))))
     resampled = len(curves_a) > 1 and len(curves_b) > 1
-    point, gap = slopes_of(da, ya, db, yb), ya[np.isin(da, common)] - yb[np.isin(db, common)]
+    gap = gap_of(da, ya, db, yb)
+    point = slopes(gap)
     ci = {k: interval([d[k] for d in draws]) if resampled else None for k in windows}
     out = {"slope_per_decade": point["all"], "slope_ci": ci["all"],
            "first": {"tokens": int(common[0]), "gap": float(gap[0])},

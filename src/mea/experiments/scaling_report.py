@@ -165,15 +165,14 @@ def trend_sentence(g: dict) -> str:
         what = what if behind else "its lead"
         turned = "" if behind == was_behind else (" (it was ahead at first)" if behind else " (it was behind at first)")
     out = f"{g['variant']} - baseline at {g['size']}: {what} {word}{turned}, {span}; {rate}"
-    recent = tr.get("recent")
+    recent = tr.get("recent")  # the latest rate: the last tenfold's where it is measured, else the whole trend's
+    now, now_ci = (recent["slope_per_decade"], recent["slope_ci"]) if recent else (s, ci)
     if recent:
-        r, rci = recent["slope_per_decade"], recent["slope_ci"]
-        out += (f", {r:+.3f} over the last tenfold (from {_tok(recent['from_tokens'])} tokens" +
-                (f", 95% CI {rci[0]:+.3f} to {rci[1]:+.3f})" if rci else ")"))
-    if word == "shrinks":  # the closing date at the latest rate: the last tenfold's where it is measured
-        s, ci = (recent["slope_per_decade"], recent["slope_ci"]) if recent else (s, ci)
-        if s != 0 and (s < 0) == behind and (ci is None or not ci[0] <= 0 <= ci[1]):
-            decades = abs(tr["last"]["gap"] / s)
+        out += (f", {now:+.3f} over the last tenfold (from {_tok(recent['from_tokens'])} tokens" +
+                (f", 95% CI {now_ci[0]:+.3f} to {now_ci[1]:+.3f})" if now_ci else ")"))
+    if word == "shrinks":  # the closing date at the latest rate
+        if now != 0 and (now < 0) == behind and (now_ci is None or not now_ci[0] <= 0 <= now_ci[1]):
+            decades = abs(tr["last"]["gap"] / now)
             out += (f"; at {'the last tenfold' if recent else 'that'} rate it would {'close' if behind else 'vanish'} "
                     f"near {_tok(tr['last']['tokens'] * 10 ** decades)} tokens")
         else:
